@@ -1,0 +1,178 @@
+"""The self-attention processor: merge, agent attention through two SDPA calls, unmerge.
+
+Knows diffusers' attention-processor signature only; the hooks that feed
+:class:`AgentState` live in :mod:`agentsd.patch`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .merge import match, merge, partition, random_windows, unmerge
+from .schedule import Phase
+
+__all__ = ["AgentAttnProcessor", "AgentConfig", "AgentState"]
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """Settings shared by every patched block of one model (see :func:`agentsd.apply`)."""
+
+    phases: tuple[Phase, ...]
+    max_downsample: int
+    use_rand: bool = True
+    k_scale2: float = 0.3
+    k_shortcut: float = 0.075
+    attn_precision: str | None = None
+
+    def __post_init__(self):
+        if isinstance(self.max_downsample, bool) or not isinstance(self.max_downsample, int):
+            raise TypeError(f"max_downsample must be an int or 'auto', got {self.max_downsample!r}")
+        if self.max_downsample < 1:
+            raise ValueError(f"max_downsample must be >= 1, got {self.max_downsample}")
+        if self.attn_precision not in (None, "fp32"):
+            raise ValueError(f"attn_precision must be None or 'fp32', got {self.attn_precision!r}")
+
+
+class AgentState:
+    """Mutable per-model state: written by the UNet pre-hook once per call, read by every processor."""
+
+    def __init__(self, config: AgentConfig, generator: torch.Generator):
+        self.config = config
+        self.generator = generator
+        self.size: tuple[int, int] | None = None
+        self.phase: Phase | None = None
+
+    def begin_call(self, height: int, width: int, phase: Phase) -> None:
+        self.size = (height, width)
+        self.phase = phase
+
+
+class AgentAttnProcessor:
+    """Replaces ``attn1`` of a transformer block; falls back to ``original`` wherever it does not apply.
+
+    ``block_input`` is set by the block's pre-hook to the block input ``x`` (before
+    ``norm1``), the metric for matching; each call consumes it.
+    """
+
+    def __init__(self, original, state: AgentState):
+        self.original = original
+        self.state = state
+        self.block_input: torch.Tensor | None = None
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+        metric, self.block_input = self.block_input, None
+        plan = self._plan(attn, hidden_states, metric, encoder_hidden_states, attention_mask)
+        if plan is None:
+            return self.original(
+                attn, hidden_states, encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask, **kwargs
+            )
+        h, w, phase, r = plan
+        config = self.state.config
+        B, N, _ = hidden_states.shape
+
+        windows = None
+        if config.use_rand and B % 2 == 0:  # odd batches hold unpaired cond/uncond images: keep dst fixed
+            windows = random_windows(h, w, phase.sx, phase.sy, self.state.generator)
+        num_dst = (h // phase.sy) * (w // phase.sx)
+        order = partition(h, w, phase.sx, phase.sy, windows, device=hidden_states.device)
+        m = match(metric, order, num_dst)
+        r = min(r, m.num_src)
+
+        agents = None
+        if phase.agent_ratio is not None:
+            agent_r = min(int(N * phase.agent_ratio), m.num_src)
+            if 2 * (N - agent_r) < N - r:
+                agents = merge(hidden_states, m, agent_r)
+
+        out = agent_attention(
+            attn,
+            merge(hidden_states, m, r),
+            agents,
+            k_scale2=config.k_scale2,
+            k_shortcut=config.k_shortcut,
+            upcast=config.attn_precision == "fp32",
+        )
+        out = unmerge(out, m, r)
+        if attn.residual_connection:
+            out = out + hidden_states
+        return out / attn.rescale_output_factor
+
+    def _plan(self, attn, hidden_states, metric, encoder_hidden_states, attention_mask):
+        """``(h, w, phase, r)`` when this call merges, else ``None`` (run the original processor)."""
+        state = self.state
+        if (
+            metric is None
+            or state.phase is None
+            or encoder_hidden_states is not None
+            or attention_mask is not None
+            or getattr(attn, "fused_projections", False)
+            or hidden_states.ndim != 3
+            or attn.group_norm is not None
+            or attn.spatial_norm is not None
+        ):
+            return None
+        height, width = state.size
+        N = hidden_states.shape[1]
+        if N > height * width:
+            return None
+        downsample = math.ceil(math.sqrt(height * width // N))
+        if downsample > state.config.max_downsample:
+            return None
+        h, w = math.ceil(height / downsample), math.ceil(width / downsample)
+        phase = state.phase
+        r = int(N * phase.ratio)
+        if h * w != N or r == 0 or h < phase.sy or w < phase.sx:
+            return None
+        return h, w, phase, r
+
+
+def agent_attention(
+    attn,
+    tokens: torch.Tensor,
+    agents: torch.Tensor | None,
+    *,
+    k_scale2: float,
+    k_shortcut: float,
+    upcast: bool = False,
+) -> torch.Tensor:
+    """Self-attention of ``tokens`` through ``attn``'s projections, via agents when given.
+
+    With agents A (projected by ``to_q``, like the queries), per head with ``s = attn.scale``:
+    ``V_A = softmax(A Kᵀ s) V`` then ``O = softmax(Q Aᵀ s^k_scale2) V_A + k_shortcut · V``.
+    Without agents: plain softmax attention ``softmax(Q Kᵀ s) V``.
+    """
+    B, num_tokens, _ = tokens.shape
+    heads = attn.heads
+    query = attn.to_q(tokens if agents is None else torch.cat([tokens, agents], dim=1))
+    key = attn.to_k(tokens)
+    value = attn.to_v(tokens)
+    head_dim = key.shape[-1] // heads
+
+    def split_heads(t):
+        return t.view(B, -1, heads, head_dim).transpose(1, 2)
+
+    query, key, value = split_heads(query), split_heads(key), split_heads(value)
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    dtype = query.dtype
+    if upcast:
+        query, key, value = query.float(), key.float(), value.float()
+
+    scale = attn.scale
+    if agents is None:
+        out = F.scaled_dot_product_attention(query, key, value, scale=scale)
+    else:
+        query, agent = query[:, :, :num_tokens], query[:, :, num_tokens:]
+        agent_value = F.scaled_dot_product_attention(agent, key, value, scale=scale)
+        out = F.scaled_dot_product_attention(query, agent, agent_value, scale=scale**k_scale2)
+        out = out + k_shortcut * value
+
+    out = out.to(dtype).transpose(1, 2).reshape(B, num_tokens, heads * head_dim)
+    return attn.to_out[1](attn.to_out[0](out))

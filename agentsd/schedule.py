@@ -1,0 +1,85 @@
+"""Phases of the denoising run and the presets that chain them. No diffusers here."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+__all__ = ["PRESETS", "Phase", "phase_at", "progress", "resolve_schedule"]
+
+
+@dataclass(frozen=True)
+class Phase:
+    """Merging settings for one stretch of sampling.
+
+    Important args:
+        end: sampling progress ``p = 1 - t/T`` at which this phase stops; the last phase ends at 1.0.
+        ratio: fraction of tokens merged away by ToMe (``r = int(N·ratio)``).
+        agent_ratio: fraction of tokens merged away to make the agents; ``None`` runs ToMe only.
+
+    Args to tinker with:
+        sx, sy: window size; one dst token per window.
+    """
+
+    end: float = 1.0
+    sx: int = 2
+    sy: int = 2
+    ratio: float = 0.5
+    agent_ratio: float | None = None
+
+    def __post_init__(self):
+        for name in ("sx", "sy"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"Phase.{name} must be an int, got {type(value).__name__}")
+            if value < 1:
+                raise ValueError(f"Phase.{name} must be >= 1, got {value}")
+        if not 0.0 <= self.ratio < 1.0:
+            raise ValueError(f"Phase.ratio must be in [0, 1), got {self.ratio}")
+        if self.agent_ratio is not None and not 0.0 <= self.agent_ratio < 1.0:
+            raise ValueError(f"Phase.agent_ratio must be None or in [0, 1), got {self.agent_ratio}")
+        if not 0.0 < self.end <= 1.0:
+            raise ValueError(f"Phase.end must be in (0, 1], got {self.end}")
+
+
+PRESETS: dict[str, tuple[Phase, ...]] = {
+    # AgentSD's published SD 1.5 setting: agents early, plain ToMe once the layout is set.
+    "paper": (Phase(end=0.4, sx=4, sy=4, ratio=0.4, agent_ratio=0.95), Phase(end=1.0, sx=2, sy=2, ratio=0.4)),
+    # ToMeSD's defaults.
+    "tome": (Phase(end=1.0, sx=2, sy=2, ratio=0.5),),
+}
+
+
+def resolve_schedule(schedule: str | Sequence[Phase]) -> tuple[Phase, ...]:
+    """Turn a preset name or a sequence of phases into a validated tuple of phases."""
+    if isinstance(schedule, str):
+        if schedule not in PRESETS:
+            raise ValueError(f"unknown schedule preset {schedule!r}; choose one of {sorted(PRESETS)}")
+        return PRESETS[schedule]
+    if isinstance(schedule, Phase):
+        schedule = (schedule,)
+    phases = tuple(schedule)
+    if not phases:
+        raise ValueError("a schedule needs at least one Phase")
+    for phase in phases:
+        if not isinstance(phase, Phase):
+            raise TypeError(f"a schedule holds agentsd.Phase objects, got {type(phase).__name__}")
+    ends = [phase.end for phase in phases]
+    if any(a >= b for a, b in zip(ends, ends[1:])):
+        raise ValueError(f"phase ends must increase strictly, got {ends}")
+    if ends[-1] != 1.0:
+        raise ValueError(f"the last phase must end at 1.0, got {ends[-1]}")
+    return phases
+
+
+def progress(timestep: float, num_train_timesteps: int) -> float:
+    """Sampling progress ``p = 1 - t/T``: 0 at pure noise, 1 at the clean image."""
+    return 1.0 - float(timestep) / num_train_timesteps
+
+
+def phase_at(phases: Sequence[Phase], p: float) -> Phase:
+    """The phase that runs at progress ``p``: the first whose ``end`` lies beyond ``p``."""
+    for phase in phases:
+        if p < phase.end:
+            return phase
+    return phases[-1]
