@@ -41,9 +41,10 @@ class AgentConfig:
 class AgentState:
     """Mutable per-model state: written by the UNet pre-hook once per call, read by every processor."""
 
-    def __init__(self, config: AgentConfig, generator: torch.Generator):
+    def __init__(self, config: AgentConfig, seed: int):
         self.config = config
-        self.generator = generator
+        self.seed = seed
+        self.draws = torch.zeros((), dtype=torch.long)  # counter of the random dst draws
         self.size: tuple[int, int] | None = None
         self.phase: Phase | None = None
 
@@ -77,7 +78,7 @@ class AgentAttnProcessor:
 
         windows = None
         if config.use_rand and B % 2 == 0:  # odd batches hold unpaired cond/uncond images: keep dst fixed
-            windows = random_windows(h, w, phase.sx, phase.sy, self.state.generator)
+            windows = random_windows(h, w, phase.sx, phase.sy, self.state.seed, self.state.draws)
         num_dst = (h // phase.sy) * (w // phase.sx)
         order = partition(h, w, phase.sx, phase.sy, windows, device=hidden_states.device)
         m = match(metric, order, num_dst)

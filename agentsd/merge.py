@@ -34,9 +34,26 @@ class Matching(NamedTuple):
         return self.src_ranked.shape[1]
 
 
-def random_windows(h: int, w: int, sx: int, sy: int, generator: torch.Generator) -> torch.Tensor:
-    """Draw the dst offset of each window, ``(h // sy, w // sx)`` ints in ``[0, sx·sy)``, on the generator's device."""
-    return torch.randint(sx * sy, (h // sy, w // sx), generator=generator, device=generator.device)
+def random_windows(h: int, w: int, sx: int, sy: int, seed: int, counter: torch.Tensor) -> torch.Tensor:
+    """Draw the dst offset of each window, ``(h // sy, w // sx)`` ints in ``[0, sx·sy)``, and advance ``counter``.
+
+    A counter-based hash of ``(seed, counter, window)`` instead of a ``torch.Generator``:
+    generators break ``torch.compile`` graphs, and this keeps the draws private (the
+    global RNG that samples the user's noise is left alone) and reproducible.
+    """
+    num = (h // sy) * (w // sx)
+    key = ((seed * 0x9E3779B1) & 0xFFFFFFFF) + (((counter & 0xFFFFFFFF) * 0x7FEB352D) & 0xFFFFFFFF)
+    draws = _hash32(_hash32(key + torch.arange(num, device=counter.device)))
+    counter.add_(1)
+    return (draws % (sx * sy)).view(h // sy, w // sx)
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """Integer hash on ``[0, 2³²)`` in int64; every product stays below 2⁶³, so no overflow."""
+    x = x & 0xFFFFFFFF
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & 0xFFFFFFFF
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
 
 
 def partition(h: int, w: int, sx: int, sy: int, windows: torch.Tensor | None = None, device=None) -> torch.Tensor:

@@ -11,6 +11,7 @@ that were there and removes the hooks.
 from __future__ import annotations
 
 import contextlib
+import secrets
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -59,7 +60,7 @@ def apply(
         k_scale2: exponent of the softmax scale in the agent broadcast.
         k_shortcut: weight of the ``V`` shortcut added to the agent output.
         attn_precision: ``"fp32"`` computes both softmax products in float32 (SD 2.x in half precision).
-        seed: seeds the generator of the random dst choice.
+        seed: seeds the random dst choice (drawn afresh each call); ``None`` picks a seed at random.
 
     Returns:
         ``model``, patched in place. Applying again replaces the previous patch.
@@ -88,12 +89,8 @@ def apply(
     ]
     remove(model)
     for unet, config in zip(unets, configs):
-        generator = torch.Generator()
-        if seed is None:
-            generator.seed()
-        else:
-            generator.manual_seed(seed)
-        _patch(unet, _Patch(AgentState(config, generator), num_train_timesteps, options))
+        state = AgentState(config, secrets.randbits(32) if seed is None else int(seed))
+        _patch(unet, _Patch(state, num_train_timesteps, options))
     return model
 
 

@@ -1,0 +1,138 @@
+"""The patched UNet against tomesd (ToMe path) and against the float64 reference (agent path)."""
+
+import pytest
+import tomesd
+import torch
+from conftest import tiny_unet, unet_inputs
+from reference import reference_unet
+
+import agentsd
+from agentsd import Phase
+
+TOL = 1e-4
+
+
+def run(unet, sample, context, timestep=500):
+    with torch.no_grad():
+        return unet(sample, timestep, context).sample
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.5, 0.9])
+@pytest.mark.parametrize("size", [(16, 16), (18, 22), (30, 26)])
+def test_tome_mode_matches_tomesd(ratio, size):
+    unet = tiny_unet("sd")
+    sample, context = unet_inputs(height=size[0], width=size[1], seed=ratio.as_integer_ratio()[0] % 97)
+    vanilla = run(unet, sample, context)
+    tomesd.apply_patch(unet, ratio=ratio, use_rand=False)
+    theirs = run(unet, sample, context)
+    tomesd.remove_patch(unet)
+    agentsd.apply(unet, [Phase(end=1.0, sx=2, sy=2, ratio=ratio)], use_rand=False)
+    ours = run(unet, sample, context)
+    assert (ours - theirs).abs().max() < TOL
+    assert (ours - vanilla).abs().max() > 100 * TOL  # merging really happened
+
+
+SETTINGS = [
+    # the paper's agent phase: every src merged into the agents (n = number of windows)
+    dict(phase=Phase(end=1.0, sx=4, sy=4, ratio=0.4, agent_ratio=0.95), size=(16, 16)),
+    # agents that keep some unmerged src tokens; ragged border; other constants
+    dict(phase=Phase(end=1.0, sx=2, sy=2, ratio=0.3, agent_ratio=0.7), size=(18, 22), k_scale2=0.5, k_shortcut=0.2),
+    # 2·n >= N - r: the gate turns agents off, plain ToMe attention
+    dict(phase=Phase(end=1.0, sx=2, sy=2, ratio=0.5, agent_ratio=0.5), size=(16, 16)),
+    # non-square windows, ragged on both sides
+    dict(phase=Phase(end=1.0, sx=3, sy=2, ratio=0.45, agent_ratio=0.9), size=(14, 20)),
+    # random dst choice, drawn the same way by both
+    dict(phase=Phase(end=1.0, sx=4, sy=4, ratio=0.4, agent_ratio=0.95), size=(16, 16), seed=7),
+    dict(phase=Phase(end=1.0, sx=2, sy=2, ratio=0.3, agent_ratio=0.7), size=(18, 18), seed=3),
+]
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=range(len(SETTINGS)))
+def test_agent_path_matches_reference(setting):
+    unet = tiny_unet("sd", seed=len(str(setting)))
+    height, width = setting["size"]
+    sample, context = unet_inputs(height=height, width=width, seed=len(str(setting)) + 1)
+    constants = {k: setting[k] for k in ("k_scale2", "k_shortcut") if k in setting}
+    seed = setting.get("seed")
+    reference = reference_unet(unet, setting["phase"], seed=seed, **constants)
+    agentsd.apply(unet, [setting["phase"]], use_rand=seed is not None, seed=seed, **constants)
+    ours = run(unet, sample, context)
+    expected = reference(sample, 500, context)
+    assert (ours.double() - expected).abs().max() < TOL
+    agentsd.remove(unet)
+    assert (run(unet, sample, context).double() - expected).abs().max() > 100 * TOL
+
+
+def test_random_dst_depends_on_seed_and_changes_between_calls(unet):
+    sample, context = unet_inputs()
+    phase = [Phase(end=1.0, sx=2, sy=2, ratio=0.5)]
+    agentsd.apply(unet, phase, seed=1)
+    first, second = run(unet, sample, context), run(unet, sample, context)
+    agentsd.apply(unet, phase, seed=1)
+    again = run(unet, sample, context)
+    agentsd.apply(unet, phase, seed=2)
+    other = run(unet, sample, context)
+    assert torch.equal(first, again)
+    assert not torch.allclose(first, second)
+    assert not torch.allclose(first, other)
+
+
+def test_odd_batch_turns_random_dst_off(unet):
+    sample, context = unet_inputs(batch=3)
+    phase = [Phase(end=1.0, sx=2, sy=2, ratio=0.5)]
+    agentsd.apply(unet, phase, use_rand=False)
+    fixed = run(unet, sample, context)
+    agentsd.apply(unet, phase, use_rand=True, seed=0)
+    assert torch.equal(run(unet, sample, context), fixed)
+    assert torch.equal(run(unet, sample, context), fixed)
+
+
+def test_sdxl_layout_merges_at_its_first_attention_level():
+    unet = tiny_unet("sdxl")
+    sample, context = unet_inputs(height=32, width=32)
+    phase = Phase(end=1.0, sx=2, sy=2, ratio=0.5, agent_ratio=0.8)
+    reference = reference_unet(unet, phase, max_downsample=2)
+    vanilla = run(unet, sample, context)
+    agentsd.apply(unet, [phase], use_rand=False)  # max_downsample="auto" -> 2
+    ours = run(unet, sample, context)
+    assert (ours.double() - reference(sample, 500, context)).abs().max() < TOL
+    assert (ours - vanilla).abs().max() > 100 * TOL
+    agentsd.apply(unet, [phase], use_rand=False, max_downsample=1)  # ToMeSD's default merges nothing here
+    assert torch.equal(run(unet, sample, context), vanilla)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision(dtype):
+    unet = tiny_unet("sd")
+    sample, context = unet_inputs()
+    agentsd.apply(unet, "paper", use_rand=False)
+    expected = run(unet, sample, context, timestep=900)
+    unet.to(dtype)
+    for precision in (None, "fp32"):
+        agentsd.apply(unet, "paper", use_rand=False, attn_precision=precision)
+        out = run(unet, sample.to(dtype), context.to(dtype), timestep=900)
+        assert out.dtype == dtype
+        assert torch.isfinite(out).all()
+        assert (out.float() - expected).abs().max() < 0.1 * expected.abs().max()
+
+
+def test_attn_precision_fp32_runs_softmax_products_in_float32(monkeypatch):
+    unet = tiny_unet("sd").to(torch.bfloat16)
+    sample, context = unet_inputs(dtype=torch.bfloat16)
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, **kwargs):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return sdpa(q, k, v, **kwargs)
+
+    monkeypatch.setattr(agentsd.attention.F, "scaled_dot_product_attention", spy)
+    agentsd.apply(unet, [Phase(end=1.0, sx=4, sy=4, ratio=0.4, agent_ratio=0.95)], attn_precision="fp32")
+    run(unet, sample, context)
+    fp32 = (torch.float32,) * 3
+    # two agent products in each of the three top-level blocks (1 down, 2 up); diffusers' calls stay in bf16
+    assert seen.count(fp32) == 2 * 3
+    seen.clear()
+    agentsd.apply(unet, [Phase(end=1.0, sx=4, sy=4, ratio=0.4, agent_ratio=0.95)])
+    run(unet, sample, context)
+    assert seen and fp32 not in seen

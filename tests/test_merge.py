@@ -1,0 +1,54 @@
+import torch
+from reference import dst_positions
+
+from agentsd.merge import match, merge, partition, random_windows, unmerge
+
+
+def test_partition_puts_one_dst_per_window_then_all_src():
+    h, w, sx, sy = 11, 9, 2, 3  # ragged rows and columns
+    counter = torch.zeros((), dtype=torch.long)
+    windows = random_windows(h, w, sx, sy, seed=5, counter=counter)
+    assert windows.shape == (h // sy, w // sx) and counter == 1
+    order = partition(h, w, sx, sy, windows)
+    num_dst = (h // sy) * (w // sx)
+    assert sorted(order[:num_dst].tolist()) == sorted(dst_positions(h, w, sx, sy, windows))
+    assert sorted(order.tolist()) == list(range(h * w))
+    assert sorted(partition(h, w, sx, sy)[:num_dst].tolist()) == sorted(dst_positions(h, w, sx, sy, None))
+
+
+def test_random_windows_are_reproducible_and_spread():
+    def draw(seed, count):
+        return random_windows(64, 64, 4, 4, seed, torch.tensor(count))
+
+    assert torch.equal(draw(1, 0), draw(1, 0))
+    assert not torch.equal(draw(1, 0), draw(1, 1))
+    assert not torch.equal(draw(1, 0), draw(2, 0))
+    counts = torch.bincount(torch.cat([draw(0, c).flatten() for c in range(40)]), minlength=16).float()
+    assert counts.min() > 0.9 * counts.mean() and counts.max() < 1.1 * counts.mean()  # 10,240 draws
+
+
+def test_merge_and_unmerge_follow_the_ranking():
+    torch.manual_seed(0)
+    B, h, w, C = 2, 6, 8, 5
+    x = torch.randn(B, h * w, C)
+    order = partition(h, w, 2, 2)
+    m = match(x, order, 12)
+    sims = torch.nn.functional.normalize(x, dim=-1)
+    best = (sims[:, m.src_ranked[0]] @ sims[:, m.dst].transpose(1, 2)).max(-1)  # for batch 0's ranking
+    assert torch.all(best.values[0, :-1] >= best.values[0, 1:])
+    assert torch.equal(best.indices[0], m.dst_of_ranked[0])
+
+    r = 10
+    merged = merge(x, m, r)
+    assert merged.shape == (B, h * w - r, C)
+    assert torch.equal(merge(x, m, 0).sort(dim=1).values, x.sort(dim=1).values)
+    b, slot = 1, int(m.dst_of_ranked[1, 0])
+    members = [int(m.dst[slot])] + [int(p) for p, s in zip(m.src_ranked[b, :r], m.dst_of_ranked[b, :r]) if s == slot]
+    assert torch.allclose(merged[b, h * w - 12 - r + slot], x[b, members].mean(0))
+
+    back = unmerge(merged, m, r)
+    assert back.shape == x.shape
+    for p in members:  # the dst and every src merged into it share the merged row
+        assert torch.equal(back[b, p], merged[b, h * w - 12 - r + slot])
+    assert torch.equal(back[b, m.src_ranked[b, r:]], x[b, m.src_ranked[b, r:]])  # unmerged src keep their own
+    assert torch.equal(unmerge(merge(x, m, 0), m, 0), x)

@@ -1,0 +1,82 @@
+"""End to end: a tiny StableDiffusionPipeline assembled from configs, 10 PLMS steps with the paper schedule."""
+
+import json
+import string
+
+import torch
+from conftest import CROSS_DIM, tiny_unet
+from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+import agentsd
+
+
+def tiny_pipeline(tmp_path) -> StableDiffusionPipeline:
+    # Character-level BPE: single letters, with and without the end-of-word mark, and no merges.
+    letters = list(string.ascii_lowercase)
+    vocab = ["<|startoftext|>", "<|endoftext|>"] + letters + [c + "</w>" for c in letters]
+    (tmp_path / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"), model_max_length=16)
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(vocab),
+            hidden_size=CROSS_DIM,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=16,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+    )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=tiny_unet("sd"),
+        scheduler=PNDMScheduler(skip_prk_steps=True, steps_offset=1),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def test_paper_schedule_switches_phase_by_progress(tmp_path, monkeypatch):
+    pipe = tiny_pipeline(tmp_path)
+    pipe.set_progress_bar_config(disable=True)
+    agentsd.apply(pipe, "paper", seed=0)
+    state = agentsd.state_of(pipe.unet)
+    calls = []
+    pipe.unet.register_forward_hook(lambda module, args, output: calls.append(state.phase))
+    agent_calls = []
+    attention = agentsd.attention.agent_attention
+
+    def spy(attn, tokens, agents, **kwargs):
+        agent_calls.append(agents is not None)
+        return attention(attn, tokens, agents, **kwargs)
+
+    monkeypatch.setattr(agentsd.attention, "agent_attention", spy)
+    image = pipe("a red circle", num_inference_steps=10, guidance_scale=7.5, height=32, width=32, output_type="np")
+    assert image.images.shape == (1, 32, 32, 3)
+
+    # PLMS calls the UNet 11 times for 10 steps (it repeats its second timestep).
+    timesteps = pipe.scheduler.timesteps.tolist()
+    assert timesteps == [901, 801, 801, 701, 601, 501, 401, 301, 201, 101, 1]
+    agent, tome = agentsd.PRESETS["paper"]
+    # p = 1 - t/1000 < 0.4 means t > 600: steps 0-3 run agents, steps 4-9 ToMe
+    assert calls == [agent] * 5 + [tome] * 6
+    # three top-level blocks per UNet call; agents only in the agent phase
+    assert agent_calls == [True] * (3 * 5) + [False] * (3 * 6)
+    agentsd.remove(pipe)
+    assert agentsd.state_of(pipe.unet) is None

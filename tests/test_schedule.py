@@ -1,0 +1,49 @@
+import pytest
+
+from agentsd.schedule import PRESETS, Phase, phase_at, progress, resolve_schedule
+
+
+def test_paper_preset_switches_at_step_20_of_50():
+    # SD 1.5 with 50 PLMS steps calls the UNet at t = 981, 961, ..., 1.
+    timesteps = [981 - 20 * i for i in range(50)]
+    phases = [phase_at(PRESETS["paper"], progress(t, 1000)) for t in timesteps]
+    assert phases[:20] == [PRESETS["paper"][0]] * 20
+    assert phases[20:] == [PRESETS["paper"][1]] * 30
+    assert phases[0].agent_ratio == 0.95 and phases[0].sx == 4 and phases[-1].agent_ratio is None
+
+
+def test_phase_at_edges():
+    phases = (Phase(end=0.25), Phase(end=0.5, ratio=0.3), Phase(end=1.0, ratio=0.1))
+    assert phase_at(phases, 0.0) is phases[0]
+    assert phase_at(phases, 0.25) is phases[1]
+    assert phase_at(phases, 0.999) is phases[2]
+    assert phase_at(phases, 1.0) is phases[2]
+
+
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [
+        (dict(ratio=1.0), ValueError),
+        (dict(ratio=-0.1), ValueError),
+        (dict(agent_ratio=1.0), ValueError),
+        (dict(sx=0), ValueError),
+        (dict(sy=0), ValueError),
+        (dict(sx=2.0), TypeError),
+        (dict(end=0.0), ValueError),
+        (dict(end=1.5), ValueError),
+    ],
+)
+def test_phase_validation(kwargs, error):
+    with pytest.raises(error):
+        Phase(**kwargs)
+
+
+def test_resolve_schedule():
+    assert resolve_schedule("tome") == (Phase(end=1.0, sx=2, sy=2, ratio=0.5),)
+    single = Phase(end=1.0, ratio=0.2)
+    assert resolve_schedule(single) == (single,)
+    assert resolve_schedule([Phase(end=0.3), single]) == (Phase(end=0.3), single)
+    with pytest.raises(ValueError):
+        resolve_schedule([])
+    with pytest.raises(ValueError):
+        resolve_schedule([Phase(end=0.6), Phase(end=0.3), Phase(end=1.0)])
