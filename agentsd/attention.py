@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .merge import match, merge, partition, random_windows, unmerge
+from .merge import match, merge, merge_rows, partition, random_windows, unmerge
 from .schedule import Phase
 
 __all__ = ["AgentAttnProcessor", "AgentConfig", "AgentState"]
@@ -88,17 +88,18 @@ class AgentAttnProcessor:
         if phase.agent_ratio is not None:
             agent_r = min(int(N * phase.agent_ratio), m.num_src)
             if 2 * (N - agent_r) < N - r:
-                agents = merge(hidden_states, m, agent_r)
+                agents = merge(hidden_states, merge_rows(m, agent_r), N - agent_r)
 
+        rows = merge_rows(m, r)
         out = agent_attention(
             attn,
-            merge(hidden_states, m, r),
+            merge(hidden_states, rows, N - r),
             agents,
             k_scale2=config.k_scale2,
             k_shortcut=config.k_shortcut,
             upcast=config.attn_precision == "fp32",
         )
-        out = unmerge(out, m, r)
+        out = unmerge(out, rows)
         if attn.residual_connection:
             out = out + hidden_states
         return out / attn.rescale_output_factor

@@ -5,6 +5,10 @@ others (the ragged border too) are *src*. Each src token picks its most similar
 dst; src tokens are ranked by that similarity. Merging the top-k ranked src
 tokens into their dst (unweighted mean) gives ToMe's reduced set (k = r) and
 AgentSD's agents (k = agent_r) from one ranking.
+
+A merge is described by one ``(B, N)`` map from each token to its row in the
+merged set: merging sums tokens into their rows and divides by the row counts,
+unmerging copies each row back to every token that went into it.
 """
 
 from __future__ import annotations
@@ -13,11 +17,11 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["Matching", "match", "merge", "partition", "random_windows", "unmerge"]
+__all__ = ["Matching", "match", "merge", "merge_rows", "partition", "random_windows", "unmerge"]
 
 
 class Matching(NamedTuple):
-    """Index tensors of one matching, shared by every merge/unmerge that uses it.
+    """Index tensors of one matching, shared by every merge that uses it.
 
     Attributes:
         dst: ``(Nd,)`` token positions of the dst tokens.
@@ -87,37 +91,41 @@ def match(metric: torch.Tensor, order: torch.Tensor, num_dst: int) -> Matching:
         order: ``(N,)`` positions ``[dst..., src...]`` from :func:`partition`.
         num_dst: how many leading entries of ``order`` are dst.
     """
-    metric = metric / metric.norm(dim=-1, keepdim=True)
     dst, src = order[:num_dst], order[num_dst:]
-    scores = metric[:, src] @ metric[:, dst].transpose(1, 2)
-    best, best_dst = scores.max(dim=-1)
-    rank = best.argsort(dim=-1, descending=True)
+    norm = metric.norm(dim=-1)
+    dst_unit = metric[:, dst] / norm[:, dst, None]
+    # Dividing by the src norms after the max leaves each argmax unchanged and skips a B×Ns×C division.
+    best, best_dst = (metric[:, src] @ dst_unit.transpose(1, 2)).max(dim=-1)
+    rank = (best / norm[:, src]).argsort(dim=-1, descending=True)
     return Matching(dst, src[rank], best_dst.gather(1, rank))
 
 
-def merge(x: torch.Tensor, m: Matching, k: int) -> torch.Tensor:
-    """Merge the top-``k`` ranked src tokens of ``x`` (B×N×C) into their dst.
+def merge_rows(m: Matching, k: int) -> torch.Tensor:
+    """``(B, N)`` row of each token once the top-``k`` ranked src tokens are merged into their dst.
 
-    Returns ``(B, N - k, C)``: the unmerged src tokens in rank order, then the dst
-    tokens, each the mean of itself and the src tokens merged into it.
+    Rows ``0 .. Ns-k-1`` hold the unmerged src tokens in rank order, rows ``Ns-k ..`` the dst tokens.
     """
-    B, _, C = x.shape
-    src = x.gather(1, m.src_ranked[..., None].expand(B, -1, C))
-    dst = x[:, m.dst]
-    if k > 0:
-        dst = dst.scatter_reduce(1, m.dst_of_ranked[:, :k, None].expand(B, k, C), src[:, :k], reduce="mean")
-    return torch.cat([src[:, k:], dst], dim=1)
-
-
-def unmerge(x: torch.Tensor, m: Matching, k: int) -> torch.Tensor:
-    """Inverse of :func:`merge` for outputs: every token takes the row it was merged into."""
-    B, _, C = x.shape
-    num_src = m.num_src
+    B, num_src = m.src_ranked.shape
     unmerged = num_src - k
-    src_rows = torch.cat(
-        [unmerged + m.dst_of_ranked[:, :k], torch.arange(unmerged, device=x.device).expand(B, unmerged)], dim=1
-    )
-    rows = torch.empty(B, num_src + m.dst.shape[0], dtype=torch.long, device=x.device)
+    device = m.src_ranked.device
+    src_rows = torch.cat([unmerged + m.dst_of_ranked[:, :k], torch.arange(unmerged, device=device).expand(B, -1)], 1)
+    rows = torch.empty(B, num_src + m.dst.shape[0], dtype=torch.long, device=device)
     rows.scatter_(1, m.src_ranked, src_rows)
-    rows[:, m.dst] = torch.arange(unmerged, unmerged + m.dst.shape[0], device=x.device)
-    return x.gather(1, rows[..., None].expand(B, -1, C))
+    rows[:, m.dst] = torch.arange(unmerged, unmerged + m.dst.shape[0], device=device)
+    return rows
+
+
+def merge(x: torch.Tensor, rows: torch.Tensor, size: int) -> torch.Tensor:
+    """Average the tokens of ``x`` (B×N×C) that share a row: ``(B, size, C)``."""
+    B, N, C = x.shape
+    flat = (rows + size * torch.arange(B, device=rows.device)[:, None]).flatten()
+    sums = x.new_zeros(B * size, C).index_add_(0, flat, x.reshape(B * N, C))
+    counts = x.new_zeros(B * size).index_add_(0, flat, x.new_ones(B * N))
+    return (sums / counts[:, None]).view(B, size, C)
+
+
+def unmerge(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Give every token the row of ``x`` (B×size×C) it was merged into: ``(B, N, C)``."""
+    B, size, C = x.shape
+    flat = (rows + size * torch.arange(B, device=rows.device)[:, None]).flatten()
+    return x.reshape(B * size, C).index_select(0, flat).view(B, -1, C)

@@ -1,7 +1,7 @@
 import torch
 from reference import dst_positions
 
-from agentsd.merge import match, merge, partition, random_windows, unmerge
+from agentsd.merge import match, merge, merge_rows, partition, random_windows, unmerge
 
 
 def test_partition_puts_one_dst_per_window_then_all_src():
@@ -39,16 +39,21 @@ def test_merge_and_unmerge_follow_the_ranking():
     assert torch.equal(best.indices[0], m.dst_of_ranked[0])
 
     r = 10
-    merged = merge(x, m, r)
+    rows = merge_rows(m, r)
+    merged = merge(x, rows, h * w - r)
     assert merged.shape == (B, h * w - r, C)
-    assert torch.equal(merge(x, m, 0).sort(dim=1).values, x.sort(dim=1).values)
     b, slot = 1, int(m.dst_of_ranked[1, 0])
     members = [int(m.dst[slot])] + [int(p) for p, s in zip(m.src_ranked[b, :r], m.dst_of_ranked[b, :r]) if s == slot]
-    assert torch.allclose(merged[b, h * w - 12 - r + slot], x[b, members].mean(0))
+    assert len(members) >= 2
+    dst_row = h * w - 12 - r + slot  # unmerged src rows first, then the dst rows
+    assert torch.allclose(merged[b, dst_row], x[b, members].mean(0))
+    unmerged = m.src_ranked[b, r:]
+    assert torch.equal(merged[b, : h * w - 12 - r], x[b, unmerged])
 
-    back = unmerge(merged, m, r)
+    back = unmerge(merged, rows)
     assert back.shape == x.shape
     for p in members:  # the dst and every src merged into it share the merged row
-        assert torch.equal(back[b, p], merged[b, h * w - 12 - r + slot])
-    assert torch.equal(back[b, m.src_ranked[b, r:]], x[b, m.src_ranked[b, r:]])  # unmerged src keep their own
-    assert torch.equal(unmerge(merge(x, m, 0), m, 0), x)
+        assert torch.equal(back[b, p], merged[b, dst_row])
+    assert torch.equal(back[b, unmerged], x[b, unmerged])  # unmerged src keep their own
+    identity = merge_rows(m, 0)
+    assert torch.equal(unmerge(merge(x, identity, h * w), identity), x)
