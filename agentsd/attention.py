@@ -70,7 +70,11 @@ class AgentAttnProcessor:
         plan = self._plan(attn, hidden_states, metric, encoder_hidden_states, attention_mask)
         if plan is None:
             return self.original(
-                attn, hidden_states, encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask, **kwargs
+                attn,
+                hidden_states,
+                encoder_hidden_states=encoder_hidden_states,
+                attention_mask=attention_mask,
+                **kwargs,
             )
         h, w, phase, r = plan
         config = self.state.config
@@ -150,31 +154,42 @@ def agent_attention(
     """
     B, num_tokens, _ = tokens.shape
     heads = attn.heads
-    query = attn.to_q(tokens if agents is None else torch.cat([tokens, agents], dim=1))
-    key = attn.to_k(tokens)
-    value = attn.to_v(tokens)
+    query, key, value = _project_qkv(attn, tokens)
     head_dim = key.shape[-1] // heads
 
     def split_heads(t):
-        return t.view(B, -1, heads, head_dim).transpose(1, 2)
+        return t.reshape(B, -1, heads, head_dim).transpose(1, 2)
 
     query, key, value = split_heads(query), split_heads(key), split_heads(value)
+    agent = None if agents is None else split_heads(attn.to_q(agents))
     if attn.norm_q is not None:
         query = attn.norm_q(query)
+        agent = None if agent is None else attn.norm_q(agent)
     if attn.norm_k is not None:
         key = attn.norm_k(key)
     dtype = query.dtype
     if upcast:
         query, key, value = query.float(), key.float(), value.float()
+        agent = None if agent is None else agent.float()
 
     scale = attn.scale
-    if agents is None:
+    if agent is None:
         out = F.scaled_dot_product_attention(query, key, value, scale=scale)
     else:
-        query, agent = query[:, :, :num_tokens], query[:, :, num_tokens:]
         agent_value = F.scaled_dot_product_attention(agent, key, value, scale=scale)
         out = F.scaled_dot_product_attention(query, agent, agent_value, scale=scale**k_scale2)
         out = out + k_shortcut * value
 
     out = out.to(dtype).transpose(1, 2).reshape(B, num_tokens, heads * head_dim)
     return attn.to_out[1](attn.to_out[0](out))
+
+
+def _project_qkv(attn, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    linears = (attn.to_q, attn.to_k, attn.to_v)
+    # One GEMM on the stacked weights beats three; only for plain Linears, so that
+    # wrapped layers (LoRA adapters, say) keep their own forward.
+    if all(type(linear) is torch.nn.Linear for linear in linears) and len({lin.bias is None for lin in linears}) == 1:
+        weight = torch.cat([linear.weight for linear in linears])
+        bias = None if attn.to_q.bias is None else torch.cat([linear.bias for linear in linears])
+        return F.linear(tokens, weight, bias).chunk(3, dim=-1)
+    return attn.to_q(tokens), attn.to_k(tokens), attn.to_v(tokens)

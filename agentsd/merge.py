@@ -93,10 +93,10 @@ def match(metric: torch.Tensor, order: torch.Tensor, num_dst: int) -> Matching:
     """
     dst, src = order[:num_dst], order[num_dst:]
     norm = metric.norm(dim=-1)
-    dst_unit = metric[:, dst] / norm[:, dst, None]
+    dst_unit = metric.index_select(1, dst) / norm.index_select(1, dst)[..., None]
     # Dividing by the src norms after the max leaves each argmax unchanged and skips a B×Ns×C division.
-    best, best_dst = (metric[:, src] @ dst_unit.transpose(1, 2)).max(dim=-1)
-    rank = (best / norm[:, src]).argsort(dim=-1, descending=True)
+    best, best_dst = (metric.index_select(1, src) @ dst_unit.transpose(1, 2)).max(dim=-1)
+    rank = (best / norm.index_select(1, src)).argsort(dim=-1, descending=True)
     return Matching(dst, src[rank], best_dst.gather(1, rank))
 
 

@@ -130,8 +130,11 @@ def state_of(unet) -> AgentState | None:
 def _find_unets(model) -> tuple[list[torch.nn.Module], int]:
     """The denoiser modules to patch and the scheduler's number of training timesteps."""
     if isinstance(model, torch.nn.Module):
-        if not _blocks(model):
-            raise TypeError(f"{type(model).__name__} has no transformer blocks with self-attention to patch")
+        if not hasattr(model, "down_blocks") or not _blocks(model):
+            raise TypeError(
+                "expected a UNet2DConditionModel (or ControlNetModel) with transformer blocks, "
+                f"got {type(model).__name__}"
+            )
         return [model], 1000
     unet = getattr(model, "unet", None)
     if not isinstance(unet, torch.nn.Module):

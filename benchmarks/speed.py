@@ -6,7 +6,8 @@ repeat so drift in machine load hits them alike. Raw times go to JSON first; the
 table is made from the JSON.
 
     python benchmarks/speed.py                          # 512² and 1024², writes benchmarks/results/speed_cpu.json
-    python benchmarks/speed.py --sizes 512 --repeats 2 --out /tmp/quick.json
+    python benchmarks/speed.py --sizes 512 --repeats 7  # re-measure one size; the others in the JSON stay
+    python benchmarks/speed.py --sizes 256 --repeats 1 --out /tmp/quick.json
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ def _agentsd(unet, phase: Phase) -> Callable[[], None]:
 
 # name -> (patch(unet, latent_tokens) returning an undo function)
 METHODS: dict[str, Callable] = {
-    "vanilla": lambda unet, tokens: (lambda: None),
+    "vanilla": lambda unet, tokens: lambda: None,
     "tomesd": lambda unet, tokens: _tomesd(unet, TOME_RATIO),
     "agentsd-tome": lambda unet, tokens: _agentsd(unet, TOME_PHASE),
     "agentsd-agent": lambda unet, tokens: _agentsd(unet, AGENT_PHASE),
@@ -101,9 +102,10 @@ def time_forward(unet, sample, timestep, context) -> float:
 
 
 def run(sizes, methods, repeats, warmup, batch, dtype, device, out: Path) -> dict:
+    """Measure every size (all methods interleaved) and write ``out`` after each; other sizes in ``out`` are kept."""
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**SD15_UNET).to(device=device, dtype=dtype).eval()
-    results = {
+    setup = {
         "device": str(device),
         "cpu": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
@@ -114,8 +116,11 @@ def run(sizes, methods, repeats, warmup, batch, dtype, device, out: Path) -> dic
         "tome_ratio": TOME_RATIO,
         "agent_phase": AGENT_PHASE.__dict__,
         "paper_agent_share": AGENT_SHARE,
-        "sizes": {},
     }
+    results = json.loads(out.read_text()) if out.exists() else {}
+    if {k: v for k, v in results.items() if k != "sizes"} != json.loads(json.dumps(setup)):
+        results = {}  # measured under other settings: start afresh rather than mix
+    results = {**setup, "sizes": results.get("sizes", {})}
     for size in sizes:
         latent = size // 8
         sample = torch.randn(batch, 4, latent, latent, device=device, dtype=dtype)
@@ -130,9 +135,12 @@ def run(sizes, methods, repeats, warmup, batch, dtype, device, out: Path) -> dic
                     undo()
                 if rep >= warmup:
                     times[name].append(seconds)
-                print(f"{size}² {name:14s} {'warm-up' if rep < warmup else f'repeat {rep - warmup + 1}'}: {seconds:.2f} s",
-                      flush=True)
-        results["sizes"][str(size)] = summarize(times)
+                print(
+                    f"{size}² {name:14s} {'warm-up' if rep < warmup else f'repeat {rep - warmup + 1}'}: "
+                    f"{seconds:.2f} s",
+                    flush=True,
+                )
+        results["sizes"][str(size)] = {"repeats": repeats, "warmup": warmup, **summarize(times)}
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=2) + "\n")
     return results
@@ -155,7 +163,8 @@ def summarize(times: dict[str, list[float]]) -> dict:
 
 def table(results: dict) -> str:
     lines = [
-        f"UNet forward, batch {results['batch']}, {results['dtype']}, {results['device']} ({results['threads']} threads)",
+        f"UNet forward, batch {results['batch']}, {results['dtype']}, {results['device']} "
+        f"({results['threads']} threads)",
         "",
         "| size | method | median s | speed-up | share of ceiling saving |",
         "|---|---|---|---|---|",
@@ -183,8 +192,16 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/speed_cpu.json"))
     args = parser.parse_args(argv)
-    results = run(args.sizes, args.methods, args.repeats, args.warmup, args.batch, getattr(torch, args.dtype),
-                  torch.device(args.device), args.out)
+    results = run(
+        args.sizes,
+        args.methods,
+        args.repeats,
+        args.warmup,
+        args.batch,
+        getattr(torch, args.dtype),
+        torch.device(args.device),
+        args.out,
+    )
     text = table(results)
     args.out.with_suffix(".md").write_text(text + "\n")
     print(text)

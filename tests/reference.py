@@ -63,7 +63,7 @@ def block_attention(attn, x, y, H, W, phase, max_downsample, k_scale2, k_shortcu
             choice[s], similarity[s] = dst[best], float(sims[best])
         ranked = sorted(src, key=lambda s: -similarity[s])
 
-        def groups(k):
+        def groups(k, ranked=ranked, choice=choice):
             members = {d: [d] for d in dst}
             for s in ranked[:k]:
                 members[choice[s]].append(s)
@@ -118,8 +118,14 @@ def reference_unet(unet, phase, *, max_downsample=1, k_scale2=0.3, k_shortcut=0.
     def windows_fn(h, w, sx, sy):
         return None if seed is None else random_windows(h, w, sx, sy, seed, counter)
 
-    run = dict(size=None, phase=phase, max_downsample=max_downsample, k_scale2=k_scale2, k_shortcut=k_shortcut,
-               windows_fn=windows_fn)
+    run = dict(
+        size=None,
+        phase=phase,
+        max_downsample=max_downsample,
+        k_scale2=k_scale2,
+        k_shortcut=k_shortcut,
+        windows_fn=windows_fn,
+    )
     for block in ref.modules():
         if isinstance(block, BasicTransformerBlock):
             processor = ReferenceProcessor(run, block.attn1.processor)

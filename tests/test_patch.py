@@ -116,7 +116,7 @@ def test_attention_mask_and_fused_projections_fall_back(unet):
 def test_errors(unet):
     with pytest.raises(TypeError, match="pipeline"):
         agentsd.apply(object())
-    with pytest.raises(TypeError, match="no transformer blocks"):
+    with pytest.raises(TypeError, match="UNet2DConditionModel"):
         agentsd.apply(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="unknown schedule"):
         agentsd.apply(unet, "fast")
