@@ -52,6 +52,12 @@ class AgentState:
         self.size = (height, width)
         self.phase = phase
 
+    def draws_on(self, device: torch.device) -> torch.Tensor:
+        """The draw counter, moved once to where the model runs: a host-to-GPU copy per block would sync the GPU."""
+        if self.draws.device != device:
+            self.draws = self.draws.to(device)
+        return self.draws
+
 
 class AgentAttnProcessor:
     """Replaces ``attn1`` of a transformer block; falls back to ``original`` wherever it does not apply.
@@ -82,7 +88,9 @@ class AgentAttnProcessor:
 
         windows = None
         if config.use_rand and B % 2 == 0:  # odd batches hold unpaired cond/uncond images: keep dst fixed
-            windows = random_windows(h, w, phase.sx, phase.sy, self.state.seed, self.state.draws)
+            windows = random_windows(
+                h, w, phase.sx, phase.sy, self.state.seed, self.state.draws_on(hidden_states.device)
+            )
         num_dst = (h // phase.sy) * (w // phase.sx)
         order = partition(h, w, phase.sx, phase.sy, windows, device=hidden_states.device)
         m = match(metric, order, num_dst)
