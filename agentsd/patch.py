@@ -21,7 +21,7 @@ from diffusers.models.attention import BasicTransformerBlock
 from .attention import AgentAttnProcessor, AgentConfig, AgentState
 from .schedule import Phase, phase_at, progress, resolve_schedule
 
-__all__ = ["apply", "patched", "remove", "state_of"]
+__all__ = ["apply", "auto_max_downsample", "patched", "remove", "state_of"]
 
 _ATTR = "_agentsd_patch"
 
@@ -79,7 +79,7 @@ def apply(
     configs = [
         AgentConfig(
             phases=phases,
-            max_downsample=_auto_max_downsample(unet) if max_downsample == "auto" else max_downsample,
+            max_downsample=auto_max_downsample(unet) if max_downsample == "auto" else max_downsample,
             use_rand=bool(use_rand),
             k_scale2=float(k_scale2),
             k_shortcut=float(k_shortcut),
@@ -154,8 +154,8 @@ def _blocks(module: torch.nn.Module) -> list[BasicTransformerBlock]:
     return [m for m in module.modules() if isinstance(m, BasicTransformerBlock)]
 
 
-def _auto_max_downsample(unet: torch.nn.Module) -> int:
-    """Downsampling factor of the highest-resolution level with self-attention."""
+def auto_max_downsample(unet: torch.nn.Module) -> int:
+    """Downsampling factor of the highest-resolution level with self-attention (what ``"auto"`` picks)."""
     for level, block in enumerate(getattr(unet, "down_blocks", [])):
         if _blocks(block):
             return 2**level

@@ -1,0 +1,329 @@
+"""Time UNet forwards: vanilla SDPA vs tomesd vs agentsd (ToMe mode, agent phase, paper schedule) vs a ceiling.
+
+The UNet is built from its config with random weights: timing does not depend on
+the weights. All methods run in one process, interleaved repeat by repeat so drift
+in machine load hits them alike. Raw times go to JSON first; the markdown table and
+the plot are made from the JSON.
+
+    agentsd bench speed                                  # SD 1.5 at 512² and 1024² -> benchmarks/results/speed_cpu.json
+    agentsd bench speed --sizes 512 --repeats 7          # re-measure one size; the others in the JSON stay
+    agentsd bench speed --model sdxl --sizes 1024 --methods vanilla agentsd-agent ceiling
+    agentsd bench speed --report                         # remake summaries, table and plot from the JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from diffusers import UNet2DConditionModel
+from diffusers.models.attention import BasicTransformerBlock
+
+import agentsd
+from agentsd import PRESETS, Phase
+from agentsd.patch import auto_max_downsample
+
+# UNet configs spelled out so the architectures are explicit (SD 1.5 equals diffusers' defaults).
+SD15_UNET = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "layers_per_block": 2,
+    "block_out_channels": (320, 640, 1280, 1280),
+    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+}
+SDXL_UNET = {
+    "sample_size": 128,
+    "in_channels": 4,
+    "out_channels": 4,
+    "layers_per_block": 2,
+    "block_out_channels": (320, 640, 1280),
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "transformer_layers_per_block": (1, 2, 10),
+    "attention_head_dim": (5, 10, 20),
+    "cross_attention_dim": 2048,
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,
+}
+ARCHITECTURES = {"sd15": SD15_UNET, "sdxl": SDXL_UNET}
+_NAMES = {"sd15": "SD 1.5", "sdxl": "SDXL"}
+TOME_RATIO = PRESETS["paper"][1].ratio
+AGENT_PHASE = Phase(end=1.0, **{k: getattr(PRESETS["paper"][0], k) for k in ("sx", "sy", "ratio", "agent_ratio")})
+TOME_PHASE = Phase(end=1.0, sx=2, sy=2, ratio=TOME_RATIO)
+AGENT_SHARE = PRESETS["paper"][0].end  # fraction of sampling the paper schedule spends in the agent phase
+
+
+class _ZeroAttention:
+    """The ceiling: the self-attention agentsd would patch, made free (it computes nothing)."""
+
+    def __init__(self, original, latent_tokens: int, max_downsample: int):
+        self.original, self.latent_tokens, self.max_downsample = original, latent_tokens, max_downsample
+
+    def __call__(self, attn, hidden_states, *args, **kwargs):
+        if math.ceil(math.sqrt(self.latent_tokens // hidden_states.shape[1])) <= self.max_downsample:
+            return torch.zeros_like(hidden_states)
+        return self.original(attn, hidden_states, *args, **kwargs)
+
+
+def _ceiling(unet, latent_tokens: int) -> Callable[[], None]:
+    max_downsample = auto_max_downsample(unet)
+    blocks = [m for m in unet.modules() if isinstance(m, BasicTransformerBlock)]
+    originals = [b.attn1.processor for b in blocks]
+    for block, original in zip(blocks, originals):
+        block.attn1.set_processor(_ZeroAttention(original, latent_tokens, max_downsample))
+
+    def undo():
+        for block, original in zip(blocks, originals):
+            block.attn1.set_processor(original)
+
+    return undo
+
+
+def _tomesd(unet, ratio: float) -> Callable[[], None]:
+    import tomesd
+
+    tomesd.apply_patch(unet, ratio=ratio, sx=2, sy=2, use_rand=True)
+    return lambda: tomesd.remove_patch(unet)
+
+
+def _agentsd(unet, phase: Phase) -> Callable[[], None]:
+    agentsd.apply(unet, [phase], seed=0)
+    return lambda: agentsd.remove(unet)
+
+
+# name -> patch(unet, latent_tokens), returning the function that undoes it
+METHODS: dict[str, Callable] = {
+    "vanilla": lambda unet, tokens: lambda: None,
+    "tomesd": lambda unet, tokens: _tomesd(unet, TOME_RATIO),
+    "agentsd-tome": lambda unet, tokens: _agentsd(unet, TOME_PHASE),
+    "agentsd-agent": lambda unet, tokens: _agentsd(unet, AGENT_PHASE),
+    "ceiling": _ceiling,
+}
+
+
+def model_folder(model: str) -> Path | None:
+    """The diffusers folder for ``model``, ``None`` for a built-in architecture; ``ValueError`` for anything else."""
+    if model in ARCHITECTURES:
+        return None
+    if model == "demo":
+        from agentsd.demo import MODEL_DIR
+
+        return MODEL_DIR
+    if not (Path(model) / "unet" / "config.json").is_file():
+        raise ValueError(
+            f"--model must be one of {', '.join([*ARCHITECTURES, 'demo'])} or a diffusers folder with "
+            f"unet/config.json, got {model!r}"
+        )
+    return Path(model)
+
+
+def build_unet(model: str) -> tuple[UNet2DConditionModel, int, str]:
+    """A random-weight UNet for ``model`` (sd15, sdxl, demo or a diffusers folder), its VAE factor and a name."""
+    name = f"{_NAMES.get(model, model)} UNet architecture, random weights"
+    path = model_folder(model)
+    if path is None:
+        return UNet2DConditionModel(**ARCHITECTURES[model]), 8, name
+    vae_config = path / "vae" / "config.json"
+    vae_levels = len(json.loads(vae_config.read_text())["block_out_channels"]) if vae_config.is_file() else 4
+    unet = UNet2DConditionModel.from_config(json.loads((path / "unet" / "config.json").read_text()))
+    return unet, 2 ** (vae_levels - 1), name
+
+
+def _inputs(unet, batch: int, latent: int, device, dtype) -> dict:
+    config = unet.config
+    inputs = {
+        "sample": torch.randn(batch, config.in_channels, latent, latent, device=device, dtype=dtype),
+        "timestep": 500,
+        "encoder_hidden_states": torch.randn(batch, 77, config.cross_attention_dim, device=device, dtype=dtype),
+    }
+    if config.addition_embed_type == "text_time":  # SDXL's pooled text and size conditioning
+        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        inputs["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(batch, pooled, device=device, dtype=dtype),
+            "time_ids": torch.randn(batch, 6, device=device, dtype=dtype),
+        }
+    return inputs
+
+
+def time_forward(unet, inputs: dict) -> float:
+    start = time.perf_counter()
+    kwargs = dict(inputs)
+    args = [kwargs.pop(name) for name in ("sample", "timestep", "encoder_hidden_states")]
+    with torch.no_grad():
+        unet(*args, **kwargs)  # positional: tomesd's hook reads the sample from the positional arguments only
+    if inputs["sample"].device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def run(model, sizes, methods, repeats, warmup, batch, dtype, device, out: Path) -> dict:
+    """Measure every size (all methods interleaved) and write ``out`` after each; other sizes in ``out`` are kept."""
+    torch.manual_seed(0)
+    unet, vae_factor, name = build_unet(model)
+    unet = unet.to(device=device, dtype=dtype).eval()
+    setup = {
+        "device": str(device),
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "dtype": str(dtype).removeprefix("torch."),
+        "batch": batch,
+        "model": name,
+        "tome_ratio": TOME_RATIO,
+        "agent_phase": AGENT_PHASE.__dict__,
+        "paper_agent_share": AGENT_SHARE,
+    }
+    results = json.loads(out.read_text()) if out.exists() else {}
+    if {k: v for k, v in results.items() if k != "sizes"} != json.loads(json.dumps(setup)):
+        results = {}  # measured under other settings: start afresh rather than mix
+    results = {**setup, "sizes": results.get("sizes", {})}
+    for size in sizes:
+        latent = size // vae_factor
+        inputs = _inputs(unet, batch, latent, device, dtype)
+        times = {method: [] for method in methods}
+        for rep in range(warmup + repeats):
+            for method in methods:
+                undo = METHODS[method](unet, latent * latent)
+                try:
+                    seconds = time_forward(unet, inputs)
+                finally:
+                    undo()
+                if rep >= warmup:
+                    times[method].append(seconds)
+                which = "warm-up" if rep < warmup else f"repeat {rep - warmup + 1}"
+                print(f"{size}² {method:14s} {which}: {seconds:.2f} s", flush=True)
+        results["sizes"][str(size)] = {"repeats": repeats, "warmup": warmup, **summarize(times)}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def summarize(times: dict[str, list[float]]) -> dict:
+    """Medians (and minima, robust to load spikes), speed-ups over vanilla, and the share of the
+    ceiling's saving each method reaches; the paper schedule is weighted from its two phases."""
+    summary = {"times": times}
+    for stat, reduce in (("median", statistics.median), ("min", min)):
+        seconds = {name: reduce(ts) for name, ts in times.items()}
+        if "agentsd-agent" in seconds and "agentsd-tome" in seconds:
+            seconds["agentsd-paper"] = (
+                AGENT_SHARE * seconds["agentsd-agent"] + (1 - AGENT_SHARE) * seconds["agentsd-tome"]
+            )
+        summary[stat] = seconds
+        if "vanilla" in seconds:
+            vanilla = seconds["vanilla"]
+            summary[f"speedup_{stat}"] = {name: vanilla / t for name, t in seconds.items()}
+            if "ceiling" in seconds:
+                saving = vanilla - seconds["ceiling"]
+                summary[f"ceiling_share_{stat}"] = {name: (vanilla - t) / saving for name, t in seconds.items()}
+    return summary
+
+
+def table(results: dict) -> str:
+    lines = [
+        f"UNet forward ({results['model']}), batch {results['batch']}, {results['dtype']}, {results['device']} "
+        f"({results['threads']} threads)",
+        "",
+        "Speed-up over vanilla and share of the ceiling's saving, from the median (and the minimum) of the repeats.",
+        "",
+        "| size | method | median s | speed-up | share of ceiling saving | min s | speed-up (min) | share (min) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+
+    def cell(value, fmt):
+        return "–" if value is None else fmt.format(value)
+
+    for size, summary in results["sizes"].items():
+        for name in summary["median"]:
+            cells = []
+            for stat in ("median", "min"):
+                cells += [
+                    cell(summary[stat][name], "{:.2f}"),
+                    cell(summary.get(f"speedup_{stat}", {}).get(name), "{:.2f}×"),
+                    cell(summary.get(f"ceiling_share_{stat}", {}).get(name), "{:.0%}"),
+                ]
+            lines.append(f"| {size}² | {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> bool:
+    """Speed-up over vanilla (median) against image size, one line per method; ``False`` without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    sizes = sorted(results["sizes"], key=int)
+    methods = [m for m in results["sizes"][sizes[0]].get("speedup_median", {}) if m != "vanilla"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in methods:
+        xs = [int(s) for s in sizes if method in results["sizes"][s].get("speedup_median", {})]
+        ys = [results["sizes"][str(s)]["speedup_median"][method] for s in xs]
+        ax.plot(xs, ys, marker="o", linestyle="--" if method == "ceiling" else "-", label=method)
+    ax.axhline(1.0, color="grey", linewidth=0.8)
+    ax.set_xticks([int(s) for s in sizes], [f"{s}²" for s in sizes])
+    ax.set_xlabel("image size")
+    ax.set_ylabel("speed-up over vanilla SDPA (median)")
+    ax.set_title(
+        f"UNet forward, {results['model']}\n{results['device']}, {results['dtype']}, batch {results['batch']}",
+        fontsize=9,
+    )
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="sd15", help="sd15, sdxl, demo, or a diffusers folder (its UNet config)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[512, 1024], help="image sizes (pixels, square)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/speed_cpu.json"))
+    parser.add_argument("--report", action="store_true", help="only remake summaries, table and plot from --out")
+
+
+def bench(args: argparse.Namespace) -> int:
+    if args.report:
+        results = json.loads(args.out.read_text())
+        for size, measured in results["sizes"].items():
+            results["sizes"][size] = {k: measured[k] for k in ("repeats", "warmup")} | summarize(measured["times"])
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+    else:
+        dtype, device = getattr(torch, args.dtype), torch.device(args.device)
+        results = run(
+            args.model, args.sizes, args.methods, args.repeats, args.warmup, args.batch, dtype, device, args.out
+        )
+    text = table(results)
+    args.out.with_suffix(".md").write_text(text + "\n")
+    print(text)
+    if plot(results, args.out.with_suffix(".png")):
+        print(f"plot: {args.out.with_suffix('.png')}")
+    else:
+        print("no plot: pip install matplotlib (or agentsd[bench])")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return bench(parser.parse_args(argv))

@@ -1,0 +1,291 @@
+"""The ``agentsd`` command line.
+
+agentsd generate "a small red circle on the left" -o out.png
+agentsd generate "PROMPT" --compare none,tome,agent -o grid.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+METHODS = ("none", "tome", "agent")
+
+
+class UsageError(Exception):
+    """Bad input from the user: reported in one line, exit code 2, no traceback."""
+
+
+@dataclass
+class Render:
+    method: str
+    images: list  # PIL images
+    seconds_per_image: float
+    settings: dict
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help()
+        return 2
+    try:
+        return args.run(args)
+    except UsageError as error:
+        print(f"agentsd: error: {error}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="agentsd", description="Training-free agent attention for Stable Diffusion.")
+    commands = parser.add_subparsers(title="commands")
+
+    gen = commands.add_parser("generate", help="generate images, with or without token merging")
+    gen.add_argument("prompt")
+    gen.add_argument("--model", help="hub id or local diffusers folder (default: the shipped demo model)")
+    gen.add_argument("--method", default="agent", help="none | tome | agent (default: agent)")
+    gen.add_argument("--compare", help="comma-separated methods rendered from the same seed into one grid")
+    gen.add_argument("--schedule", help="for --method agent: paper (default), tome, or a JSON file of phases")
+    gen.add_argument("--steps", type=int, default=50)
+    gen.add_argument("--guidance", type=float, default=7.5)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--size", help="WIDTHxHEIGHT or N, multiples of 8 (default: the model's own)")
+    gen.add_argument("--num-images", type=int, default=1)
+    gen.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps")
+    gen.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA, else fp32), fp32, fp16, bf16")
+    gen.add_argument("-o", "--output", type=Path, default=Path("out.png"))
+    gen.set_defaults(run=generate)
+
+    bench = commands.add_parser("bench", help="benchmarks").add_subparsers(title="benchmarks")
+    speed = bench.add_parser("speed", help="time UNet forwards: vanilla vs ToMe vs agent attention vs a ceiling")
+    speed.set_defaults(run=_bench_speed)
+    from .bench import speed as speed_bench
+
+    speed_bench.add_arguments(speed)
+    return parser
+
+
+def _bench_speed(args) -> int:
+    from .bench import speed
+
+    try:
+        speed.model_folder(args.model)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    return speed.bench(args)
+
+
+def generate(args) -> int:
+    methods = _methods(args.compare if args.compare else args.method)
+    if args.schedule is not None and "agent" not in methods:
+        raise UsageError("--schedule applies to --method agent")
+    if args.steps < 1:
+        raise UsageError(f"--steps must be >= 1, got {args.steps}")
+    if args.num_images < 1:
+        raise UsageError(f"--num-images must be >= 1, got {args.num_images}")
+    if args.output.suffix.lower() != ".png":
+        raise UsageError(f"--output must be a .png file, got {args.output}")
+    size = _size(args.size)
+    schedule = _schedule(args.schedule)
+    device = _device(args.device)
+    dtype = _dtype(args.dtype, device)
+    pipe, model_name = _load(args.model, device, dtype)
+
+    renders = [_render(pipe, method, schedule, args, size) for method in methods]
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "prompt": args.prompt,
+        "seed": args.seed,
+        "model": model_name,
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+    if args.compare:
+        grid = _grid(renders)
+        grid.save(
+            args.output,
+            pnginfo=_png_info(
+                {**meta, "methods": [r.method for r in renders], "settings": {r.method: r.settings for r in renders}}
+            ),
+        )
+        paths = [args.output]
+    else:
+        (render,) = renders
+        paths = _numbered(args.output, len(render.images))
+        for image, path in zip(render.images, paths):
+            image.save(path, pnginfo=_png_info({**meta, "method": render.method, "settings": render.settings}))
+    for render in renders:
+        print(f"{render.method}: {render.seconds_per_image:.2f} s/image")
+    print("saved " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def _methods(text: str) -> list[str]:
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise UsageError(f"unknown method {', '.join(unknown) or repr(text)}; choose from {', '.join(METHODS)}")
+    return methods
+
+
+def _size(text: str | None) -> tuple[int, int] | None:
+    """``WxH`` or ``N`` -> ``(height, width)``."""
+    if text is None:
+        return None
+    parts = text.lower().split("x")
+    try:
+        width, height = (int(parts[0]), int(parts[0])) if len(parts) == 1 else (int(parts[0]), int(parts[1]))
+    except ValueError:
+        raise UsageError(f"--size must look like 512x512 or 512, got {text!r}") from None
+    if len(parts) > 2 or width <= 0 or height <= 0 or width % 8 or height % 8:
+        raise UsageError(f"--size must be positive multiples of 8 (WIDTHxHEIGHT), got {text!r}")
+    return height, width
+
+
+def _schedule(text: str | None):
+    from .schedule import PRESETS, Phase, resolve_schedule
+
+    if text is None or text in PRESETS:
+        return text or "paper"
+    path = Path(text)
+    if path.suffix != ".json":
+        raise UsageError(f"--schedule must be one of {', '.join(PRESETS)} or a .json file, got {text!r}")
+    if not path.is_file():
+        raise UsageError(f"schedule file not found: {path}")
+    try:
+        phases = [Phase(**phase) for phase in json.loads(path.read_text())]
+        return resolve_schedule(phases)
+    except (json.JSONDecodeError, TypeError, ValueError) as error:
+        raise UsageError(f"bad schedule file {path}: {error}") from None
+
+
+def _device(text: str):
+    import torch
+
+    if text == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise UsageError(f"unknown device {text!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda asked for, but CUDA is not available")
+    return device
+
+
+def _dtype(text: str, device):
+    import torch
+
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if text == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if text not in dtypes:
+        raise UsageError(f"unknown dtype {text!r}; choose auto, fp32, fp16 or bf16")
+    return dtypes[text]
+
+
+def _load(model: str | None, device, dtype):
+    """The pipeline and a name for it; clear errors for folders that are not there and hubs out of reach."""
+    if model is None:
+        from .demo import load_pipeline
+
+        return load_pipeline(device=device, dtype=dtype), "agentsd-demo"
+    from diffusers import DiffusionPipeline
+
+    path = Path(model).expanduser()
+    # Hub ids are "name" or "org/name"; anything else that looks like a path is one.
+    local = path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1
+    if local:
+        if not path.is_dir():
+            raise UsageError(f"model folder not found: {path}")
+        if not (path / "model_index.json").is_file():
+            raise UsageError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
+        source, options = str(path), {"local_files_only": True}
+    else:
+        if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+            raise UsageError(f"{model!r} is a hub id but HF_HUB_OFFLINE is set; pass a local folder instead")
+        source, options = model, {}
+    try:
+        # DiffusionPipeline picks the class (SD 1.x/2.x, SDXL, ...) from the folder's model_index.json.
+        pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=dtype, **options)
+    except (OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UsageError(f"could not load model {model!r}: {first_line}") from None
+    if not hasattr(pipe, "unet"):
+        raise UsageError(f"{model!r} is a {type(pipe).__name__}, which has no UNet for agentsd to patch")
+    return pipe.to(device), model
+
+
+def _render(pipe, method: str, schedule, args, size) -> Render:
+    import torch
+
+    import agentsd
+
+    settings = {}
+    if method != "none":
+        schedule = "tome" if method == "tome" else schedule
+        agentsd.apply(pipe, schedule, seed=args.seed)
+        settings = {"schedule": schedule if isinstance(schedule, str) else [vars(p) for p in schedule]}
+    pipe.set_progress_bar_config(disable=False, desc=f"{method:5s}", leave=True)
+    height, width = size if size else (None, None)
+    try:
+        start = time.perf_counter()
+        images = pipe(
+            args.prompt,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            height=height,
+            width=width,
+            num_images_per_prompt=args.num_images,
+            generator=torch.Generator("cpu").manual_seed(args.seed),
+        ).images
+        seconds = time.perf_counter() - start
+    finally:
+        agentsd.remove(pipe)
+    return Render(method, images, seconds / len(images), settings)
+
+
+def _numbered(path: Path, count: int) -> list[Path]:
+    if count == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(count)]
+
+
+def _png_info(meta: dict):
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key, value in meta.items():
+        info.add_text(key, value if isinstance(value, str) else json.dumps(value))
+    return info
+
+
+def _grid(renders: list[Render]):
+    """Methods side by side (columns), images of a batch below each other, each column labelled with its time."""
+    from PIL import Image, ImageDraw
+
+    width, height = renders[0].images[0].size
+    label = 14 + max(8, width // 32)
+    grid = Image.new("RGB", (width * len(renders), label + height * len(renders[0].images)), "white")
+    draw = ImageDraw.Draw(grid)
+    for col, render in enumerate(renders):
+        draw.text((col * width + 3, 2), f"{render.method} {render.seconds_per_image:.2f}s", fill="black")
+        for row, image in enumerate(render.images):
+            grid.paste(image, (col * width, label + row * height))
+    return grid
+
+
+if __name__ == "__main__":
+    sys.exit(main())
