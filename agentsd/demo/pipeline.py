@@ -1,0 +1,29 @@
+"""Load the shipped demo model as a diffusers ``StableDiffusionPipeline``, offline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+__all__ = ["MODEL_DIR", "load_pipeline"]
+
+MODEL_DIR = Path(__file__).with_name("model")
+
+
+def load_pipeline(device: str | torch.device | None = None, dtype: torch.dtype | None = None):
+    """The demo text-to-image pipeline (64² images, 16² latents), read from the package; nothing is downloaded.
+
+    Args:
+        device: where to put it (default: CPU).
+        dtype: weight dtype (default: float32).
+    """
+    from diffusers import StableDiffusionPipeline
+
+    # The weights are stored in float32, which is what loading gives without a dtype keyword.
+    options = {} if dtype is None else {"torch_dtype": dtype}
+    pipe = StableDiffusionPipeline.from_pretrained(
+        MODEL_DIR, local_files_only=True, safety_checker=None, requires_safety_checker=False, **options
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device or "cpu")

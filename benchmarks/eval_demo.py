@@ -1,0 +1,126 @@
+"""Measure the shipped demo model and evaluator; write ``benchmarks/results/demo_model.json``.
+
+Records: shipped weight sizes, the evaluator's accuracy on fresh generator images,
+vanilla caption accuracy on held-out one- and two-object captions, the time of a
+4-image generation, and (with ``--run``) the training recipe's wall time from its log.
+
+    python benchmarks/eval_demo.py --run runs/demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from agentsd.demo import MODEL_DIR, Evaluator, load_pipeline, prompts, sample
+from agentsd.demo.evaluator import WEIGHTS
+
+RESULTS = Path(__file__).parent / "results" / "demo_model.json"
+
+
+def weight_sizes() -> dict[str, int]:
+    """Bytes of each shipped weights file, by path relative to ``agentsd/demo``."""
+    files = sorted(MODEL_DIR.glob("*/*.safetensors")) + [WEIGHTS]
+    return {str(f.relative_to(MODEL_DIR.parent)): f.stat().st_size for f in files}
+
+
+def generate(pipe, captions: list[str], steps: int, guidance: float, seed: int, batch: int) -> torch.Tensor:
+    """Images in [0, 1], ``(N, 3, 64, 64)``; batch ``k`` uses generator seed ``seed + k``."""
+    out = []
+    for k, start in enumerate(range(0, len(captions), batch)):
+        gen = torch.Generator().manual_seed(seed + k)
+        out.append(
+            pipe(
+                captions[start : start + batch],
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                generator=gen,
+                output_type="pt",
+            ).images
+        )
+    return torch.cat(out)
+
+
+def caption_accuracy(
+    pipe, evaluator, n: int, num_objects: int, steps: int, guidance: float, seed: int, batch: int
+) -> dict:
+    scenes = prompts(n, seed=seed, num_objects=num_objects)
+    start = time.perf_counter()
+    images = generate(pipe, [s.caption for s in scenes], steps, guidance, seed, batch)
+    seconds = time.perf_counter() - start
+    return {**evaluator.accuracy(images, scenes).__dict__, "generation_s": round(seconds, 1)}
+
+
+def batch_time(pipe, steps: int, guidance: float, repeats: int = 3) -> list[float]:
+    captions = [s.caption for s in prompts(4, seed=99)]
+    generate(pipe, captions, steps, guidance, 0, 4)  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        generate(pipe, captions, steps, guidance, 0, 4)
+        times.append(round(time.perf_counter() - start, 3))
+    return times
+
+
+def recipe(run: Path) -> dict:
+    """The training run's config and, from its log, when each stage ended (seconds from start)."""
+    rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    ends = {r["stage"]: r["time"] for r in rows}
+    return {"config": json.loads((run / "config.json").read_text()), "stage_end_s": ends, "wall_s": ends.get("done")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=200, help="captions per setting")
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--guidance", type=float, nargs="+", default=[7.5])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch", type=int, default=50)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--run", type=Path, help="training run folder, for the recipe's wall time")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    pipe = load_pipeline()
+    evaluator = Evaluator.load()
+    real = {}
+    for k in (1, 2):
+        batch = sample(1000, seed=args.seed, num_objects=k, split="test")
+        real[f"{k}_object"] = evaluator.accuracy(batch.images, batch.scenes).__dict__
+    generated = {
+        str(g): {
+            f"{k}_object": caption_accuracy(pipe, evaluator, args.n, k, args.steps, g, args.seed, args.batch)
+            for k in (1, 2)
+        }
+        for g in args.guidance
+    }
+    times = batch_time(pipe, args.steps, args.guidance[0])
+    sizes = weight_sizes()
+    result = {
+        "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads},
+        "weights_bytes": sizes,
+        "weights_total_bytes": sum(sizes.values()) - sizes[str(WEIGHTS.relative_to(MODEL_DIR.parent))],
+        "recipe": recipe(args.run) if args.run else None,
+        "evaluator_on_real_test_images": real,
+        "vanilla_caption_accuracy": {"steps": args.steps, "n": args.n, "seed": args.seed, "by_guidance": generated},
+        "generate_4_images_25_steps_s": {
+            "steps": args.steps,
+            "guidance": args.guidance[0],
+            "times": times,
+            "median": statistics.median(times),
+        },
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

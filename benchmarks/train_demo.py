@@ -1,0 +1,479 @@
+"""Train the demo model from scratch on CPU and write it into ``agentsd/demo/model/``.
+
+Stages, in order: the evaluator (shipped as ``agentsd/demo/evaluator.safetensors``),
+the VAE, a latent cache, then the text encoder and UNet together. Every stage is
+seeded; each step draws its data and noise from seeds made from the step number,
+so a re-run with the same ``--run`` folder resumes from the last checkpoint and
+gives the same batches. Losses go to ``<run>/log.jsonl`` and stdout.
+
+The whole recipe runs in a wall-clock budget (``--minutes``): the UNet's first
+steps are timed, and the step count that fits what is left of the budget is fixed
+then and recorded in ``<run>/config.json`` (pass ``--unet-steps`` to fix it
+yourself). The budget counts from the start of the invocation that fixes it.
+
+    python benchmarks/train_demo.py --run runs/demo --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import shutil
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
+
+from agentsd.demo import data
+from agentsd.demo.evaluator import WEIGHTS as EVALUATOR_WEIGHTS
+from agentsd.demo.evaluator import Evaluator
+from agentsd.demo.pipeline import MODEL_DIR
+
+MAX_TOKENS = 20  # longest caption: 15 words + bos + eos
+SPECIAL = ["<pad>", "<unk>", "<bos>", "<eos>"]
+VAE_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 3,
+    up_block_types=("UpDecoderBlock2D",) * 3,
+    block_out_channels=(16, 32, 64),  # factor-4 latent: 64² RGB -> 16² x 4
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=8,
+    sample_size=data.IMAGE_SIZE,
+    mid_block_add_attention=False,
+)
+TEXT_CONFIG = dict(
+    vocab_size=len(SPECIAL) + len(data.vocabulary()),
+    hidden_size=128,
+    intermediate_size=512,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=MAX_TOKENS,
+    pad_token_id=0,
+    bos_token_id=2,
+    eos_token_id=3,
+)
+UNET_CONFIG = dict(
+    sample_size=16,
+    in_channels=4,
+    out_channels=4,
+    # Self-attention on the 16² = 256-token level (where agentsd acts) and on 8².
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    cross_attention_dim=TEXT_CONFIG["hidden_size"],
+    attention_head_dim=(1, 2),  # diffusers' legacy name: heads per level, 32 channels each
+    norm_num_groups=16,
+)
+SCHEDULER_CONFIG = dict(  # Stable Diffusion 1.5's
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    skip_prk_steps=True,
+    set_alpha_to_one=False,
+    steps_offset=1,
+    prediction_type="epsilon",
+)
+DEFAULTS = dict(
+    seed=0,
+    eval_steps=600,
+    eval_batch=64,
+    eval_lr=2e-3,
+    vae_steps=1500,
+    vae_batch=16,
+    vae_lr=2e-3,
+    vae_kl=1e-4,
+    vae_object_weight=9.0,
+    cache_size=49152,
+    unet_batch=64,
+    unet_lr=8e-4,
+    unet_warmup=200,
+    minutes=56.0,
+    unet_steps=None,
+    ema=0.999,
+    uncond_prob=0.1,
+    min_snr=5.0,
+)
+# Disjoint seed ranges of the generator's training stream, one per stage (run seed k adds k * 10**8).
+_EVAL_SEEDS, _VAE_SEEDS, _CACHE_SEEDS = 1_000_000, 2_000_000, 3_000_000
+_CHECKPOINT_EVERY_S = 120
+_EXPORT_RESERVE_S = 60
+
+
+class Run:
+    """The run folder: config, JSON-lines log, and per-stage checkpoints."""
+
+    def __init__(self, folder: Path, overrides: dict):
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / "config.json"
+        if path.exists():  # resuming: the recorded config wins
+            self.config = json.loads(path.read_text())
+        else:
+            self.config = {**DEFAULTS, **{k: v for k, v in overrides.items() if v is not None}}
+            self.save_config()
+        self.start = time.time()
+
+    def save_config(self) -> None:
+        (self.folder / "config.json").write_text(json.dumps(self.config, indent=1))
+
+    def log(self, stage: str, step: int, **values) -> None:
+        row = {"stage": stage, "step": step, "time": round(time.time() - self.start, 1), **values}
+        with open(self.folder / "log.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
+
+    def load(self, stage: str, objects: dict) -> int:
+        """Restore ``objects`` (anything with ``load_state_dict``) from the stage's checkpoint; the step to go on from."""
+        path = self.folder / f"{stage}.pt"
+        if not path.exists():
+            return 0
+        saved = torch.load(path, weights_only=False)
+        for name, obj in objects.items():
+            obj.load_state_dict(saved[name])
+        return saved["step"]
+
+    def save(self, stage: str, step: int, objects: dict) -> None:
+        path = self.folder / f"{stage}.pt"
+        torch.save({"step": step, **{k: v.state_dict() for k, v in objects.items()}}, path.with_suffix(".tmp"))
+        os.replace(path.with_suffix(".tmp"), path)  # a kill mid-write leaves the old checkpoint intact
+
+
+def _data_seed(run: Run, seed: int) -> int:
+    return run.config["seed"] * 10**8 + seed
+
+
+def _seed(run: Run, stage: str, step: int) -> int:
+    """A seed of its own for each (run seed, stage, step)."""
+    return int(np.random.SeedSequence([run.config["seed"], zlib.crc32(stage.encode()), step]).generate_state(1)[0])
+
+
+def _steps(run: Run, stage: str, objects: dict, total, lr_at, optimizer):
+    """Yield ``(step, generator)`` for the steps left, setting the lr and checkpointing as it goes.
+
+    ``total()`` is read every step, so a stage may fix its length after it has begun.
+    """
+    step = run.load(stage, objects)
+    last_save = time.time()
+    while step < total():
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step)
+        yield step, torch.Generator().manual_seed(_seed(run, stage, step))
+        step += 1
+        if step == total() or time.time() - last_save > _CHECKPOINT_EVERY_S:
+            run.save(stage, step, objects)
+            last_save = time.time()
+
+
+def _cosine(lr: float, warmup: int, total: int):
+    def at(step: int) -> float:
+        if step < warmup:
+            return lr * (step + 1) / warmup
+        return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1))))
+
+    return at
+
+
+def _augment(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    # Mild contrast, brightness, blur and noise so the evaluator also reads imperfect (generated) images.
+    x = images.float() / 255
+    n = x.shape[0]
+    x = x * (1 + 0.2 * (torch.rand(n, 1, 1, 1, generator=gen) - 0.5)) + 0.1 * (
+        torch.rand(n, 1, 1, 1, generator=gen) - 0.5
+    )
+    kernel = torch.tensor([1.0, 2.0, 1.0])
+    kernel = (kernel[:, None] * kernel[None, :] / 16).expand(3, 1, 3, 3)
+    blurred = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), kernel, groups=3)
+    x = torch.where(torch.rand(n, 1, 1, 1, generator=gen) < 0.5, blurred, x)
+    x = x + 0.05 * torch.rand(n, 1, 1, 1, generator=gen) * torch.randn(x.shape, generator=gen)
+    return x.clamp(0, 1)
+
+
+def _evaluator_targets(scenes: list[data.Scene]) -> torch.Tensor:
+    """``(N, 5, 4)``: per position, presence and the shape, colour, size indices (-100 where empty)."""
+    positions, tables = list(data.POSITIONS), (list(data.SHAPES), list(data.COLOURS), list(data.SIZES))
+    out = torch.full((len(scenes), len(positions), 4), -100, dtype=torch.long)
+    out[..., 0] = 0
+    for i, scene in enumerate(scenes):
+        for o in scene.objects:
+            p = positions.index(o.position)
+            out[i, p] = torch.tensor([1, *(t.index(v) for t, v in zip(tables, (o.shape, o.colour, o.size)))])
+    return out
+
+
+def train_evaluator(run: Run) -> None:
+    c = run.config
+    torch.manual_seed(c["seed"])
+    model = Evaluator().train()
+    opt = torch.optim.AdamW(model.parameters(), lr=c["eval_lr"], weight_decay=1e-4)
+    objects = {"model": model, "opt": opt}
+    heads = (1, len(data.SHAPES), len(data.COLOURS), len(data.SIZES))
+    lr_at = _cosine(c["eval_lr"], 50, c["eval_steps"])
+    for step, gen in _steps(run, "evaluator", objects, lambda: c["eval_steps"], lr_at, opt):
+        batch = data.sample(c["eval_batch"], seed=_data_seed(run, _EVAL_SEEDS + step), num_objects=None)
+        target = _evaluator_targets(batch.scenes)
+        present, *attrs = model.logits(_augment(batch.images, gen)).split(heads, dim=-1)
+        loss = F.binary_cross_entropy_with_logits(present[..., 0], target[..., 0].float())
+        for k, logits in enumerate(attrs, start=1):
+            loss = loss + F.cross_entropy(logits.flatten(0, 1), target[..., k].flatten(), ignore_index=-100)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 50 == 0:
+            run.log("evaluator", step, loss=round(loss.item(), 4), lr=lr_at(step))
+    model.eval()
+    EVALUATOR_WEIGHTS.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(EVALUATOR_WEIGHTS))
+    test = data.sample(1000, seed=0, num_objects=None, split="test")
+    scores = Evaluator.load().accuracy(test.images, test.scenes)
+    run.log("evaluator", c["eval_steps"], test_accuracy=scores.overall, scores=scores.__dict__)
+
+
+def _to_unit(images: torch.Tensor) -> torch.Tensor:
+    return images.float() / 127.5 - 1
+
+
+def _object_weight(images: torch.Tensor, weight: float) -> torch.Tensor:
+    """Per-pixel loss weight ``1 + weight`` on objects, 1 on background, as ``(N, 1, H, W)``.
+
+    Objects cover a few percent of an image, so an unweighted loss learns the grey
+    background long before shapes and colours. Backgrounds are grey and no brighter
+    than 115; every object colour is saturated or brighter.
+    """
+    x = images.float()
+    hi, lo = x.amax(1, keepdim=True), x.amin(1, keepdim=True)
+    return 1 + weight * ((hi > 120) | (hi - lo > 30)).float()
+
+
+def train_vae(run: Run) -> AutoencoderKL:
+    """Train the VAE (object-weighted L1 + L2, an edge term, small KL); set its scaling factor from the latents."""
+    c = run.config
+    torch.manual_seed(c["seed"] + 1)
+    vae = AutoencoderKL(**VAE_CONFIG).train()
+    with torch.no_grad():
+        # Start with a small posterior std: with the default (std 1) the sampled latent drowns
+        # the mean and the first few hundred steps learn nothing but to shrink it.
+        vae.quant_conv.bias[VAE_CONFIG["latent_channels"] :] = -6.0
+    opt = torch.optim.AdamW(vae.parameters(), lr=c["vae_lr"], weight_decay=0.0)
+    lr_at = _cosine(c["vae_lr"], 50, c["vae_steps"])
+    for step, gen in _steps(run, "vae", {"vae": vae, "opt": opt}, lambda: c["vae_steps"], lr_at, opt):
+        images = data.sample(c["vae_batch"], seed=_data_seed(run, _VAE_SEEDS + step), num_objects=None).images
+        x, w = _to_unit(images), _object_weight(images, c["vae_object_weight"])
+        posterior = vae.encode(x).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
+        d = vae.decode(z).sample - x
+        rec = (w * (d.abs() + d.pow(2))).mean() / w.mean()
+        edges = (d[..., 1:, :] - d[..., :-1, :]).abs().mean() + (d[..., 1:] - d[..., :-1]).abs().mean()
+        kl = posterior.kl().mean() / posterior.mean[0].numel()
+        loss = rec + edges + c["vae_kl"] * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 50 == 0:
+            run.log(
+                "vae",
+                step,
+                rec=round(rec.item(), 5),
+                edges=round(edges.item(), 5),
+                kl=round(kl.item(), 3),
+                lr=lr_at(step),
+            )
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        test = data.sample(500, seed=0, num_objects=None, split="test")
+        z = vae.encode(_to_unit(test.images)).latent_dist.mean
+        decoded = ((vae.decode(z).sample.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    vae.register_to_config(scaling_factor=round(1 / z.std().item(), 5))
+    scores = Evaluator.load().accuracy(decoded, test.scenes)  # can the evaluator read reconstructions?
+    l1 = (decoded.float() - test.images.float()).abs().mean().item() / 255
+    run.log(
+        "vae",
+        c["vae_steps"],
+        recon_l1=round(l1, 5),
+        recon_accuracy=scores.overall,
+        scores=scores.__dict__,
+        scaling_factor=vae.config.scaling_factor,
+    )
+    return vae
+
+
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over the caption vocabulary, framing each caption as ``<bos> ... <eos>``."""
+    vocab = {w: i for i, w in enumerate(SPECIAL + data.vocabulary())}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A <eos>", special_tokens=[("<bos>", vocab["<bos>"]), ("<eos>", vocab["<eos>"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        model_max_length=MAX_TOKENS,
+    )
+
+
+def _token_ids(tokenizer, captions: list[str]) -> torch.Tensor:
+    return tokenizer(
+        captions, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
+def build_cache(run: Run, vae: AutoencoderKL, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scaled latent means and token ids of ``cache_size`` training images (made once, kept in the run folder)."""
+    path = run.folder / "cache.pt"
+    if path.exists():
+        cache = torch.load(path)
+        return cache["latents"], cache["ids"]
+    n, chunk = run.config["cache_size"], 256
+    latents, ids = [], []
+    with torch.no_grad():
+        for k in range(math.ceil(n / chunk)):
+            batch = data.sample(min(chunk, n - k * chunk), seed=_data_seed(run, _CACHE_SEEDS + k), num_objects=None)
+            latents.append(vae.encode(_to_unit(batch.images)).latent_dist.mean * vae.config.scaling_factor)
+            ids.append(_token_ids(tokenizer, batch.captions))
+    latents, ids = torch.cat(latents), torch.cat(ids)
+    torch.save({"latents": latents, "ids": ids}, path)
+    run.log("cache", n, latent_std=round(latents.std().item(), 4))
+    return latents, ids
+
+
+class _Ema:
+    """Exponential moving average of a list of parameters, with the usual warm-up of the decay."""
+
+    def __init__(self, params: list[torch.Tensor], decay: float):
+        self.params, self.decay, self.updates = params, decay, 0
+        self.shadow = [p.detach().clone() for p in params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1 - d)
+
+    def state_dict(self) -> dict:
+        return {"shadow": self.shadow, "updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.shadow, self.updates = state["shadow"], state["updates"]
+
+
+def train_unet(run: Run, latents: torch.Tensor, ids: torch.Tensor, empty_ids: torch.Tensor):
+    """Train text encoder and UNet together (epsilon loss, min-SNR weighting, caption dropout for CFG)."""
+    c = run.config
+    torch.manual_seed(c["seed"] + 2)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG)).train()
+    unet = UNet2DConditionModel(**UNET_CONFIG).train()
+    params = [*text_encoder.parameters(), *unet.parameters()]
+    opt = torch.optim.AdamW(params, lr=c["unet_lr"], weight_decay=0.01)
+    ema = _Ema(params, c["ema"])
+    objects = {"text_encoder": text_encoder, "unet": unet, "opt": opt, "ema": ema}
+    alphas = PNDMScheduler(**SCHEDULER_CONFIG).alphas_cumprod
+    probe = c["unet_warmup"] // 4  # timed steps that fix the step count (within warm-up, so the lr is unaffected)
+
+    def total() -> int:
+        return c["unet_steps"] or 10**9
+
+    def lr_at(step: int) -> float:
+        return _cosine(c["unet_lr"], c["unet_warmup"], total())(step)
+
+    timer = None
+    for step, gen in _steps(run, "unet", objects, total, lr_at, opt):
+        timer = timer or (step, time.time())
+        idx = torch.randint(len(latents), (c["unet_batch"],), generator=gen)
+        z0, tokens = latents[idx], ids[idx].clone()
+        tokens[torch.rand(len(idx), generator=gen) < c["uncond_prob"]] = empty_ids
+        noise = torch.randn(z0.shape, generator=gen)
+        t = torch.randint(0, len(alphas), (len(idx),), generator=gen)
+        a = alphas[t].view(-1, 1, 1, 1)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        pred = unet(zt, t, text_encoder(tokens)[0]).sample
+        snr = (a / (1 - a)).flatten()
+        weight = snr.clamp(max=c["min_snr"]) / snr  # min-SNR-gamma: focus on the noisy steps that set the layout
+        loss = (weight * (pred - noise).pow(2).mean((1, 2, 3))).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema.update()
+        if step % 25 == 0:
+            run.log("unet", step, loss=round(loss.item(), 5), lr=round(opt.param_groups[0]["lr"], 7))
+        if c["unet_steps"] is None and step + 1 - timer[0] == probe:
+            per_step = (time.time() - timer[1]) / probe
+            left = c["minutes"] * 60 - (time.time() - run.start) - _EXPORT_RESERVE_S
+            c["unet_steps"] = step + 1 + max(int(left / per_step), 0)
+            run.save_config()
+            run.log("unet", step, per_step_s=round(per_step, 3), unet_steps=c["unet_steps"])
+    for p, s in zip(params, ema.shadow):
+        p.data.copy_(s)
+    return text_encoder.eval(), unet.eval()
+
+
+def export(vae, text_encoder, tokenizer, unet) -> None:
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=PNDMScheduler(**SCHEDULER_CONFIG),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    shutil.rmtree(MODEL_DIR, ignore_errors=True)
+    pipe.save_pretrained(MODEL_DIR, safe_serialization=True)
+    # transformers 5 records the tokenizer as "TokenizersBackend", a name 4.x lacks; both know this alias.
+    for path, key in (
+        (MODEL_DIR / "model_index.json", "tokenizer"),
+        (MODEL_DIR / "tokenizer/tokenizer_config.json", None),
+    ):
+        config = json.loads(path.read_text())
+        if key:
+            config[key] = ["transformers", "PreTrainedTokenizerFast"]
+        else:
+            config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", type=Path, default=Path("runs/demo"), help="run folder (resumes if it exists)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--minutes", type=float, help="wall-clock budget of the whole recipe")
+    parser.add_argument("--unet-steps", type=int)
+    parser.add_argument("--eval-steps", type=int)
+    parser.add_argument("--vae-steps", type=int)
+    parser.add_argument("--cache-size", type=int)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    overrides = {k: v for k, v in vars(args).items() if k not in ("run", "threads")}
+    run = Run(args.run, overrides)
+    run.log("start", 0, config=run.config, threads=args.threads)
+    train_evaluator(run)
+    vae = train_vae(run)
+    tokenizer = make_tokenizer()
+    latents, ids = build_cache(run, vae, tokenizer)
+    text_encoder, unet = train_unet(run, latents, ids, _token_ids(tokenizer, [""])[0])
+    export(vae, text_encoder, tokenizer, unet)
+    run.log("done", 0, wall_s=round(time.time() - run.start, 1))
+
+
+if __name__ == "__main__":
+    main()
