@@ -65,9 +65,13 @@ def _parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(title="benchmarks")
     speed = bench.add_parser("speed", help="time UNet forwards: vanilla vs ToMe vs agent attention vs a ceiling")
     speed.set_defaults(run=_bench_speed)
+    quality = bench.add_parser("quality", help="FID/KID, PSNR/SSIM, caption accuracy and s/image per method")
+    quality.set_defaults(run=_bench_quality)
+    from .bench import quality as quality_bench
     from .bench import speed as speed_bench
 
     speed_bench.add_arguments(speed)
+    quality_bench.add_arguments(quality)
     return parser
 
 
@@ -79,6 +83,40 @@ def _bench_speed(args) -> int:
     except ValueError as error:
         raise UsageError(str(error)) from None
     return speed.bench(args)
+
+
+def _bench_quality(args) -> int:
+    from .bench import quality
+
+    if args.num < 1 or args.steps < 1 or args.batch < 1:
+        raise UsageError("--num, --steps and --batch must be >= 1")
+    try:
+        quality.load_prompts(args.prompts, args.num, args.seed)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    if args.reference is not None and not args.reference.is_dir():
+        raise UsageError(f"reference folder not found: {args.reference}")
+    if args.clip_model is not None and not (Path(args.clip_model) / "config.json").is_file():
+        raise UsageError(f"CLIP model folder not found (no config.json): {args.clip_model}")
+    if args.inception_weights is not None:
+        if not Path(args.inception_weights).is_file():
+            raise UsageError(f"Inception weights file not found: {args.inception_weights}")
+        try:
+            import torch_fidelity  # noqa: F401
+        except ImportError:
+            raise UsageError(
+                "Inception features need torch-fidelity (it brings torchvision): pip install torch-fidelity"
+            ) from None
+    try:
+        import torchmetrics  # noqa: F401
+    except ImportError:
+        raise UsageError("bench quality needs torchmetrics: pip install 'agentsd[quality]'") from None
+
+    def load(model, device, dtype):
+        device = _device(device) if isinstance(device, str) else device
+        return _load(model, device, _dtype(dtype, device))
+
+    return quality.bench(args, load)
 
 
 def generate(args) -> int:

@@ -1,6 +1,10 @@
+import json
+import string
+
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
+from transformers import CLIPTokenizer
 
 CROSS_DIM = 32
 
@@ -44,3 +48,12 @@ def unet_inputs(batch=2, height=16, width=16, seed=0, dtype=torch.float32):
 @pytest.fixture
 def unet():
     return tiny_unet("sd")
+
+
+def char_tokenizer(folder, max_length: int = 16) -> CLIPTokenizer:
+    """A CLIP tokenizer written here: single letters (with and without the end-of-word mark), no merges."""
+    letters = list(string.ascii_lowercase)
+    vocab = ["<|startoftext|>", "<|endoftext|>"] + letters + [c + "</w>" for c in letters]
+    (folder / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length)

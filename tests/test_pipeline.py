@@ -1,27 +1,19 @@
 """End to end: a tiny StableDiffusionPipeline assembled from configs, 10 PLMS steps with the paper schedule."""
 
-import json
-import string
-
 import torch
-from conftest import CROSS_DIM, tiny_unet
+from conftest import CROSS_DIM, char_tokenizer, tiny_unet
 from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel
 
 import agentsd
 
 
 def tiny_pipeline(tmp_path) -> StableDiffusionPipeline:
-    # Character-level BPE: single letters, with and without the end-of-word mark, and no merges.
-    letters = list(string.ascii_lowercase)
-    vocab = ["<|startoftext|>", "<|endoftext|>"] + letters + [c + "</w>" for c in letters]
-    (tmp_path / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}))
-    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"), model_max_length=16)
+    tokenizer = char_tokenizer(tmp_path)
     torch.manual_seed(0)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
-            vocab_size=len(vocab),
+            vocab_size=tokenizer.vocab_size,
             hidden_size=CROSS_DIM,
             intermediate_size=37,
             num_hidden_layers=2,

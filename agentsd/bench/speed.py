@@ -28,6 +28,7 @@ from diffusers.models.attention import BasicTransformerBlock
 
 import agentsd
 from agentsd import PRESETS, Phase
+from agentsd.bench import pyplot, write_report
 from agentsd.patch import auto_max_downsample
 
 # UNet configs spelled out so the architectures are explicit (SD 1.5 equals diffusers' defaults).
@@ -258,15 +259,11 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(results: dict, path: Path) -> bool:
-    """Speed-up over vanilla (median) against image size, one line per method; ``False`` without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
+def plot(results: dict):
+    """Speed-up over vanilla (median) against image size, one line per method; ``None`` without matplotlib."""
+    plt = pyplot()
+    if plt is None:
+        return None
     sizes = sorted(results["sizes"], key=int)
     methods = [m for m in results["sizes"][sizes[0]].get("speedup_median", {}) if m != "vanilla"]
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -283,10 +280,7 @@ def plot(results: dict, path: Path) -> bool:
         fontsize=9,
     )
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return fig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -313,13 +307,7 @@ def bench(args: argparse.Namespace) -> int:
         results = run(
             args.model, args.sizes, args.methods, args.repeats, args.warmup, args.batch, dtype, device, args.out
         )
-    text = table(results)
-    args.out.with_suffix(".md").write_text(text + "\n")
-    print(text)
-    if plot(results, args.out.with_suffix(".png")):
-        print(f"plot: {args.out.with_suffix('.png')}")
-    else:
-        print("no plot: pip install matplotlib (or agentsd[bench])")
+    write_report(args.out, table(results), plot(results))
     return 0
 
 

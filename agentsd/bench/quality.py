@@ -1,0 +1,325 @@
+"""Image quality per method: the same prompts and seeds for each, images saved as they are made.
+
+For every method the images go to ``<out>/images/<method>/NNNNN.png`` (a re-run skips
+the ones that exist). Then, on the main process:
+
+- FID and KID (± std) against a reference folder, or against vanilla's images when
+  none is given; features from the demo evaluator (demo model) or from Inception
+  (``--inception-weights``, needs torch-fidelity);
+- same-seed PSNR and SSIM of each method's images against vanilla's;
+- caption accuracy (demo prompts), CLIP score (with a local CLIP model);
+- seconds per image.
+
+Under ``accelerate launch`` the prompts are split between the processes (each makes
+its share of the images; the main process then measures them all from the folder):
+
+    accelerate launch --multi_gpu --num_processes 2 -m agentsd.cli bench quality ...
+
+    agentsd bench quality --prompts demo --num 500 --methods none tome agent --out benchmarks/results/quality_demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from agentsd.bench import pyplot, write_report
+
+METHODS = {"none": None, "tome": "tome", "agent": "paper"}
+
+
+IMAGENET_CLASSES = Path(__file__).with_name("data") / "imagenet_classes.txt"
+
+
+def imagenet_prompts() -> list[str]:
+    """The published AgentSD/ToMeSD protocol: two prompts per ImageNet-1k class, in class order."""
+    classes = IMAGENET_CLASSES.read_text().splitlines()
+    return [f"A high quality photograph of a {name}." for name in classes for _ in range(2)]
+
+
+def load_prompts(spec: str, num: int, seed: int) -> tuple[list[str], list | None]:
+    """Prompts and (for demo sets) their scenes.
+
+    ``spec``: ``demo``, ``demo:1``, ``demo:2`` (held-out demo captions with one or two objects),
+    ``imagenet`` (2,000 prompts; fewer are spread evenly over the classes) or a text file (one per line).
+    """
+    if spec == "imagenet":
+        every = imagenet_prompts()
+        return [every[i * len(every) // num] if num <= len(every) else every[i % len(every)] for i in range(num)], None
+    if spec == "demo" or spec.startswith("demo:"):
+        from agentsd.demo import prompts
+
+        objects = None if spec == "demo" else int(spec.split(":")[1])
+        scenes = prompts(num, seed=seed, num_objects=objects)
+        return [s.caption for s in scenes], scenes
+    path = Path(spec)
+    if not path.is_file():
+        raise ValueError(f"--prompts must be demo, demo:1, demo:2, imagenet or a text file, got {spec!r}")
+    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not lines:
+        raise ValueError(f"{path} holds no prompts")
+    return [lines[i % len(lines)] for i in range(num)], None
+
+
+def generate(pipe, method: str, prompts: list[str], batches: list[list[int]], folder: Path, args) -> tuple[int, float]:
+    """Make the batches whose images are not all there yet; returns (images made, seconds spent).
+
+    Every batch is fixed by its indices alone: image ``i`` starts from seed ``seed + i`` and the
+    random dst choice is seeded by the batch's first index, so an image comes out the same
+    whichever process makes it and whether or not the run was resumed.
+    """
+    from tqdm.auto import tqdm
+
+    import agentsd
+
+    folder.mkdir(parents=True, exist_ok=True)
+    todo = [batch for batch in batches if not all((folder / f"{i:05d}.png").exists() for i in batch)]
+    made, seconds = 0, 0.0
+    try:
+        for batch in tqdm(todo, desc=method, disable=not todo):
+            if METHODS[method] is not None:
+                agentsd.apply(pipe, METHODS[method], seed=args.seed + batch[0])
+            began = time.perf_counter()
+            images = pipe(
+                [prompts[i] for i in batch],
+                num_inference_steps=args.steps,
+                guidance_scale=args.guidance,
+                generator=[torch.Generator().manual_seed(args.seed + i) for i in batch],
+            ).images
+            seconds += time.perf_counter() - began
+            made += len(batch)
+            for i, image in zip(batch, images):
+                image.save(folder / f"{i:05d}.png")
+    finally:
+        agentsd.remove(pipe)
+    return made, seconds
+
+
+def load_images(folder: Path, count: int) -> torch.Tensor:
+    """``(count, 3, H, W)`` uint8 from ``00000.png`` …, or from every image in a reference folder."""
+    import numpy as np
+    from PIL import Image
+
+    files = [folder / f"{i:05d}.png" for i in range(count)]
+    if not all(f.exists() for f in files):
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    arrays = [np.asarray(Image.open(f).convert("RGB")) for f in files]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB of uint8 images (identical images give inf)."""
+    mse = (a.double() - b.double()).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(255.0**2 / mse)
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-image SSIM (Wang et al. 2004: 11×11 Gaussian window, σ = 1.5, on [0, 1] RGB, channels averaged)."""
+    x, y = a.double() / 255, b.double() / 255
+    coords = torch.arange(11, dtype=torch.float64) - 5
+    g = torch.exp(-(coords**2) / (2 * 1.5**2))
+    window = (g[:, None] * g[None, :] / g.sum() ** 2).expand(3, 1, 11, 11)
+
+    def blur(t):
+        return F.conv2d(t, window, groups=3)
+
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
+    c1, c2 = 0.01**2, 0.03**2
+    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
+    return s.flatten(1).mean(1)
+
+
+def inception(weights: str):
+    """Inception-v3 FID features from a local weights file (torch-fidelity's ``pt_inception`` format)."""
+    from torchmetrics.image.fid import NoTrainInceptionV3
+
+    return NoTrainInceptionV3(
+        name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=weights
+    )
+
+
+@torch.no_grad()
+def clip_score(path: str, images: torch.Tensor, prompts: list[str]) -> float:
+    """CLIP score (Hessel et al. 2021): mean of 100 · max(cos(image, prompt), 0), CLIP from a local folder."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    model = CLIPModel.from_pretrained(path, local_files_only=True).eval()
+    processor = CLIPProcessor.from_pretrained(path)
+    scores = []
+    for start in range(0, len(images), 64):
+        inputs = processor(
+            text=prompts[start : start + 64],
+            images=list(images[start : start + 64].permute(0, 2, 3, 1).numpy()),
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+        )
+        out = model(**inputs)  # image_embeds and text_embeds come out unit-normalised
+        scores.append(100 * (out.image_embeds * out.text_embeds).sum(-1).clamp(min=0))
+    return float(torch.cat(scores).mean())
+
+
+def distribution_metrics(features, images: torch.Tensor, reference: torch.Tensor) -> dict:
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    # Only the main process measures, from every image: no syncing with the other processes.
+    fid = FrechetInceptionDistance(feature=features, sync_on_compute=False)
+    subset = max(2, min(1000, len(images) // 2, len(reference) // 2))
+    kid = KernelInceptionDistance(feature=features, subset_size=subset, sync_on_compute=False)
+    for metric in (fid, kid):
+        metric.update(reference, real=True)
+        metric.update(images, real=False)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)  # KID draws random subsets: fix them so that reruns agree
+        kid_mean, kid_std = kid.compute()
+    return {"fid": float(fid.compute()), "kid": float(kid_mean), "kid_std": float(kid_std), "kid_subset": subset}
+
+
+def measure(args, prompts: list[str], scenes, out: Path) -> dict:
+    images = {m: load_images(out / "images" / m, len(prompts)) for m in args.methods}
+    evaluator = None
+    if scenes is not None:
+        from agentsd.demo import Evaluator
+
+        evaluator = Evaluator.load()
+    features = inception(args.inception_weights) if args.inception_weights else evaluator
+    reference_name = str(args.reference) if args.reference else "none" if "none" in args.methods else None
+    reference = load_images(args.reference, 0) if args.reference else images.get("none")
+    timing = _timing(out)
+    results = {}
+    for method, imgs in images.items():
+        row = {"images": len(imgs), "seconds_per_image": timing.get(method)}
+        if "none" in images:
+            pairs = [(imgs[i : i + 64], images["none"][i : i + 64]) for i in range(0, len(imgs), 64)]
+            row["psnr_vs_none"] = float(torch.cat([psnr(a, b) for a, b in pairs]).clamp(max=100).mean())
+            row["ssim_vs_none"] = float(torch.cat([ssim(a, b) for a, b in pairs]).mean())
+        if features is not None and reference is not None and (method != "none" or args.reference):
+            row |= distribution_metrics(features, imgs, reference)
+        if args.clip_model:
+            row["clip_score"] = clip_score(args.clip_model, imgs, prompts)
+        if evaluator is not None:
+            scores = evaluator.accuracy(imgs, scenes)
+            row["caption_accuracy"] = scores.overall
+            row["attribute_accuracy"] = {
+                k: getattr(scores, k) for k in ("shape", "colour", "size", "position", "count")
+            }
+        results[method] = row
+    return {"reference": reference_name, "methods": results}
+
+
+def _timing(out: Path) -> dict[str, float]:
+    """Seconds per image per method, pooled over every run and process that made images."""
+    made, spent = {}, {}
+    for path in (out / "timing").glob("*.json"):
+        for method, (count, seconds) in json.loads(path.read_text()).items():
+            made[method] = made.get(method, 0) + count
+            spent[method] = spent.get(method, 0.0) + seconds
+    return {m: spent[m] / made[m] for m in made if made[m]}
+
+
+def table(results: dict) -> str:
+    columns = [
+        ("caption_accuracy", "caption acc.", "{:.1%}"),
+        ("fid", f"FID vs {results['metrics']['reference']}", "{:.2f}"),
+        ("kid", "KID", "{:.4f}"),
+        ("kid_std", "± KID std", "{:.4f}"),
+        ("clip_score", "CLIP score", "{:.2f}"),
+        ("psnr_vs_none", "PSNR vs none (dB)", "{:.2f}"),
+        ("ssim_vs_none", "SSIM vs none", "{:.3f}"),
+        ("seconds_per_image", "s/image", "{:.3f}"),
+    ]
+    lines = [
+        f"{results['model']}, {results['steps']} steps, guidance {results['guidance']}, "
+        f"{results['num']} prompts ({results['prompts']}), seed {results['seed']}",
+        "",
+        "| method | " + " | ".join(title for _, title, _ in columns) + " |",
+        "|---|" + "---|" * len(columns),
+    ]
+    for method, row in results["metrics"]["methods"].items():
+        cells = ["–" if row.get(key) is None else fmt.format(row[key]) for key, _, fmt in columns]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(results: dict):
+    """Quality (FID, caption accuracy, PSNR when measured) against seconds per image; ``None`` if nothing to plot."""
+    plt = pyplot()
+    if plt is None:
+        return None
+    rows = results["metrics"]["methods"]
+    panels = [
+        k for k in ("fid", "caption_accuracy", "psnr_vs_none") if any(r.get(k) is not None for r in rows.values())
+    ]
+    if not panels or not any(r.get("seconds_per_image") for r in rows.values()):
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.5), squeeze=False)
+    for ax, key in zip(axes[0], panels):
+        for method, row in rows.items():
+            if row.get(key) is not None and row.get("seconds_per_image"):
+                ax.scatter(row["seconds_per_image"], row[key], s=40)
+                ax.annotate(method, (row["seconds_per_image"], row[key]), textcoords="offset points", xytext=(5, 3))
+        ax.set_xlabel("seconds per image")
+        ax.set_ylabel(key.replace("_", " "))
+    fig.suptitle(f"{results['model']}, {results['num']} prompts, {results['steps']} steps", fontsize=9)
+    return fig
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="hub id or local diffusers folder (default: the shipped demo model)")
+    parser.add_argument(
+        "--prompts", default="demo", help="demo, demo:1, demo:2 (held-out demo captions), imagenet, or a text file"
+    )
+    parser.add_argument("--num", type=int, default=500, help="number of prompts (files repeat their lines)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i; demo prompts use it too")
+    parser.add_argument("--batch", type=int, default=25)
+    parser.add_argument("--reference", type=Path, help="folder of real images for FID/KID (default: vanilla's)")
+    parser.add_argument("--inception-weights", help="local pt_inception weights file (Inception features)")
+    parser.add_argument("--clip-model", help="local CLIP folder (transformers format): adds the CLIP score")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/quality_demo"))
+
+
+def bench(args: argparse.Namespace, load) -> int:
+    """Run the benchmark; ``load(model, device, dtype)`` gives ``(pipeline, name)``."""
+    from accelerate import PartialState
+
+    prompts, scenes = load_prompts(args.prompts, args.num, args.seed)
+    # CPU-only processes (accelerate launch --multi_gpu on a machine without GPUs) join a gloo group.
+    state = PartialState(cpu=args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available()))
+    # Under accelerate each process takes its own device.
+    pipe, model_name = load(args.model, state.device if args.device == "auto" else args.device, args.dtype)
+    pipe.set_progress_bar_config(disable=True)
+    batches = [list(range(s, min(s + args.batch, len(prompts)))) for s in range(0, len(prompts), args.batch)]
+    with state.split_between_processes(batches) as mine:
+        timing = {m: generate(pipe, m, prompts, mine, args.out / "images" / m, args) for m in args.methods}
+    (args.out / "timing").mkdir(parents=True, exist_ok=True)
+    stamp = f"{time.time_ns()}-{state.process_index}"
+    (args.out / "timing" / f"{stamp}.json").write_text(json.dumps(timing))
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return 0
+    results = {
+        "model": model_name,
+        "prompts": args.prompts,
+        "num": len(prompts),
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "seed": args.seed,
+        "processes": state.num_processes,
+        "metrics": measure(args, prompts, scenes, args.out),
+    }
+    path = args.out / "quality.json"
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    write_report(path, table(results), plot(results))
+    return 0

@@ -1,0 +1,90 @@
+"""`agentsd generate` on the shipped demo model, few steps: happy paths and bad input."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from agentsd.cli import main
+
+FAST = ["--steps", "2", "--seed", "3"]
+
+
+def test_generate_writes_png_with_metadata(tmp_path, capsys):
+    out = tmp_path / "img.png"
+    assert main(["generate", "a small red circle on the left", "--method", "tome", *FAST, "-o", str(out)]) == 0
+    image = Image.open(out)
+    assert image.size == (64, 64)
+    assert image.text["prompt"] == "a small red circle on the left"
+    assert image.text["method"] == "tome"
+    assert image.text["model"] == "agentsd-demo"
+    assert json.loads(image.text["seed"]) == 3
+    assert json.loads(image.text["settings"]) == {"schedule": "tome"}
+    printed = capsys.readouterr().out
+    assert "tome:" in printed and "s/image" in printed and str(out) in printed
+
+
+def test_generate_is_reproducible_and_numbers_batches(tmp_path):
+    args = ["generate", "a large blue square at the top", "--method", "none", *FAST, "--num-images", "2"]
+    assert main([*args, "-o", str(tmp_path / "a.png")]) == 0
+    assert main([*args, "-o", str(tmp_path / "b.png")]) == 0
+    a0, a1, b0 = (Image.open(tmp_path / name) for name in ("a-0.png", "a-1.png", "b-0.png"))
+    assert a0.tobytes() == b0.tobytes()
+    assert a0.tobytes() != a1.tobytes()
+
+
+def test_compare_grid_and_schedule_file(tmp_path):
+    schedule = tmp_path / "s.json"
+    schedule.write_text(json.dumps([{"end": 0.5, "sx": 4, "sy": 4, "ratio": 0.5, "agent_ratio": 0.9}, {"end": 1.0}]))
+    out = tmp_path / "grid.png"
+    code = main(
+        [
+            "generate",
+            "a green cross",
+            "--compare",
+            "none,tome,agent",
+            "--schedule",
+            str(schedule),
+            *FAST,
+            "-o",
+            str(out),
+        ]
+    )
+    assert code == 0
+    grid = Image.open(out)
+    assert grid.size[0] == 3 * 64 and grid.size[1] > 64
+    assert json.loads(grid.text["methods"]) == ["none", "tome", "agent"]
+    assert json.loads(grid.text["settings"])["agent"]["schedule"][0]["agent_ratio"] == 0.9
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--method", "fast"], "unknown method fast"),
+        (["--compare", "none,turbo"], "unknown method turbo"),
+        (["--size", "100x64"], "multiples of 8"),
+        (["--size", "big"], "512x512"),
+        (["--model", "./no/such/folder"], "model folder not found"),
+        (["--schedule", "nope.json"], "schedule file not found"),
+        (["--schedule", "paper", "--method", "tome"], "--schedule applies to --method agent"),
+        (["--dtype", "fp8"], "unknown dtype"),
+        (["--steps", "0"], "--steps"),
+        (["-o", "out.jpg"], ".png"),
+    ],
+)
+def test_bad_input_is_one_clear_line(args, message, capsys, tmp_path):
+    assert main(["generate", "a red circle", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_hub_model_while_offline(monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["generate", "a red circle", "--model", "someone/some-model"]) == 2
+    assert "HF_HUB_OFFLINE" in capsys.readouterr().err
+
+
+def test_folder_that_is_not_a_pipeline(tmp_path, capsys):
+    assert main(["generate", "a red circle", "--model", str(tmp_path)]) == 2
+    assert "model_index.json" in capsys.readouterr().err

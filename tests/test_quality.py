@@ -1,0 +1,152 @@
+"""`agentsd bench quality` on the demo model: metrics, resume, sharding under accelerate, bad input."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import char_tokenizer
+
+from agentsd.bench.quality import load_prompts, psnr, ssim
+from agentsd.cli import main
+
+FAST = ["--num", "6", "--steps", "2", "--batch", "2"]
+
+
+def comparable(path):
+    """quality.json without what depends on the machine or the number of processes."""
+    results = json.loads(path.read_text())
+    results.pop("processes")
+    for row in results["metrics"]["methods"].values():
+        row.pop("seconds_per_image")
+    return results
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    out = tmp_path_factory.mktemp("quality") / "single"
+    assert main(["bench", "quality", *FAST, "--out", str(out)]) == 0
+    return out
+
+
+def test_metrics_table_and_plot(single):
+    results = json.loads((single / "quality.json").read_text())
+    rows = results["metrics"]["methods"]
+    assert set(rows) == {"none", "tome", "agent"} and results["metrics"]["reference"] == "none"
+    assert rows["none"]["psnr_vs_none"] == 100 and rows["none"]["ssim_vs_none"] == pytest.approx(1.0)
+    for method in ("tome", "agent"):
+        assert 0 < rows[method]["ssim_vs_none"] < 1 and rows[method]["psnr_vs_none"] < 100
+        assert math.isfinite(rows[method]["fid"]) and rows[method]["kid_subset"] == 3
+        assert rows[method]["seconds_per_image"] > 0
+    assert all(0 <= row["caption_accuracy"] <= 1 for row in rows.values())
+    assert len(list((single / "images" / "agent").glob("*.png"))) == 6
+    assert "| agent |" in (single / "quality.md").read_text()
+    assert (single / "quality.png").stat().st_size > 1000
+
+
+def test_resume_remakes_only_missing_batches_identically(single, tmp_path):
+    before = (single / "images" / "agent" / "00003.png").read_bytes()
+    (single / "images" / "agent" / "00003.png").unlink()
+    timing = len(list((single / "timing").glob("*.json")))
+    assert main(["bench", "quality", *FAST, "--out", str(single)]) == 0
+    assert (single / "images" / "agent" / "00003.png").read_bytes() == before
+    made = json.loads(max((single / "timing").glob("*.json"), key=lambda p: p.stat().st_mtime).read_text())
+    assert len(list((single / "timing").glob("*.json"))) == timing + 1
+    assert made == {"none": [0, 0.0], "tome": [0, 0.0], "agent": [2, made["agent"][1]]}  # one batch of two
+
+
+def test_two_processes_under_accelerate_match_one(single, tmp_path):
+    out = tmp_path / "sharded"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
+    subprocess.run(
+        [*launch, "-m", "agentsd.cli", "bench", "quality", *FAST, "--out", str(out)],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    assert json.loads((out / "quality.json").read_text())["processes"] == 2
+    assert {p.stem.rsplit("-", 1)[1] for p in (out / "timing").glob("*.json")} == {"0", "1"}
+    assert comparable(out / "quality.json") == comparable(single / "quality.json")
+
+
+def test_psnr_and_ssim():
+    torch.manual_seed(0)
+    a = torch.randint(20, 200, (2, 3, 32, 32), dtype=torch.uint8)
+    assert torch.allclose(psnr(a, a + 10), torch.full((2,), 10 * math.log10(255**2 / 100), dtype=torch.float64))
+    assert torch.allclose(ssim(a, a), torch.ones(2, dtype=torch.float64))
+    slightly = (a.int() + torch.randint(-5, 6, a.shape)).clamp(0, 255).to(torch.uint8)
+    badly = (a.int() + torch.randint(-60, 61, a.shape)).clamp(0, 255).to(torch.uint8)
+    assert (ssim(a, badly) < ssim(a, slightly)).all() and (ssim(a, slightly) < 1).all()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--prompts", "nothing.txt"], "--prompts"),
+        (["--reference", "no/such/dir"], "reference folder not found"),
+        (["--num", "0"], ">= 1"),
+        (["--inception-weights", "missing.pth"], "Inception weights file not found"),
+    ],
+)
+def test_bad_input(args, message, capsys, tmp_path):
+    assert main(["bench", "quality", *args, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_prompt_sets(tmp_path):
+    prompts, scenes = load_prompts("imagenet", 2000, seed=0)
+    assert len(set(prompts)) == 1000 and prompts[0] == prompts[1] == "A high quality photograph of a tench."
+    assert prompts[-1] == "A high quality photograph of a toilet paper."
+    few, _ = load_prompts("imagenet", 10, seed=0)
+    assert len(set(few)) == 10 and few[0] == prompts[0] and few[5] == prompts[1000]
+    demo, scenes = load_prompts("demo:2", 4, seed=1)
+    assert [s.caption for s in scenes] == demo and all(len(s.objects) == 2 for s in scenes)
+    (tmp_path / "p.txt").write_text("a cat\n\na dog\n")
+    assert load_prompts(str(tmp_path / "p.txt"), 3, seed=0) == (["a cat", "a dog", "a cat"], None)
+
+
+def test_clip_score_with_a_local_clip_model(tmp_path):
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    folder = tmp_path / "clip"
+    folder.mkdir()
+    tokenizer = char_tokenizer(folder, max_length=32)
+    torch.manual_seed(0)
+    small = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1, "num_attention_heads": 4}
+    config = CLIPConfig(
+        text_config={
+            **small,
+            "vocab_size": tokenizer.vocab_size,
+            "max_position_embeddings": 32,
+            "bos_token_id": 0,
+            "eos_token_id": 1,
+        },
+        vision_config={**small, "image_size": 32, "patch_size": 8},
+        projection_dim=16,
+    )
+    CLIPModel(config).save_pretrained(folder)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+    out = tmp_path / "q"
+    args = ["bench", "quality", "--num", "2", "--steps", "1", "--methods", "none", "--clip-model", str(folder)]
+    assert main([*args, "--out", str(out)]) == 0
+    score = json.loads((out / "quality.json").read_text())["metrics"]["methods"]["none"]["clip_score"]
+    assert math.isfinite(score) and -100 <= score <= 100
