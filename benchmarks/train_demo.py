@@ -17,7 +17,6 @@ yourself). The budget counts from the start of the invocation that fixes it.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os
@@ -137,7 +136,10 @@ class Run:
         print(json.dumps(row), flush=True)
 
     def load(self, stage: str, objects: dict) -> int:
-        """Restore ``objects`` (anything with ``load_state_dict``) from the stage's checkpoint; the step to go on from."""
+        """Restore ``objects`` (anything with ``load_state_dict``) from the stage's checkpoint.
+
+        Returns the step to go on from.
+        """
         path = self.folder / f"{stage}.pt"
         if not path.exists():
             return 0
