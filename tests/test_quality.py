@@ -136,3 +136,23 @@ def test_clip_score_with_a_local_clip_model(tmp_path):
     assert main([*args, "--out", str(out)]) == 0
     score = json.loads((out / "quality.json").read_text())["metrics"]["methods"]["none"]["clip_score"]
     assert math.isfinite(score) and -100 <= score <= 100
+
+
+def test_reference_folder_gives_fid_for_every_method(single, tmp_path):
+    reference = tmp_path / "real"
+    reference.mkdir()
+    for i, image in enumerate(sorted((single / "images" / "none").glob("*.png"))[:4]):
+        (reference / f"real{i}.png").write_bytes(image.read_bytes())
+    out = tmp_path / "q"
+    for method in ("none", "agent"):  # reuse the made images: nothing to generate
+        (out / "images").mkdir(parents=True, exist_ok=True)
+        (out / "images" / method).symlink_to(single / "images" / method)
+    assert (
+        main(
+            ["bench", "quality", *FAST, "--methods", "none", "agent", "--reference", str(reference), "--out", str(out)]
+        )
+        == 0
+    )
+    results = json.loads((out / "quality.json").read_text())["metrics"]
+    assert results["reference"] == str(reference)
+    assert all(math.isfinite(row["fid"]) for row in results["methods"].values())

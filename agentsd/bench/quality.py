@@ -106,7 +106,7 @@ def load_images(folder: Path, count: int) -> torch.Tensor:
     from PIL import Image
 
     files = [folder / f"{i:05d}.png" for i in range(count)]
-    if not all(f.exists() for f in files):
+    if not files or not all(f.exists() for f in files):
         files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
     arrays = [np.asarray(Image.open(f).convert("RGB")) for f in files]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
