@@ -68,6 +68,26 @@ def batch_time(pipe, steps: int, guidance: float, repeats: int = 3) -> list[floa
     return times
 
 
+def real_scale(evaluator, n: int, seed: int, folder: Path | None) -> dict:
+    """FID/KID (evaluator features) between two disjoint sets of ``n`` real one-object test images.
+
+    The first set is the real counterpart of ``agentsd bench quality --prompts demo:1 --num n --seed seed``
+    (the same held-out scenes, drawn from the same stream); with ``folder`` it is written there as PNGs,
+    to pass as that command's ``--reference``. The second set comes from stream ``seed + 1``.
+    """
+    from PIL import Image
+
+    from agentsd.bench.quality import distribution_metrics
+
+    first = sample(n, seed=seed, num_objects=1, split="test").images
+    second = sample(n, seed=seed + 1, num_objects=1, split="test").images
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, image in enumerate(first):
+            Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{i:05d}.png")
+    return {"n": n, "streams": [seed, seed + 1], **distribution_metrics(evaluator, second, first)}
+
+
 def recipe(run: Path) -> dict:
     """The training run's config and, from its log, when each stage ended (seconds from start)."""
     rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
@@ -85,6 +105,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--run", type=Path, help="training run folder, for the recipe's wall time")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--real-n", type=int, default=1000, help="images per set for the real-vs-real FID/KID")
+    parser.add_argument("--real-dir", type=Path, help="write the first real set here (a bench quality reference)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -101,6 +123,7 @@ def main() -> None:
         }
         for g in args.guidance
     }
+    scale = real_scale(evaluator, args.real_n, args.seed, args.real_dir)
     times = batch_time(pipe, args.steps, args.guidance[0])
     sizes = weight_sizes()
     result = {
@@ -110,6 +133,7 @@ def main() -> None:
         "recipe": recipe(args.run) if args.run else None,
         "evaluator_on_real_test_images": real,
         "vanilla_caption_accuracy": {"steps": args.steps, "n": args.n, "seed": args.seed, "by_guidance": generated},
+        "real_vs_real": scale,
         "generate_4_images_25_steps_s": {
             "steps": args.steps,
             "guidance": args.guidance[0],
