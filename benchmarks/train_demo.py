@@ -38,7 +38,6 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processor
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 
 from agentsd.demo import data
-from agentsd.demo.evaluator import WEIGHTS as EVALUATOR_WEIGHTS
 from agentsd.demo.evaluator import Evaluator
 from agentsd.demo.pipeline import MODEL_DIR
 
@@ -122,8 +121,9 @@ _EXPORT_RESERVE_S = 60
 class Run:
     """The run folder: config, JSON-lines log, and per-stage checkpoints."""
 
-    def __init__(self, folder: Path, overrides: dict):
-        self.folder = folder
+    def __init__(self, folder: Path, overrides: dict, out: Path = MODEL_DIR.parent):
+        self.folder, self.out = folder, out
+        self.evaluator_weights, self.model_dir = out / "evaluator.safetensors", out / "model"
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / "config.json"
         if path.exists():  # resuming: the recorded config wins
@@ -239,10 +239,10 @@ def train_evaluator(run: Run) -> None:
         if step % 50 == 0:
             run.log("evaluator", step, loss=round(loss.item(), 4), lr=lr_at(step))
     model.eval()
-    EVALUATOR_WEIGHTS.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(EVALUATOR_WEIGHTS))
+    run.out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(run.evaluator_weights))
     test = data.sample(1000, seed=0, num_objects=None, split="test")
-    scores = Evaluator.load().accuracy(test.images, test.scenes)
+    scores = Evaluator.load(run.evaluator_weights).accuracy(test.images, test.scenes)
     run.log("evaluator", c["eval_steps"], test_accuracy=scores.overall, scores=scores.__dict__)
 
 
@@ -301,7 +301,8 @@ def train_vae(run: Run) -> AutoencoderKL:
         z = vae.encode(_to_unit(test.images)).latent_dist.mean
         decoded = ((vae.decode(z).sample.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     vae.register_to_config(scaling_factor=round(1 / z.std().item(), 5))
-    scores = Evaluator.load().accuracy(decoded, test.scenes)  # can the evaluator read reconstructions?
+    # Can the evaluator read reconstructions?
+    scores = Evaluator.load(run.evaluator_weights).accuracy(decoded, test.scenes)
     l1 = (decoded.float() - test.images.float()).abs().mean().item() / 255
     run.log(
         "vae",
@@ -482,7 +483,7 @@ def train_unet(run: Run, text_encoder, latents: torch.Tensor, ids: torch.Tensor,
     return unet.eval()
 
 
-def export(vae, text_encoder, tokenizer, unet) -> None:
+def export(model_dir: Path, vae, text_encoder, tokenizer, unet) -> None:
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -493,12 +494,12 @@ def export(vae, text_encoder, tokenizer, unet) -> None:
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    shutil.rmtree(MODEL_DIR, ignore_errors=True)
-    pipe.save_pretrained(MODEL_DIR, safe_serialization=True)
+    shutil.rmtree(model_dir, ignore_errors=True)
+    pipe.save_pretrained(model_dir, safe_serialization=True)
     # transformers 5 records the tokenizer as "TokenizersBackend", a name 4.x lacks; both know this alias.
     for path, key in (
-        (MODEL_DIR / "model_index.json", "tokenizer"),
-        (MODEL_DIR / "tokenizer/tokenizer_config.json", None),
+        (model_dir / "model_index.json", "tokenizer"),
+        (model_dir / "tokenizer/tokenizer_config.json", None),
     ):
         config = json.loads(path.read_text())
         if key:
@@ -508,21 +509,31 @@ def export(vae, text_encoder, tokenizer, unet) -> None:
         path.write_text(json.dumps(config, indent=2) + "\n")
 
 
-def main() -> None:
+def _setting(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or key not in DEFAULTS:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE with KEY one of {', '.join(DEFAULTS)}; got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        raise argparse.ArgumentTypeError(f"{key}: {value!r} is not a number") from None
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, default=Path("runs/demo"), help="run folder (resumes if it exists)")
+    parser.add_argument("--out", type=Path, default=MODEL_DIR.parent, help="where model/ and the evaluator go")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--minutes", type=float, help="wall-clock budget of the whole recipe")
     parser.add_argument("--unet-steps", type=int)
-    parser.add_argument("--eval-steps", type=int)
-    parser.add_argument("--vae-steps", type=int)
-    parser.add_argument("--cache-size", type=int)
-    parser.add_argument("--text-steps", type=int)
-    args = parser.parse_args()
+    parser.add_argument(
+        "--set", type=_setting, action="append", default=[], metavar="KEY=VALUE", help="any other config value"
+    )
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    overrides = {k: v for k, v in vars(args).items() if k not in ("run", "threads")}
-    run = Run(args.run, overrides)
+    overrides = {**dict(args.set), "seed": args.seed, "minutes": args.minutes, "unet_steps": args.unet_steps}
+    run = Run(args.run, overrides, args.out)
     run.log("start", 0, config=run.config, threads=args.threads)
     train_evaluator(run)
     vae = train_vae(run)
@@ -530,7 +541,7 @@ def main() -> None:
     latents, ids = build_cache(run, vae, tokenizer)
     text_encoder = train_text_encoder(run, tokenizer)
     unet = train_unet(run, text_encoder, latents, ids, _token_ids(tokenizer, [""])[0])
-    export(vae, text_encoder, tokenizer, unet)
+    export(run.model_dir, vae, text_encoder, tokenizer, unet)
     run.log("done", 0, wall_s=round(time.time() - run.start, 1))
 
 

@@ -17,4 +17,4 @@ def test_compare_notebook_runs(monkeypatch):
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     images = [o for o in outputs if "image/png" in o.get("data", {})]
-    assert len(images) >= 2  # the side-by-side grid and the speed plot
+    assert len(images) >= 3  # the side-by-side grid, the speed plot and the quality plot
