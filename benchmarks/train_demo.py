@@ -38,7 +38,8 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processor
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 
 from agentsd.demo import data
-from agentsd.demo.evaluator import Evaluator
+from agentsd.demo.evaluator import HEADS as _ATTRIBUTE_HEADS
+from agentsd.demo.evaluator import Evaluator, decode, score
 from agentsd.demo.pipeline import MODEL_DIR
 
 MAX_TOKENS = 20  # longest caption: 15 words + bos + eos
@@ -359,9 +360,6 @@ def build_cache(run: Run, vae: AutoencoderKL, tokenizer) -> tuple[torch.Tensor, 
     return latents, ids
 
 
-_ATTRIBUTE_HEADS = (1, len(data.SHAPES), len(data.COLOURS), len(data.SIZES))
-
-
 def _attribute_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Presence (BCE) and shape/colour/size (CE) per position; ``target`` from :func:`_evaluator_targets`."""
     present, *attrs = logits.split(_ATTRIBUTE_HEADS, dim=-1)
@@ -402,12 +400,8 @@ def train_text_encoder(run: Run, tokenizer) -> CLIPTextModel:
     encoder.eval().requires_grad_(False)
     with torch.no_grad():
         test = data.prompts(1000, seed=0, num_objects=None)
-        out, target = logits(test), _evaluator_targets(test)
-    present, *attrs = out.split(_ATTRIBUTE_HEADS, dim=-1)
-    right = ((present[..., 0] > 0) == (target[..., 0] == 1)).all(1)
-    for k, attr in enumerate(attrs, start=1):
-        right &= ((attr.argmax(-1) == target[..., k]) | (target[..., k] == -100)).all(1)
-    run.log("text", c["text_steps"], test_accuracy=right.float().mean().item())
+        scores = score(decode(logits(test)), test)  # the evaluator's scoring, on the probe's readings
+    run.log("text", c["text_steps"], test_accuracy=scores.overall)
     return encoder
 
 

@@ -23,7 +23,7 @@ __all__ = ["WEIGHTS", "Evaluator", "Scores"]
 WEIGHTS = Path(__file__).with_name("evaluator.safetensors")
 _POSITIONS, _SHAPES, _COLOURS, _SIZES = list(POSITIONS), list(SHAPES), list(COLOURS), list(SIZES)
 # Per position: presence logit, then shape, colour and size logits.
-_HEADS = (1, len(_SHAPES), len(_COLOURS), len(_SIZES))
+HEADS = (1, len(_SHAPES), len(_COLOURS), len(_SIZES))
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ class Evaluator(nn.Module):
         super().__init__()
         self.body = nn.Sequential(_block(3, 16), _block(16, 32), _block(32, 64), _block(64, 128), nn.Flatten())
         self.embed = nn.Sequential(nn.Linear(128 * 4 * 4, self.num_features), nn.ReLU())
-        self.head = nn.Linear(self.num_features, len(_POSITIONS) * sum(_HEADS))
+        self.head = nn.Linear(self.num_features, len(_POSITIONS) * sum(HEADS))
 
     @classmethod
     def load(cls, path: str | Path = WEIGHTS, device: str | torch.device | None = None) -> Evaluator:
@@ -91,21 +91,14 @@ class Evaluator(nn.Module):
 
     def logits(self, images) -> torch.Tensor:
         """``(N, positions, 1 + shapes + colours + sizes)``: per position, presence then attribute logits."""
-        return self.head(self.features(images)).view(-1, len(_POSITIONS), sum(_HEADS))
+        return self.head(self.features(images)).view(-1, len(_POSITIONS), sum(HEADS))
 
     @torch.no_grad()
     def read(self, images, batch_size: int = 256) -> list[tuple[dict[str, Obj], set[str]]]:
         """Per image: the most likely object at every position, and the positions that hold one."""
         out = []
         for start in range(0, len(images), batch_size):
-            present, shape, colour, size = self.logits(images[start : start + batch_size]).cpu().split(_HEADS, dim=-1)
-            shape, colour, size = shape.argmax(-1), colour.argmax(-1), size.argmax(-1)
-            for i in range(present.shape[0]):
-                best = {
-                    pos: Obj(_SHAPES[shape[i, p]], _COLOURS[colour[i, p]], _SIZES[size[i, p]], pos)
-                    for p, pos in enumerate(_POSITIONS)
-                }
-                out.append((best, {pos for p, pos in enumerate(_POSITIONS) if present[i, p, 0] > 0}))
+            out += decode(self.logits(images[start : start + batch_size]))
         return out
 
     def predict(self, images) -> list[Scene]:
@@ -114,23 +107,44 @@ class Evaluator(nn.Module):
 
     def accuracy(self, images, prompts: Sequence[Scene | str]) -> Scores:
         """How well ``images`` match ``prompts`` (scenes or caption strings), image by image."""
-        truth = [p if isinstance(p, Scene) else parse(p) for p in prompts]
-        if len(truth) != len(images):
-            raise ValueError(f"{len(images)} images but {len(truth)} prompts")
-        hits = {"shape": 0, "colour": 0, "size": 0, "position": 0}
-        overall = count = objects = 0
-        for want, (best, where) in zip(truth, self.read(images)):
-            overall += set(want.objects) == {best[pos] for pos in where}
-            count += len(want.objects) == len(where)
-            for o in want.objects:
-                objects += 1
-                g = best[o.position]
-                hits["shape"] += g.shape == o.shape
-                hits["colour"] += g.colour == o.colour
-                hits["size"] += g.size == o.size
-                hits["position"] += o.position in where
-        n = max(len(truth), 1)
-        return Scores(overall / n, *(hits[k] / max(objects, 1) for k in hits), count / n, len(truth))
+        if len(prompts) != len(images):
+            raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+        return score(self.read(images), prompts)
+
+
+def decode(logits: torch.Tensor) -> list[tuple[dict[str, Obj], set[str]]]:
+    """Readings from ``(N, positions, 1 + shapes + colours + sizes)`` logits (see :meth:`Evaluator.read`)."""
+    present, shape, colour, size = logits.detach().cpu().split(HEADS, dim=-1)
+    shape, colour, size = shape.argmax(-1), colour.argmax(-1), size.argmax(-1)
+    return [
+        (
+            {
+                pos: Obj(_SHAPES[shape[i, p]], _COLOURS[colour[i, p]], _SIZES[size[i, p]], pos)
+                for p, pos in enumerate(_POSITIONS)
+            },
+            {pos for p, pos in enumerate(_POSITIONS) if present[i, p, 0] > 0},
+        )
+        for i in range(present.shape[0])
+    ]
+
+
+def score(readings: list[tuple[dict[str, Obj], set[str]]], prompts: Sequence[Scene | str]) -> Scores:
+    """How well readings (from :func:`decode`) match ``prompts`` (scenes or caption strings), one by one."""
+    truth = [p if isinstance(p, Scene) else parse(p) for p in prompts]
+    hits = {"shape": 0, "colour": 0, "size": 0, "position": 0}
+    overall = count = objects = 0
+    for want, (best, where) in zip(truth, readings, strict=True):
+        overall += set(want.objects) == {best[pos] for pos in where}
+        count += len(want.objects) == len(where)
+        for o in want.objects:
+            objects += 1
+            g = best[o.position]
+            hits["shape"] += g.shape == o.shape
+            hits["colour"] += g.colour == o.colour
+            hits["size"] += g.size == o.size
+            hits["position"] += o.position in where
+    n = max(len(truth), 1)
+    return Scores(overall / n, *(hits[k] / max(objects, 1) for k in hits), count / n, len(truth))
 
 
 def _as_tensor(images) -> torch.Tensor:
