@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from agentsd.demo import MODEL_DIR, Evaluator, Obj, Scene, load_pipeline, parse, prompts, sample, scenes, vocabulary
-from agentsd.demo.data import POSITIONS
+from agentsd.demo.data import IMAGE_SIZE, POSITIONS
 from agentsd.demo.evaluator import WEIGHTS
 
 
@@ -58,7 +58,7 @@ def test_sample_is_deterministic_per_seed_and_split():
     assert torch.equal(a.images, b.images) and a.captions == b.captions and a.scenes == b.scenes
     assert not torch.equal(a.images, sample(8, seed=6).images)
     assert a.captions != sample(8, seed=5, split="test").captions
-    assert a.images.dtype == torch.uint8 and a.images.shape == (8, 3, 64, 64)
+    assert a.images.dtype == torch.uint8 and a.images.shape == (8, 3, IMAGE_SIZE, IMAGE_SIZE)
 
 
 def test_captions_state_the_attributes():
@@ -80,6 +80,7 @@ def test_objects_are_drawn_where_the_caption_says():
     batch = sample(32, seed=1, num_objects=1)
     for image, scene in zip(batch.images, batch.scenes):
         (x, y), _ = POSITIONS[scene.objects[0].position]
+        x, y = x * IMAGE_SIZE // 64, y * IMAGE_SIZE // 64  # geometry is in 1/64 of the side
         background = image[:, 0, 0].float()
         assert (image[:, y, x].float() - background).abs().max() > 40  # the object covers its centre
 

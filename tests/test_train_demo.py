@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from agentsd.demo import Evaluator
+from agentsd.demo import Evaluator, data
 
 SCRIPT = Path(__file__).parents[1] / "benchmarks" / "train_demo.py"
 TINY = [
@@ -50,7 +50,7 @@ def test_recipe_writes_a_loadable_pipeline_and_evaluator(trained):
     pipe = StableDiffusionPipeline.from_pretrained(trained / "out" / "model", local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     image = pipe("a small red circle on the left", num_inference_steps=2, output_type="pt").images
-    assert image.shape == (1, 3, 64, 64) and torch.isfinite(image).all()
+    assert image.shape == (1, 3, data.IMAGE_SIZE, data.IMAGE_SIZE) and torch.isfinite(image).all()
     assert Evaluator.load(trained / "out" / "evaluator.safetensors").features(image).shape == (1, 256)
 
 

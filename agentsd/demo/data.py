@@ -37,7 +37,7 @@ __all__ = [
     "vocabulary",
 ]
 
-IMAGE_SIZE = 64
+IMAGE_SIZE = 128
 SHAPES = ("circle", "square", "triangle", "cross")
 COLOURS = {
     "red": (225, 40, 40),
@@ -47,8 +47,9 @@ COLOURS = {
     "purple": (155, 60, 205),
     "white": (245, 245, 245),
 }
-SIZES = {"small": 6.5, "large": 11.5}  # radius in pixels
-POSITIONS = {  # centre (x, y) in pixels, and the words that place it
+# Geometry is in units of 1/64 of the image side, so the world looks the same at any IMAGE_SIZE.
+SIZES = {"small": 6.5, "large": 11.5}  # radius
+POSITIONS = {  # centre (x, y), and the words that place it
     "left": ((16, 32), "on the left"),
     "right": ((48, 32), "on the right"),
     "top": ((32, 16), "at the top"),
@@ -58,7 +59,8 @@ POSITIONS = {  # centre (x, y) in pixels, and the words that place it
 # Two objects sit opposite each other, so even two large ones never overlap.
 _PAIRS = (("left", "right"), ("right", "left"), ("top", "bottom"), ("bottom", "top"))
 _SPLITS = {"train": 0, "test": 1}
-_JITTER = 3  # max shift of an object's centre, pixels
+_JITTER = 3  # max shift of an object's centre
+_UNIT = IMAGE_SIZE / 64  # pixels per geometry unit
 _SUPERSAMPLE = 4  # anti-aliasing factor
 
 
@@ -88,7 +90,7 @@ class Scene:
 
 
 class Batch(NamedTuple):
-    """Images as uint8 ``(N, 3, 64, 64)``, with each image's caption and scene."""
+    """Images as uint8 ``(N, 3, IMAGE_SIZE, IMAGE_SIZE)``, with each image's caption and scene."""
 
     images: torch.Tensor
     captions: list[str]
@@ -173,7 +175,7 @@ def _mask(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
 
 
 def render(scene: Scene, rng: np.random.Generator) -> np.ndarray:
-    """Draw ``scene`` as uint8 ``(3, 64, 64)``; ``rng`` supplies the background, jitter and tints."""
+    """Draw ``scene`` as uint8 ``(3, IMAGE_SIZE, IMAGE_SIZE)``; ``rng`` supplies the background, jitter and tints."""
     s = IMAGE_SIZE
     canvas = np.empty((s, s, 3), np.float32)
     tones = rng.uniform(25, 115, size=2)
@@ -185,8 +187,8 @@ def render(scene: Scene, rng: np.random.Generator) -> np.ndarray:
         canvas[:, s // 2 :] = tones[1]
     for obj in scene.objects:
         (cx, cy), _ = POSITIONS[obj.position]
-        cx, cy = np.array([cx, cy]) + rng.uniform(-_JITTER, _JITTER, size=2)
-        r = SIZES[obj.size] * rng.uniform(0.92, 1.08)
+        cx, cy = (np.array([cx, cy]) + rng.uniform(-_JITTER, _JITTER, size=2)) * _UNIT
+        r = SIZES[obj.size] * rng.uniform(0.92, 1.08) * _UNIT
         colour = np.clip(np.array(COLOURS[obj.colour]) + rng.uniform(-12, 12, size=3), 0, 255)
         # Anti-aliased coverage, supersampled over the object's bounding box only (keeps rendering cheap).
         half = 1.25 * r + 1

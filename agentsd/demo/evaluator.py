@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import COLOURS, IMAGE_SIZE, POSITIONS, SHAPES, SIZES, Obj, Scene, parse
+from .data import COLOURS, POSITIONS, SHAPES, SIZES, Obj, Scene, parse
 
 __all__ = ["WEIGHTS", "Evaluator", "Scores"]
 
@@ -24,6 +24,7 @@ WEIGHTS = Path(__file__).with_name("evaluator.safetensors")
 _POSITIONS, _SHAPES, _COLOURS, _SIZES = list(POSITIONS), list(SHAPES), list(COLOURS), list(SIZES)
 # Per position: presence logit, then shape, colour and size logits.
 HEADS = (1, len(_SHAPES), len(_COLOURS), len(_SIZES))
+INPUT_SIZE = 64  # images are read at this size: the attributes are coarse, and it keeps the evaluator cheap
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ class Evaluator(nn.Module):
 
     As a module it maps images ``(N, 3, H, W)`` to ``(N, num_features)`` float
     features, so it can serve as ``FrechetInceptionDistance(feature=evaluator)``.
-    Images are uint8 in [0, 255] or float in [0, 1]; other sizes are resized to 64².
+    Images are uint8 in [0, 255] or float in [0, 1], of any size (read at 64²).
     """
 
     num_features = 256
@@ -79,8 +80,8 @@ class Evaluator(nn.Module):
     def _prepare(self, images) -> torch.Tensor:
         x = _as_tensor(images).to(self.head.weight.device)
         x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
-        if x.shape[-2:] != (IMAGE_SIZE, IMAGE_SIZE):
-            x = F.interpolate(x, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", antialias=True, align_corners=False)
+        if x.shape[-2:] != (INPUT_SIZE, INPUT_SIZE):
+            x = F.interpolate(x, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", antialias=True, align_corners=False)
         return x * 2 - 1
 
     def features(self, images) -> torch.Tensor:
