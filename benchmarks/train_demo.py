@@ -140,7 +140,7 @@ class Run:
         self.start = time.time()
 
     def adopt_threads(self) -> None:
-        """Follow ``<run>/threads`` if it exists: lets a long run yield a core while other work runs, and take it back."""
+        """Follow ``<run>/threads`` if it exists: a long run yields a core while other work runs, then takes it back."""
         path = self.folder / "threads"
         if path.exists():
             threads = int(path.read_text().strip() or 0)
@@ -288,7 +288,7 @@ def _crop(images: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor
 
 
 def train_vae(run: Run) -> AutoencoderKL:
-    """Train the VAE on crops (object-weighted L1 + L2, an edge term, small KL); set its scaling factor from the latents."""
+    """Train the VAE on crops (object-weighted L1 + L2, edge term, small KL); set its scaling factor from the latents."""
     c = run.config
     torch.manual_seed(c["seed"] + 1)
     vae = AutoencoderKL(**VAE_CONFIG).train()
