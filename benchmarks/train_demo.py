@@ -288,7 +288,7 @@ def _crop(images: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor
 
 
 def train_vae(run: Run) -> AutoencoderKL:
-    """Train the VAE on crops (object-weighted L1 + L2, edge term, small KL); set its scaling factor from the latents."""
+    """Train the VAE on crops (object-weighted L1 + L2, edge term, small KL); set its scaling factor from latents."""
     c = run.config
     torch.manual_seed(c["seed"] + 1)
     vae = AutoencoderKL(**VAE_CONFIG).train()
