@@ -8,34 +8,45 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from .merge import match, merge, merge_rows, partition, random_windows, unmerge
-from .schedule import Phase
+from .schedule import Phase, phase_at
 
-__all__ = ["AgentAttnProcessor", "AgentConfig", "AgentState"]
+__all__ = ["AgentAttnProcessor", "AgentConfig", "AgentState", "Band", "BlockMerge", "MergedAttnProcessor"]
+
+
+class Band(NamedTuple):
+    """The blocks whose downsampling factor ``d`` lies in ``(low, high]`` follow ``phases``."""
+
+    low: int
+    high: int
+    phases: tuple[Phase, ...]
 
 
 @dataclass(frozen=True)
 class AgentConfig:
     """Settings shared by every patched block of one model (see :func:`agentsd.apply`)."""
 
-    phases: tuple[Phase, ...]
-    max_downsample: int
+    bands: tuple[Band, ...]
     use_rand: bool = True
     k_scale2: float = 0.3
     k_shortcut: float = 0.075
     attn_precision: str | None = None
 
     def __post_init__(self):
-        if isinstance(self.max_downsample, bool) or not isinstance(self.max_downsample, int):
-            raise TypeError(f"max_downsample must be an int or 'auto', got {self.max_downsample!r}")
-        if self.max_downsample < 1:
-            raise ValueError(f"max_downsample must be >= 1, got {self.max_downsample}")
         if self.attn_precision not in (None, "fp32"):
             raise ValueError(f"attn_precision must be None or 'fp32', got {self.attn_precision!r}")
+
+    def band_of(self, downsample: int) -> int | None:
+        """Index of the band a block with this downsampling factor belongs to, ``None`` if unpatched."""
+        for k, band in enumerate(self.bands):
+            if band.low < downsample <= band.high:
+                return k
+        return None
 
 
 class AgentState:
@@ -46,11 +57,17 @@ class AgentState:
         self.seed = seed
         self.draws = torch.zeros((), dtype=torch.long)  # counter of the random dst draws
         self.size: tuple[int, int] | None = None
-        self.phase: Phase | None = None
+        self.phases: tuple[Phase, ...] | None = None  # this call's phase of each band
 
-    def begin_call(self, height: int, width: int, phase: Phase) -> None:
+    def begin_call(self, height: int, width: int, p: float) -> None:
+        """Record the latent size and pick every band's phase at sampling progress ``p``."""
         self.size = (height, width)
-        self.phase = phase
+        self.phases = tuple(phase_at(band.phases, p) for band in self.config.bands)
+
+    @property
+    def phase(self) -> Phase | None:
+        """This call's phase of the highest-resolution patched band."""
+        return None if self.phases is None else self.phases[0]
 
     def draws_on(self, device: torch.device) -> torch.Tensor:
         """The draw counter, moved once to where the model runs: a host-to-GPU copy per block would sync the GPU."""
@@ -63,13 +80,20 @@ class AgentAttnProcessor:
     """Replaces ``attn1`` of a transformer block; falls back to ``original`` wherever it does not apply.
 
     ``block_input`` is set by the block's pre-hook to the block input ``x`` (before
-    ``norm1``), the metric for matching; each call consumes it.
+    ``norm1``), the metric for matching; each call consumes it. When the phase has
+    ``merge_block``, the ToMe merge is left in ``block_merge`` for the block's
+    cross-attention and feed-forward.
     """
 
     def __init__(self, original, state: AgentState):
         self.original = original
         self.state = state
         self.block_input: torch.Tensor | None = None
+        self.block_merge = BlockMerge()
+
+    def begin_block(self, block_input: torch.Tensor) -> None:
+        self.block_input = block_input
+        self.block_merge.rows = None
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
         metric, self.block_input = self.block_input, None
@@ -103,6 +127,8 @@ class AgentAttnProcessor:
                 agents = merge(hidden_states, merge_rows(m, agent_r), N - agent_r)
 
         rows = merge_rows(m, r)
+        if phase.merge_block:
+            self.block_merge.rows, self.block_merge.size = rows, N - r
         out = agent_attention(
             attn,
             merge(hidden_states, rows, N - r),
@@ -121,7 +147,7 @@ class AgentAttnProcessor:
         state = self.state
         if (
             metric is None
-            or state.phase is None
+            or state.phases is None
             or encoder_hidden_states is not None
             or attention_mask is not None
             or getattr(attn, "fused_projections", False)
@@ -135,14 +161,66 @@ class AgentAttnProcessor:
         if N > height * width:
             return None
         downsample = math.ceil(math.sqrt(height * width // N))
-        if downsample > state.config.max_downsample:
+        band = state.config.band_of(downsample)
+        if band is None:
             return None
         h, w = math.ceil(height / downsample), math.ceil(width / downsample)
-        phase = state.phase
+        phase = state.phases[band]
         r = int(N * phase.ratio)
-        if h * w != N or r == 0 or h < phase.sy or w < phase.sx:
+        if h * w != N or r == 0 or h < phase.sy or w < phase.sx or N < phase.min_tokens:
             return None
         return h, w, phase, r
+
+
+class BlockMerge:
+    """The ToMe merge of one block's tokens, shared by its cross-attention and feed-forward (``merge_block``).
+
+    Set by the block's attn1 processor, cleared when the block starts. Serves as the
+    processor that wraps ``attn2`` (:meth:`__call__` via :class:`MergedAttnProcessor`)
+    and as the pre-/post-hook pair of the feed-forward.
+    """
+
+    def __init__(self):
+        self.rows: torch.Tensor | None = None  # (B, N) row of every token in the merged set
+        self.size = 0
+        self._ff_merged = False
+
+    def applies(self, hidden_states: torch.Tensor) -> bool:
+        rows = self.rows
+        return rows is not None and hidden_states.ndim == 3 and hidden_states.shape[:2] == rows.shape
+
+    def ff_pre_hook(self, module, args, kwargs):
+        # A chunked feed-forward sees slices of the tokens: those run unmerged.
+        hidden_states = args[0] if args else kwargs["hidden_states"]
+        self._ff_merged = self.applies(hidden_states)
+        if not self._ff_merged:
+            return None
+        merged = merge(hidden_states, self.rows, self.size)
+        return ((merged, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": merged})
+
+    def ff_hook(self, module, args, kwargs, output):
+        if not self._ff_merged:
+            return None
+        self._ff_merged = False
+        return unmerge(output, self.rows)
+
+
+class MergedAttnProcessor:
+    """Wraps the ``attn2`` processor of a patched block: cross-attention on the merged tokens when there are any."""
+
+    def __init__(self, original, block_merge: BlockMerge):
+        self.original = original
+        self.block_merge = block_merge
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+        block_merge = self.block_merge
+        merged = block_merge.applies(hidden_states) and not attn.residual_connection and not kwargs
+        if merged:
+            hidden_states = merge(hidden_states, block_merge.rows, block_merge.size)
+        out = self.original(
+            attn, hidden_states, encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask, **kwargs
+        )
+        return unmerge(out, block_merge.rows) if merged else out
 
 
 def agent_attention(

@@ -3,25 +3,27 @@
 A patch swaps the ``attn1`` processor of every ``BasicTransformerBlock`` for an
 :class:`~agentsd.attention.AgentAttnProcessor` and registers two kinds of forward
 pre-hooks (keyword calls work): one on the UNet that records the latent size and
-picks the phase once per call, one on each block that hands its input to the
-processor as the matching metric. ``remove`` puts back the very processor objects
-that were there and removes the hooks.
+picks the phases once per call, one on each block that hands its input to the
+processor as the matching metric. Schedules with ``merge_block`` phases also wrap
+each block's ``attn2`` processor and hook its feed-forward. ``remove`` puts back the
+very processor objects that were there and removes the hooks.
 """
 
 from __future__ import annotations
 
 import contextlib
 import secrets
-from collections.abc import Iterator, Sequence
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 from diffusers.models.attention import BasicTransformerBlock
 
-from .attention import AgentAttnProcessor, AgentConfig, AgentState
-from .schedule import Phase, phase_at, progress, resolve_schedule
+from .attention import AgentAttnProcessor, AgentConfig, AgentState, Band, MergedAttnProcessor
+from .schedule import Schedule, progress, resolve_schedule
 
-__all__ = ["apply", "auto_max_downsample", "patched", "remove", "state_of"]
+__all__ = ["apply", "attention_levels", "auto_max_downsample", "patched", "remove", "state_of"]
 
 _ATTR = "_agentsd_patch"
 
@@ -37,7 +39,7 @@ class _Patch:
 
 def apply(
     model,
-    schedule: str | Sequence[Phase] = "paper",
+    schedule: Schedule = "paper",
     *,
     max_downsample: int | str = "auto",
     use_rand: bool = True,
@@ -50,12 +52,15 @@ def apply(
 
     Important args:
         model: a pipeline with a ``unet`` or a ``UNet2DConditionModel`` (also a ``ControlNetModel``).
-        schedule: ``"paper"`` (agents early, then ToMe), ``"tome"`` (ToMeSD's default), or a
-            sequence of :class:`~agentsd.Phase` ordered by ``end``.
+        schedule: ``"paper"`` (agents early, then ToMe), ``"tome"`` (ToMeSD's default), ``"fast"``
+            (beyond the paper: two levels, whole blocks merged), a sequence of :class:`~agentsd.Phase`
+            ordered by ``end``, or ``{level: phases}`` with level 0 the highest-resolution level that
+            has self-attention, 1 the next, and so on.
 
     Args to tinker with:
-        max_downsample: deepest level patched, as a downsampling factor; ``"auto"`` takes the
-            highest-resolution level that has self-attention (1 for SD 1.x/2.x, 2 for SDXL).
+        max_downsample: deepest level a sequence of phases patches, as a downsampling factor;
+            ``"auto"`` takes the highest-resolution level that has self-attention (1 for SD 1.x/2.x,
+            2 for SDXL). A ``{level: phases}`` schedule names its levels instead.
         use_rand: pick each window's dst token at random (off for odd batch sizes).
         k_scale2: exponent of the softmax scale in the agent broadcast.
         k_shortcut: weight of the ``V`` shortcut added to the agent output.
@@ -67,6 +72,8 @@ def apply(
     """
     unets, num_train_timesteps = _find_unets(model)
     phases = resolve_schedule(schedule)
+    if isinstance(phases, dict) and max_downsample != "auto":
+        raise ValueError("max_downsample applies to a sequence of phases; a {level: phases} schedule names its levels")
     options = dict(
         schedule=phases,
         max_downsample=max_downsample,
@@ -78,8 +85,7 @@ def apply(
     )
     configs = [
         AgentConfig(
-            phases=phases,
-            max_downsample=auto_max_downsample(unet) if max_downsample == "auto" else max_downsample,
+            bands=_bands(unet, phases, max_downsample),
             use_rand=bool(use_rand),
             k_scale2=float(k_scale2),
             k_shortcut=float(k_shortcut),
@@ -108,7 +114,7 @@ def remove(model) -> None:
 
 
 @contextlib.contextmanager
-def patched(model, schedule: str | Sequence[Phase] = "paper", **kwargs) -> Iterator:
+def patched(model, schedule: Schedule = "paper", **kwargs) -> Iterator:
     """Context manager around :func:`apply`; on exit restores the model's previous patch (or none)."""
     unets, _ = _find_unets(model)
     previous = getattr(unets[0], _ATTR, None)
@@ -154,12 +160,45 @@ def _blocks(module: torch.nn.Module) -> list[BasicTransformerBlock]:
     return [m for m in module.modules() if isinstance(m, BasicTransformerBlock)]
 
 
+def attention_levels(unet: torch.nn.Module) -> list[int]:
+    """Downsampling factors of the UNet's levels that have self-attention, highest resolution first."""
+    down = list(getattr(unet, "down_blocks", []))
+    factors = {2**level for level, block in enumerate(down) if _blocks(block)}
+    mid = getattr(unet, "mid_block", None)
+    if mid is not None and _blocks(mid):
+        factors.add(2 ** max(len(down) - 1, 0))
+    return sorted(factors)
+
+
 def auto_max_downsample(unet: torch.nn.Module) -> int:
     """Downsampling factor of the highest-resolution level with self-attention (what ``"auto"`` picks)."""
-    for level, block in enumerate(getattr(unet, "down_blocks", [])):
-        if _blocks(block):
-            return 2**level
-    return 1
+    return (attention_levels(unet) or [1])[0]
+
+
+def _bands(unet: torch.nn.Module, phases, max_downsample: int | str) -> tuple[Band, ...]:
+    """Which blocks follow which phases. A block's factor is ``ceil(sqrt(N0 // N))``, which for odd latent
+    sizes can fall between powers of two: a band reaches from the level above (exclusive) to its own."""
+    if not isinstance(phases, dict):
+        if max_downsample == "auto":
+            max_downsample = auto_max_downsample(unet)
+        if isinstance(max_downsample, bool) or not isinstance(max_downsample, int):
+            raise TypeError(f"max_downsample must be an int or 'auto', got {max_downsample!r}")
+        if max_downsample < 1:
+            raise ValueError(f"max_downsample must be >= 1, got {max_downsample}")
+        return (Band(0, max_downsample, phases),)
+    levels = attention_levels(unet)
+    missing = [level for level in phases if level >= len(levels)]
+    if missing:
+        warnings.warn(
+            f"schedule levels {missing} not patched: {type(unet).__name__} has {len(levels)} level(s) with "
+            "self-attention",
+            stacklevel=3,
+        )
+    return tuple(
+        Band(levels[level - 1] if level else 0, levels[level], level_phases)
+        for level, level_phases in phases.items()
+        if level < len(levels)
+    )
 
 
 def _patch(unet: torch.nn.Module, patch: _Patch) -> None:
@@ -170,20 +209,27 @@ def _patch(unet: torch.nn.Module, patch: _Patch) -> None:
         timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
         if isinstance(timestep, torch.Tensor):
             timestep = timestep.reshape(-1)[0]
-        p = progress(timestep, patch.num_train_timesteps)
-        state.begin_call(sample.shape[-2], sample.shape[-1], phase_at(state.config.phases, p))
+        state.begin_call(sample.shape[-2], sample.shape[-1], progress(timestep, patch.num_train_timesteps))
 
+    merge_block = any(phase.merge_block for band in state.config.bands for phase in band.phases)
     patch.handles.append(unet.register_forward_pre_hook(unet_pre_hook, with_kwargs=True))
     for block in _blocks(unet):
         processor = AgentAttnProcessor(block.attn1.processor, state)
         patch.originals.append((block.attn1, block.attn1.processor))
         block.attn1.set_processor(processor)
         patch.handles.append(block.register_forward_pre_hook(_metric_hook(processor), with_kwargs=True))
+        if merge_block:
+            shared = processor.block_merge
+            if block.attn2 is not None:
+                patch.originals.append((block.attn2, block.attn2.processor))
+                block.attn2.set_processor(MergedAttnProcessor(block.attn2.processor, shared))
+            patch.handles.append(block.ff.register_forward_pre_hook(shared.ff_pre_hook, with_kwargs=True))
+            patch.handles.append(block.ff.register_forward_hook(shared.ff_hook, with_kwargs=True))
     unet.__dict__[_ATTR] = patch
 
 
 def _metric_hook(processor: AgentAttnProcessor):
     def hook(module, args, kwargs):
-        processor.block_input = args[0] if args else kwargs["hidden_states"]
+        processor.begin_block(args[0] if args else kwargs["hidden_states"])
 
     return hook

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Union
 
-__all__ = ["PRESETS", "Phase", "phase_at", "progress", "resolve_schedule"]
+__all__ = ["PRESETS", "Phase", "Schedule", "phase_at", "progress", "resolve_schedule"]
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,9 @@ class Phase:
 
     Args to tinker with:
         sx, sy: window size; one dst token per window.
+        merge_block: also run cross-attention and the feed-forward on the merged tokens (ToMeSD's
+            ``merge_crossattn`` / ``merge_mlp``), each unmerged before its residual add.
+        min_tokens: leave a block alone when it has fewer tokens: there merging costs more than it saves.
     """
 
     end: float = 1.0
@@ -26,12 +30,20 @@ class Phase:
     sy: int = 2
     ratio: float = 0.5
     agent_ratio: float | None = None
+    merge_block: bool = False
+    min_tokens: int = 0
 
     def __post_init__(self):
-        for name in ("sx", "sy"):
+        for name in ("sx", "sy", "min_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"Phase.{name} must be an int, got {type(value).__name__}")
+        if not isinstance(self.merge_block, bool):
+            raise TypeError(f"Phase.merge_block must be a bool, got {type(self.merge_block).__name__}")
+        if self.min_tokens < 0:
+            raise ValueError(f"Phase.min_tokens must be >= 0, got {self.min_tokens}")
+        for name in ("sx", "sy"):
+            value = getattr(self, name)
             if value < 1:
                 raise ValueError(f"Phase.{name} must be >= 1, got {value}")
         if not 0.0 <= self.ratio < 1.0:
@@ -42,7 +54,12 @@ class Phase:
             raise ValueError(f"Phase.end must be in (0, 1], got {self.end}")
 
 
-PRESETS: dict[str, tuple[Phase, ...]] = {
+Phases = tuple[Phase, ...]
+# One list of phases for every patched level, or one list per level: level 0 is the
+# highest-resolution level that has self-attention, level 1 the next, and so on.
+Schedule = Union[str, Phase, Sequence[Phase], Mapping[int, Sequence[Phase]]]
+
+PRESETS: dict[str, Phases | dict[int, Phases]] = {
     # AgentSD's published SD 1.5 setting: agents early, plain ToMe once the layout is set.
     "paper": (Phase(end=0.4, sx=4, sy=4, ratio=0.4, agent_ratio=0.95), Phase(end=1.0, sx=2, sy=2, ratio=0.4)),
     # ToMeSD's defaults.
@@ -50,12 +67,23 @@ PRESETS: dict[str, tuple[Phase, ...]] = {
 }
 
 
-def resolve_schedule(schedule: str | Sequence[Phase]) -> tuple[Phase, ...]:
-    """Turn a preset name or a sequence of phases into a validated tuple of phases."""
+def resolve_schedule(schedule: Schedule) -> Phases | dict[int, Phases]:
+    """Turn a preset name, a sequence of phases or a ``{level: phases}`` mapping into validated phases."""
     if isinstance(schedule, str):
         if schedule not in PRESETS:
             raise ValueError(f"unknown schedule preset {schedule!r}; choose one of {sorted(PRESETS)}")
         return PRESETS[schedule]
+    if isinstance(schedule, Mapping):
+        if not schedule:
+            raise ValueError("a per-level schedule needs at least one level")
+        for level in schedule:
+            if isinstance(level, bool) or not isinstance(level, int) or level < 0:
+                raise ValueError(f"schedule levels are ints >= 0 (0 = highest resolution), got {level!r}")
+        return {level: _phases(schedule[level]) for level in sorted(schedule)}
+    return _phases(schedule)
+
+
+def _phases(schedule: Phase | Sequence[Phase]) -> Phases:
     if isinstance(schedule, Phase):
         schedule = (schedule,)
     phases = tuple(schedule)

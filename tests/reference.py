@@ -41,19 +41,21 @@ def dst_positions(h, w, sx, sy, windows):
     return dst
 
 
-def block_attention(attn, x, y, H, W, phase, max_downsample, k_scale2, k_shortcut, windows_fn):
-    """Output of attn1 for block input ``x`` and normed input ``y`` (B×N×C), unmerged back to N tokens."""
+def block_attention(attn, x, y, H, W, phase_of, k_scale2, k_shortcut, windows_fn):
+    """attn1 for block input ``x`` and normed input ``y`` (B×N×C), unmerged back to N tokens, and the ToMe
+    groups of each batch element (lists of token positions that share a merged token; ``None`` if unmerged)."""
     B, N, C = y.shape
     downsample = math.ceil(math.sqrt(H * W // N))
-    r = int(N * phase.ratio)
-    if downsample > max_downsample or r == 0:
-        return torch.stack([attention(attn, y[b], None, k_scale2, k_shortcut) for b in range(B)])
+    phase = phase_of(downsample)
+    r = 0 if phase is None else int(N * phase.ratio)
+    if r == 0 or N < phase.min_tokens:
+        return torch.stack([attention(attn, y[b], None, k_scale2, k_shortcut) for b in range(B)]), None
     h, w = math.ceil(H / downsample), math.ceil(W / downsample)
     windows = windows_fn(h, w, phase.sx, phase.sy) if B % 2 == 0 else None
     dst = dst_positions(h, w, phase.sx, phase.sy, windows)
     src = [p for p in range(N) if p not in set(dst)]
     r = min(r, len(src))
-    outputs = []
+    outputs, all_groups = [], []
     for b in range(B):
         metric = x[b] / x[b].norm(dim=-1, keepdim=True)
         choice, similarity = {}, {}
@@ -70,6 +72,7 @@ def block_attention(attn, x, y, H, W, phase, max_downsample, k_scale2, k_shortcu
             return [[s] for s in ranked[k:]] + [members[d] for d in dst]
 
         tome = groups(r)
+        all_groups.append(tome)
         tokens = torch.stack([y[b, g].mean(dim=0) for g in tome])
         agents = None
         if phase.agent_ratio is not None:
@@ -82,32 +85,73 @@ def block_attention(attn, x, y, H, W, phase, max_downsample, k_scale2, k_shortcu
             for p in group:
                 out[p] = merged_out[row]
         outputs.append(out)
-    return torch.stack(outputs)
+    return torch.stack(outputs), all_groups
+
+
+def per_group(fn, tokens, groups):
+    """``fn`` on the mean of each group of ``tokens`` (N×C), its output copied back to every member."""
+    merged_out = fn(torch.stack([tokens[g].mean(dim=0) for g in groups]))
+    out = torch.empty(tokens.shape[0], merged_out.shape[-1], dtype=merged_out.dtype)
+    for row, group in enumerate(groups):
+        for p in group:
+            out[p] = merged_out[row]
+    return out
 
 
 class ReferenceProcessor:
+    """attn1 by the reference; with ``merge_block`` it leaves the groups for the block's attn2 and feed-forward."""
+
     def __init__(self, run, original):
         self.run = run
         self.original = original
         self.block_input = None
+        self.groups = None
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
         run = self.run
-        return block_attention(
+        out, groups = block_attention(
             attn,
             self.block_input,
             hidden_states,
             *run["size"],
-            run["phase"],
-            run["max_downsample"],
+            run["phase_of"],
             run["k_scale2"],
             run["k_shortcut"],
             run["windows_fn"],
         )
+        N = hidden_states.shape[1]
+        phase = run["phase_of"](math.ceil(math.sqrt(run["size"][0] * run["size"][1] // N)))
+        self.groups = groups if groups is not None and phase.merge_block else None
+        return out
+
+
+class ReferenceCrossAttention:
+    """attn2 per batch element on the group means of its queries, when attn1 left groups."""
+
+    def __init__(self, attn1_processor, original):
+        self.attn1_processor, self.original = attn1_processor, original
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+        groups = self.attn1_processor.groups
+        if groups is None:
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask)
+        return torch.stack(
+            [
+                per_group(
+                    lambda t, b=b: self.original(attn, t[None], encoder_hidden_states[b : b + 1])[0],
+                    hidden_states[b],
+                    groups[b],
+                )
+                for b in range(hidden_states.shape[0])
+            ]
+        )
 
 
 def reference_unet(unet, phase, *, max_downsample=1, k_scale2=0.3, k_shortcut=0.075, seed=None):
-    """A float64 copy of ``unet`` whose self-attention follows the reference; call it as ``ref(sample, t, ctx)``."""
+    """A float64 copy of ``unet`` whose self-attention follows the reference; call it as ``ref(sample, t, ctx)``.
+
+    ``phase``: one Phase for every level up to ``max_downsample``, or ``{downsample: Phase}``.
+    """
     import copy
 
     from diffusers.models.attention import BasicTransformerBlock
@@ -118,21 +162,21 @@ def reference_unet(unet, phase, *, max_downsample=1, k_scale2=0.3, k_shortcut=0.
     def windows_fn(h, w, sx, sy):
         return None if seed is None else random_windows(h, w, sx, sy, seed, counter)
 
-    run = dict(
-        size=None,
-        phase=phase,
-        max_downsample=max_downsample,
-        k_scale2=k_scale2,
-        k_shortcut=k_shortcut,
-        windows_fn=windows_fn,
-    )
+    def phase_of(downsample):
+        if isinstance(phase, dict):
+            return phase.get(downsample)
+        return phase if downsample <= max_downsample else None
+
+    run = dict(size=None, phase_of=phase_of, k_scale2=k_scale2, k_shortcut=k_shortcut, windows_fn=windows_fn)
     for block in ref.modules():
         if isinstance(block, BasicTransformerBlock):
             processor = ReferenceProcessor(run, block.attn1.processor)
             block.attn1.set_processor(processor)
+            block.attn2.set_processor(ReferenceCrossAttention(processor, block.attn2.processor))
             block.register_forward_pre_hook(
                 lambda module, args, kwargs, p=processor: setattr(p, "block_input", args[0]), with_kwargs=True
             )
+            block.ff.forward = _reference_ff(block.ff.forward, processor)
 
     def call(sample, timestep, context):
         run["size"] = tuple(sample.shape[-2:])
@@ -140,3 +184,15 @@ def reference_unet(unet, phase, *, max_downsample=1, k_scale2=0.3, k_shortcut=0.
             return ref(sample.double(), timestep, context.double()).sample
 
     return call
+
+
+def _reference_ff(forward, attn1_processor):
+    def ff(hidden_states, *args, **kwargs):
+        groups = attn1_processor.groups
+        if groups is None:
+            return forward(hidden_states, *args, **kwargs)
+        return torch.stack(
+            [per_group(lambda t: forward(t[None])[0], hidden_states[b], groups[b]) for b in range(len(groups))]
+        )
+
+    return ff

@@ -136,3 +136,61 @@ def test_attn_precision_fp32_runs_softmax_products_in_float32(monkeypatch):
     agentsd.apply(unet, [Phase(end=1.0, sx=4, sy=4, ratio=0.4, agent_ratio=0.95)])
     run(unet, sample, context)
     assert seen and fp32 not in seen
+
+
+@pytest.mark.parametrize("size", [(16, 16), (18, 22)])
+def test_merge_block_matches_tomesd_merging_every_sublayer(size):
+    unet = tiny_unet("sd", seed=5)
+    sample, context = unet_inputs(height=size[0], width=size[1], seed=6)
+    tomesd.apply_patch(unet, ratio=0.5, use_rand=False, merge_crossattn=True, merge_mlp=True)
+    theirs = run(unet, sample, context)
+    tomesd.remove_patch(unet)
+    attn1_only = run(agentsd.apply(unet, [Phase(sx=2, sy=2, ratio=0.5)], use_rand=False), sample, context)
+    agentsd.apply(unet, [Phase(sx=2, sy=2, ratio=0.5, merge_block=True)], use_rand=False)
+    ours = run(unet, sample, context)
+    assert (ours - theirs).abs().max() < TOL
+    assert (ours - attn1_only).abs().max() > 100 * TOL
+
+
+BLOCK_SETTINGS = [
+    # an agent phase carried through the whole block
+    dict(phases={1: Phase(sx=4, sy=4, ratio=0.4, agent_ratio=0.95, merge_block=True)}, size=(16, 16)),
+    # two levels with their own settings (the tiny UNet's mid block is level 1), random dst
+    dict(
+        phases={
+            1: Phase(sx=4, sy=4, ratio=0.5, agent_ratio=0.9, merge_block=True),
+            2: Phase(sx=2, sy=2, ratio=0.4, agent_ratio=0.7, merge_block=True),
+        },
+        size=(16, 16),
+        seed=4,
+    ),
+    # ragged windows; level 1 left alone by min_tokens, level 0 merged only in attn1
+    dict(
+        phases={1: Phase(sx=3, sy=2, ratio=0.3, agent_ratio=0.9), 2: Phase(sx=2, sy=2, ratio=0.5, min_tokens=80)},
+        size=(18, 14),
+    ),
+]
+
+
+@pytest.mark.parametrize("setting", BLOCK_SETTINGS, ids=range(len(BLOCK_SETTINGS)))
+def test_per_level_and_whole_block_paths_match_reference(setting):
+    unet = tiny_unet("sd", seed=11)
+    sample, context = unet_inputs(height=setting["size"][0], width=setting["size"][1], seed=12)
+    by_downsample = setting["phases"]
+    levels = {agentsd.patch.attention_levels(unet).index(d): (p,) for d, p in by_downsample.items()}
+    seed = setting.get("seed")
+    vanilla = run(unet, sample, context)
+    reference = reference_unet(unet, by_downsample, seed=seed)
+    agentsd.apply(unet, levels, use_rand=seed is not None, seed=seed)
+    ours = run(unet, sample, context)
+    assert (ours.double() - reference(sample, 500, context)).abs().max() < TOL
+    assert (ours - vanilla).abs().max() > 100 * TOL
+
+
+def test_min_tokens_leaves_small_levels_alone(unet):
+    sample, context = unet_inputs()  # 256 tokens at level 0, 64 in the mid block
+    vanilla = run(unet, sample, context)
+    agentsd.apply(unet, [Phase(sx=2, sy=2, ratio=0.5, min_tokens=257)], use_rand=False)
+    assert torch.equal(run(unet, sample, context), vanilla)
+    agentsd.apply(unet, [Phase(sx=2, sy=2, ratio=0.5, min_tokens=256)], use_rand=False)
+    assert not torch.equal(run(unet, sample, context), vanilla)

@@ -170,3 +170,25 @@ def test_compile_has_no_graph_break():
         explanation = torch._dynamo.explain(unet)(sample, 300, context)
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
+
+
+def test_whole_block_patch_restores_cross_attention_and_feed_forward(unet):
+    sample, context = unet_inputs()
+    before = dict(unet.attn_processors)
+    vanilla = run(unet, sample, context)
+    agentsd.apply(unet, {0: [Phase(sx=2, sy=2, ratio=0.5, merge_block=True)], 1: [Phase(ratio=0.3)]}, seed=0)
+    assert not torch.equal(run(unet, sample, context), vanilla)
+    agentsd.remove(unet)
+    after = unet.attn_processors
+    assert all(after[k] is before[k] for k in before)
+    assert hook_count(unet) == 0
+    assert torch.equal(run(unet, sample, context), vanilla)
+
+
+def test_per_level_schedule_checks(unet):
+    with pytest.raises(ValueError, match="max_downsample"):
+        agentsd.apply(unet, {0: [Phase()]}, max_downsample=2)
+    with pytest.warns(UserWarning, match=r"levels \[5\] not patched"):
+        agentsd.apply(unet, {0: [Phase()], 5: [Phase()]})
+    assert agentsd.patch.attention_levels(unet) == [1, 2]  # top level and mid block
+    assert agentsd.patch.attention_levels(tiny_unet("sdxl")) == [2, 4]

@@ -47,3 +47,24 @@ def test_resolve_schedule():
         resolve_schedule([])
     with pytest.raises(ValueError):
         resolve_schedule([Phase(end=0.6), Phase(end=0.3), Phase(end=1.0)])
+
+
+def test_per_level_schedule():
+    agent = Phase(end=0.5, sx=4, sy=4, ratio=0.4, agent_ratio=0.95)
+    resolved = resolve_schedule({1: [Phase(ratio=0.3)], 0: (agent, Phase())})
+    assert resolved == {0: (agent, Phase()), 1: (Phase(ratio=0.3),)}
+    assert list(resolved) == [0, 1]
+    for bad in ({}, {-1: [Phase()]}, {"0": [Phase()]}, {True: [Phase()]}):
+        with pytest.raises(ValueError):
+            resolve_schedule(bad)
+    with pytest.raises(ValueError):
+        resolve_schedule({0: [Phase(end=0.5)]})  # each level's phases must end at 1.0
+
+
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [(dict(min_tokens=-1), ValueError), (dict(min_tokens=1.5), TypeError), (dict(merge_block=1), TypeError)],
+)
+def test_block_options_validation(kwargs, error):
+    with pytest.raises(error):
+        Phase(**kwargs)
