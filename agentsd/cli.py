@@ -51,7 +51,10 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", help="hub id or local diffusers folder (default: the shipped demo model)")
     gen.add_argument("--method", default="agent", help="none | tome | agent (default: agent)")
     gen.add_argument("--compare", help="comma-separated methods rendered from the same seed into one grid")
-    gen.add_argument("--schedule", help="for --method agent: paper (default), tome, or a JSON file of phases")
+    gen.add_argument(
+        "--schedule",
+        help="for --method agent: paper (default), fast, tome, or a JSON file of phases ([...] or {level: [...]})",
+    )
     gen.add_argument("--steps", type=int, default=50)
     gen.add_argument("--guidance", type=float, default=7.5)
     gen.add_argument("--seed", type=int, default=0)
@@ -67,12 +70,25 @@ def _parser() -> argparse.ArgumentParser:
     speed.set_defaults(run=_bench_speed)
     quality = bench.add_parser("quality", help="FID/KID, PSNR/SSIM, caption accuracy and s/image per method")
     quality.set_defaults(run=_bench_quality)
+    suite = bench.add_parser("suite", help="the GPU suite: SD 1.5 and SDXL, forwards and whole runs, compile")
+    suite.set_defaults(run=_bench_suite)
     from .bench import quality as quality_bench
     from .bench import speed as speed_bench
+    from .bench import suite as suite_bench
 
     speed_bench.add_arguments(speed)
     quality_bench.add_arguments(quality)
+    suite_bench.add_arguments(suite)
     return parser
+
+
+def _bench_suite(args) -> int:
+    from .bench import suite
+
+    if args.steps < 1 or args.repeats < 1:
+        raise UsageError("--steps and --repeats must be >= 1")
+    _device(args.device)  # a clear line when CUDA is asked for and missing
+    return suite.bench(args)
 
 
 def _bench_speed(args) -> int:
@@ -80,6 +96,7 @@ def _bench_speed(args) -> int:
 
     try:
         speed.model_folder(args.model)
+        speed.check_arguments(args)
     except ValueError as error:
         raise UsageError(str(error)) from None
     return speed.bench(args)
@@ -199,8 +216,10 @@ def _schedule(text: str | None):
     if not path.is_file():
         raise UsageError(f"schedule file not found: {path}")
     try:
-        phases = [Phase(**phase) for phase in json.loads(path.read_text())]
-        return resolve_schedule(phases)
+        data = json.loads(path.read_text())
+        if isinstance(data, dict):  # {"0": [phases of level 0], "1": [...]}
+            return resolve_schedule({int(level): [Phase(**p) for p in phases] for level, phases in data.items()})
+        return resolve_schedule([Phase(**phase) for phase in data])
     except (json.JSONDecodeError, TypeError, ValueError) as error:
         raise UsageError(f"bad schedule file {path}: {error}") from None
 
@@ -275,7 +294,7 @@ def _render(pipe, method: str, schedule, args, size) -> Render:
     if method != "none":
         schedule = "tome" if method == "tome" else schedule
         agentsd.apply(pipe, schedule, seed=args.seed)
-        settings = {"schedule": schedule if isinstance(schedule, str) else [vars(p) for p in schedule]}
+        settings = {"schedule": _describe(schedule)}
     pipe.set_progress_bar_config(disable=False, desc=f"{method:5s}", leave=True)
     height, width = size if size else (None, None)
     try:
@@ -293,6 +312,15 @@ def _render(pipe, method: str, schedule, args, size) -> Render:
     finally:
         agentsd.remove(pipe)
     return Render(method, images, seconds / len(images), settings)
+
+
+def _describe(schedule):
+    """A schedule as JSON-ready data: a preset's name, a list of phases, or ``{level: phases}``."""
+    if isinstance(schedule, str):
+        return schedule
+    if isinstance(schedule, dict):
+        return {str(level): _describe(phases) for level, phases in schedule.items()}
+    return [vars(phase) for phase in schedule]
 
 
 def _numbered(path: Path, count: int) -> list[Path]:

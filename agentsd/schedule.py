@@ -59,11 +59,23 @@ Phases = tuple[Phase, ...]
 # highest-resolution level that has self-attention, level 1 the next, and so on.
 Schedule = Union[str, Phase, Sequence[Phase], Mapping[int, Sequence[Phase]]]
 
+_FAST_MIN_TOKENS = 1024
+
 PRESETS: dict[str, Phases | dict[int, Phases]] = {
     # AgentSD's published SD 1.5 setting: agents early, plain ToMe once the layout is set.
     "paper": (Phase(end=0.4, sx=4, sy=4, ratio=0.4, agent_ratio=0.95), Phase(end=1.0, sx=2, sy=2, ratio=0.4)),
     # ToMeSD's defaults.
     "tome": (Phase(end=1.0, sx=2, sy=2, ratio=0.5),),
+    # Beyond the paper: agents on the two highest-resolution levels while the layout forms, whole-block
+    # ToMe after; cross-attention and feed-forward always run on the merged tokens. Blocks under 1,024
+    # tokens are left alone (there merging costs more than it saves).
+    "fast": {
+        level: (
+            Phase(end=0.5, sx=4, sy=4, ratio=ratio, agent_ratio=0.95, merge_block=True, min_tokens=_FAST_MIN_TOKENS),
+            Phase(end=1.0, sx=2, sy=2, ratio=0.5, merge_block=True, min_tokens=_FAST_MIN_TOKENS),
+        )
+        for level, ratio in ((0, 0.5), (1, 0.4))
+    },
 }
 
 

@@ -3,8 +3,14 @@ import string
 
 import pytest
 import torch
-from diffusers import UNet2DConditionModel
-from transformers import CLIPTokenizer
+from diffusers import (
+    AutoencoderKL,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 CROSS_DIM = 32
 
@@ -57,3 +63,78 @@ def char_tokenizer(folder, max_length: int = 16) -> CLIPTokenizer:
     (folder / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}))
     (folder / "merges.txt").write_text("#version: 0.2\n")
     return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length)
+
+
+def tiny_pipeline(tmp_path) -> StableDiffusionPipeline:
+    """SD 1.x pipeline from configs: char-level tokenizer, 2-layer CLIP, 2-level VAE, the tiny SD UNet, PNDM."""
+    tokenizer = char_tokenizer(tmp_path)
+    torch.manual_seed(0)
+    return StableDiffusionPipeline(
+        vae=_tiny_vae(),
+        text_encoder=CLIPTextModel(_text_encoder_config(tokenizer)),
+        tokenizer=tokenizer,
+        unet=tiny_unet("sd"),
+        scheduler=PNDMScheduler(skip_prk_steps=True, steps_offset=1),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def _tiny_vae() -> AutoencoderKL:
+    return AutoencoderKL(
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+    )
+
+
+def _text_encoder_config(tokenizer, **kwargs) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=CROSS_DIM,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=16,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        **kwargs,
+    )
+
+
+def tiny_sdxl_pipeline(tmp_path) -> StableDiffusionXLPipeline:
+    """SDXL pipeline from configs: two text encoders, size conditioning, no attention at the top level."""
+    tokenizer = char_tokenizer(tmp_path)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 1, 2),
+        attention_head_dim=(2, 4, 8),
+        use_linear_projection=True,
+        cross_attention_dim=2 * CROSS_DIM,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=CROSS_DIM + 6 * 8,
+        norm_num_groups=8,
+    ).eval()
+    return StableDiffusionXLPipeline(
+        vae=_tiny_vae(),
+        text_encoder=CLIPTextModel(_text_encoder_config(tokenizer)),
+        text_encoder_2=CLIPTextModelWithProjection(_text_encoder_config(tokenizer, projection_dim=CROSS_DIM)),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=PNDMScheduler(skip_prk_steps=True, steps_offset=1),
+        force_zeros_for_empty_prompt=False,
+    )

@@ -3,8 +3,10 @@
 import json
 
 import pytest
-from conftest import tiny_unet
+import torch
+from conftest import tiny_sdxl_pipeline, tiny_unet
 
+from agentsd.bench import runs
 from agentsd.bench.speed import summarize
 from agentsd.cli import main
 
@@ -48,3 +50,75 @@ def test_bad_model_is_one_clear_line(tmp_path, capsys):
     assert main(["bench", "speed", "--model", str(tmp_path / "nothing"), "--out", str(tmp_path / "x.json")]) == 2
     err = capsys.readouterr().err
     assert "unet/config.json" in err and "Traceback" not in err
+
+
+def test_pipeline_runs_every_method_with_memory(tiny_folder, tmp_path):
+    out = tmp_path / "runs.json"
+    args = ["bench", "speed", "--pipeline", "--model", str(tiny_folder), "--sizes", "64", "--steps", "3"]
+    assert main([*args, "--repeats", "1", "--warmup", "0", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert results["kind"] == "pipeline" and results["pipeline"] == "StableDiffusionPipeline"
+    summary = results["sizes"]["64"]
+    assert set(summary["times"]) == set(runs.DEFAULT_METHODS)
+    assert all(len(ts) == 1 and ts[0] > 0 for ts in summary["times"].values())
+    assert all(m >= 0 for m in summary["peak_mib"].values())
+    assert summary["speedup_median"]["vanilla"] == 1.0
+    assert "| 64² | deepcache+fast |" in out.with_suffix(".md").read_text()
+
+
+def test_pipeline_methods_change_the_run(tiny_folder, tmp_path):
+    """Every method really acts: the final latents differ from vanilla's (and the undo restores vanilla)."""
+    pipe, _ = runs.build_pipeline(str(tiny_folder), "ddim", tmp_path)
+
+    def latents():
+        generator = torch.Generator().manual_seed(0)
+        return pipe(
+            "a b", num_inference_steps=4, height=256, width=256, output_type="latent", generator=generator
+        ).images
+
+    vanilla = latents()
+    for name in runs.DEFAULT_METHODS:
+        if name == "vanilla":
+            continue
+        undo = runs.METHODS[name](pipe, 256)
+        changed = latents()
+        undo()
+        assert not torch.allclose(changed, vanilla), name
+    assert torch.equal(latents(), vanilla)
+
+
+def test_sdxl_pipeline_is_built_around_the_unet(tmp_path):
+    folder = tmp_path / "xl"
+    tiny_sdxl_pipeline(tmp_path).unet.save_config(folder / "unet")
+    pipe, _ = runs.build_pipeline(str(folder), "euler", tmp_path)
+    assert type(pipe).__name__ == "StableDiffusionXLPipeline"
+    seconds, _ = runs.time_run(pipe, 64, 2, torch.device("cpu"))
+    assert seconds > 0
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--pipeline", "--methods", "agentsd-agent"], "unknown --pipeline method"),
+        (["--methods", "deepcache"], "unknown UNet-forward method"),
+        (["--pipeline", "--scheduler", "heun"], "--scheduler must be one of"),
+        (["--steps", "0"], "must be >= 1"),
+    ],
+)
+def test_bad_speed_arguments_are_one_clear_line(tiny_folder, tmp_path, capsys, args, message):
+    assert main(["bench", "speed", "--model", str(tiny_folder), *args, "--out", str(tmp_path / "x.json")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_gpu_suite_runs_end_to_end_on_cpu_at_a_tiny_size(tmp_path, capsys):
+    out = tmp_path / "suite"
+    assert main(["bench", "suite", "--tiny", "--device", "cpu", "--dtype", "float32", "--out", str(out)]) == 0
+    forward = json.loads((out / "tiny_forward.json").read_text())
+    whole = json.loads((out / "tiny_runs.json").read_text())
+    assert set(forward["sizes"]) == set(whole["sizes"]) == {"64", "128"}
+    assert {"vanilla+compile", "fast+compile", "deepcache+fast"} <= set(whole["sizes"]["128"]["times"])
+    assert (out / "tiny_runs.png").stat().st_size > 1000 and "fast+compile" in (out / "suite.md").read_text()
+    capsys.readouterr()
+    assert main(["bench", "suite", "--tiny", "--device", "cpu", "--dtype", "float32", "--out", str(out)]) == 0
+    assert capsys.readouterr().out.count("already measured, skipped") == 2  # resumes

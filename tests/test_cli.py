@@ -1,6 +1,7 @@
 """`agentsd generate` on the shipped demo model, few steps: happy paths and bad input."""
 
 import json
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -55,6 +56,19 @@ def test_compare_grid_and_schedule_file(tmp_path):
     assert grid.size[0] == 3 * 64 and grid.size[1] > 64
     assert json.loads(grid.text["methods"]) == ["none", "tome", "agent"]
     assert json.loads(grid.text["settings"])["agent"]["schedule"][0]["agent_ratio"] == 0.9
+
+
+def test_per_level_schedule_file_and_fast_preset(tmp_path):
+    schedule = tmp_path / "levels.json"
+    schedule.write_text(json.dumps({"0": [{"sx": 2, "sy": 2, "ratio": 0.5, "merge_block": True}], "1": [{}]}))
+    for choice in (str(schedule), "fast"):
+        out = tmp_path / f"{Path(choice).stem}.png"
+        assert main(["generate", "a green cross", "--schedule", choice, *FAST, "-o", str(out)]) == 0
+        settings = json.loads(Image.open(out).text["settings"])
+        if choice == "fast":
+            assert settings == {"schedule": "fast"}
+        else:
+            assert settings["schedule"]["0"][0]["merge_block"] is True and settings["schedule"]["1"][0]["ratio"] == 0.5
 
 
 @pytest.mark.parametrize(

@@ -1,47 +1,8 @@
 """End to end: a tiny StableDiffusionPipeline assembled from configs, 10 PLMS steps with the paper schedule."""
 
-import torch
-from conftest import CROSS_DIM, char_tokenizer, tiny_unet
-from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline
-from transformers import CLIPTextConfig, CLIPTextModel
+from conftest import tiny_pipeline
 
 import agentsd
-
-
-def tiny_pipeline(tmp_path) -> StableDiffusionPipeline:
-    tokenizer = char_tokenizer(tmp_path)
-    torch.manual_seed(0)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=tokenizer.vocab_size,
-            hidden_size=CROSS_DIM,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=16,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-        )
-    )
-    vae = AutoencoderKL(
-        block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=32,
-    )
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=tiny_unet("sd"),
-        scheduler=PNDMScheduler(skip_prk_steps=True, steps_offset=1),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
 
 
 def test_paper_schedule_switches_phase_by_progress(tmp_path, monkeypatch):

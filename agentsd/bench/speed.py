@@ -18,6 +18,7 @@ import json
 import math
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -286,28 +287,66 @@ def plot(results: dict):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="sd15", help="sd15, sdxl, demo, or a diffusers folder (its UNet config)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[512, 1024], help="image sizes (pixels, square)")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="+", help="default: all of the mode's methods")
+    parser.add_argument("--pipeline", action="store_true", help="time whole sampling runs instead of UNet forwards")
+    parser.add_argument("--steps", type=int, default=20, help="--pipeline: sampling steps")
+    parser.add_argument("--scheduler", default="pndm", help="--pipeline: pndm, ddim, euler or dpm")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/speed_cpu.json"))
+    parser.add_argument("--out", type=Path, help="JSON results (default: benchmarks/results/speed[_runs]_cpu.json)")
     parser.add_argument("--report", action="store_true", help="only remake summaries, table and plot from --out")
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """Fill the mode's defaults; ``ValueError`` for values that do not fit the mode."""
+    from . import runs
+
+    methods = runs.METHODS if args.pipeline else METHODS
+    args.methods = args.methods or list(runs.DEFAULT_METHODS if args.pipeline else METHODS)
+    unknown = [m for m in args.methods if m not in methods]
+    if unknown:
+        mode = "--pipeline" if args.pipeline else "UNet-forward"
+        raise ValueError(f"unknown {mode} method(s) {', '.join(unknown)}; choose from {', '.join(methods)}")
+    if args.pipeline and args.scheduler not in runs.SCHEDULERS:
+        raise ValueError(f"--scheduler must be one of {', '.join(runs.SCHEDULERS)}, got {args.scheduler!r}")
+    if min(args.steps, args.repeats, args.batch, *args.sizes) < 1 or args.warmup < 0:
+        raise ValueError("--steps, --repeats, --batch and --sizes must be >= 1, --warmup >= 0")
+    default = "speed_runs_cpu.json" if args.pipeline else "speed_cpu.json"
+    args.out = args.out or Path("benchmarks/results") / default
+
+
 def bench(args: argparse.Namespace) -> int:
+    from . import runs
+
+    check_arguments(args)
     if args.report:
         results = json.loads(args.out.read_text())
+        pipeline = results.get("kind") == "pipeline"
         for size, measured in results["sizes"].items():
-            results["sizes"][size] = {k: measured[k] for k in ("repeats", "warmup")} | summarize(measured["times"])
+            summary = (
+                runs.summarize(measured["times"], measured["memory_bytes"])
+                if pipeline
+                else summarize(measured["times"])
+            )
+            results["sizes"][size] = {k: measured[k] for k in ("repeats", "warmup")} | summary
         args.out.write_text(json.dumps(results, indent=2) + "\n")
     else:
         dtype, device = getattr(torch, args.dtype), torch.device(args.device)
-        results = run(
-            args.model, args.sizes, args.methods, args.repeats, args.warmup, args.batch, dtype, device, args.out
-        )
-    write_report(args.out, table(results), plot(results))
+        pipeline = args.pipeline
+        if pipeline:
+            results = runs.run(
+                args.model, args.sizes, args.methods, args.repeats, args.warmup, args.steps, args.scheduler,
+                dtype, device, args.out,
+            )  # fmt: skip
+        else:
+            results = run(
+                args.model, args.sizes, args.methods, args.repeats, args.warmup, args.batch, dtype, device, args.out
+            )
+    module = runs if pipeline else sys.modules[__name__]
+    write_report(args.out, module.table(results), module.plot(results))
     return 0
 
 

@@ -1,0 +1,392 @@
+"""Time whole sampling runs: a real diffusers pipeline around the UNet under test, every method in one process.
+
+The UNet is built from its config with random weights; the text encoders and the VAE are
+minimal (one small CLIP layer of the right width, a VAE with the right downsampling that is
+never run: ``output_type="latent"``), so the time is the sampling loop's. Each schedule's
+phases weigh in as they really run, and step caching (DeepCache) can join. Peak memory
+beside each time: the largest resident set seen while the run lasts, above the level it
+started from (CPU), or ``torch.cuda.max_memory_allocated`` (CUDA).
+
+    agentsd bench speed --pipeline --sizes 512 --steps 20                  # SD 1.5 architecture
+    agentsd bench speed --pipeline --model sdxl --sizes 1024 --methods vanilla fast deepcache+fast
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from diffusers.models.attention import BasicTransformerBlock
+
+import agentsd
+
+from .speed import TOME_RATIO, build_unet
+
+SCHEDULERS = ("pndm", "ddim", "euler", "dpm")
+DEEPCACHE = dict(cache_interval=3, cache_branch_id=0)
+
+
+def _deepcache(pipe) -> Callable[[], None]:
+    try:
+        from DeepCache import DeepCacheSDHelper
+    except ImportError:
+        raise RuntimeError("the deepcache methods need the deepcache package: pip install deepcache") from None
+    helper = DeepCacheSDHelper(pipe=pipe)
+    helper.set_params(**DEEPCACHE)
+    helper.enable()
+    return helper.disable
+
+
+def _agentsd(pipe, schedule) -> Callable[[], None]:
+    agentsd.apply(pipe, schedule, seed=0)
+    return lambda: agentsd.remove(pipe)
+
+
+def _tomesd(pipe) -> Callable[[], None]:
+    import tomesd
+
+    tomesd.apply_patch(pipe, ratio=TOME_RATIO, sx=2, sy=2, use_rand=True)
+    return lambda: tomesd.remove_patch(pipe)
+
+
+class _Free:
+    """A ceiling's stand-in for a processor or a block: it costs nothing and passes its input on."""
+
+    def __init__(self, original, levels: set[int], latent_tokens: int, zeros: bool):
+        self.original, self.levels, self.latent_tokens, self.zeros = original, levels, latent_tokens, zeros
+
+    def level(self, tokens: int) -> int:
+        return round((self.latent_tokens / tokens) ** 0.5).bit_length() - 1  # 0 for the top level
+
+    def __call__(self, *args, **kwargs):
+        hidden_states = args[1] if self.zeros else (args[0] if args else kwargs["hidden_states"])
+        if self.level(hidden_states.shape[1]) in self.levels:
+            return torch.zeros_like(hidden_states) if self.zeros else hidden_states
+        return self.original(*args, **kwargs)
+
+
+def _ceiling(pipe, levels: set[int], whole_blocks: bool, size: int) -> Callable[[], None]:
+    """Self-attention (or whole transformer blocks) at the given levels made free."""
+    unet = pipe.unet
+    factor = pipe.vae_scale_factor
+    tokens = (size // factor) ** 2
+    blocks = [m for m in unet.modules() if isinstance(m, BasicTransformerBlock)]
+    if whole_blocks:
+        for block in blocks:
+            block.forward = _Free(block.forward, levels, tokens, zeros=False)
+
+        def undo():
+            for block in blocks:
+                del block.forward
+    else:
+        originals = [b.attn1.processor for b in blocks]
+        for block, original in zip(blocks, originals):
+            block.attn1.set_processor(_Free(original, levels, tokens, zeros=True))
+
+        def undo():
+            for block, original in zip(blocks, originals):
+                block.attn1.set_processor(original)
+
+    return undo
+
+
+_COMPILED: dict[int, torch.nn.Module] = {}  # one compiled wrapper per UNet: repeats reuse its compiled graphs
+
+
+def _compile(pipe) -> Callable[[], None]:
+    """``pipe.unet = torch.compile(pipe.unet)``, as diffusers' docs do; agentsd applied after it hooks the wrapper."""
+    unet = pipe.unet
+    pipe.unet = _COMPILED.setdefault(id(unet), torch.compile(unet))
+
+    def undo():
+        pipe.unet = unet
+
+    return undo
+
+
+# name -> enable(pipe, size), returning the function that undoes it; composed methods undo in reverse
+METHODS: dict[str, Callable] = {
+    "vanilla": lambda pipe, size: lambda: None,
+    "tomesd": lambda pipe, size: _tomesd(pipe),
+    "paper": lambda pipe, size: _agentsd(pipe, "paper"),
+    "fast": lambda pipe, size: _agentsd(pipe, "fast"),
+    "deepcache": lambda pipe, size: _deepcache(pipe),
+    "deepcache+paper": lambda pipe, size: _chain(_deepcache(pipe), _agentsd(pipe, "paper")),
+    "deepcache+fast": lambda pipe, size: _chain(_deepcache(pipe), _agentsd(pipe, "fast")),
+    "vanilla+compile": lambda pipe, size: _compile(pipe),
+    "fast+compile": lambda pipe, size: _chain(_compile(pipe), _agentsd(pipe, "fast")),
+    "ceiling-attn1-top": lambda pipe, size: _ceiling(pipe, {0}, False, size),
+    "ceiling-attn1-levels12": lambda pipe, size: _ceiling(pipe, {0, 1}, False, size),
+    "ceiling-blocks-top": lambda pipe, size: _ceiling(pipe, {0}, True, size),
+}
+
+
+def _chain(*undos: Callable[[], None]) -> Callable[[], None]:
+    def undo():
+        for fn in reversed(undos):
+            fn()
+
+    return undo
+
+
+def _tokenizer(folder: Path):
+    """A CLIP tokenizer over single letters, written here (no download)."""
+    import string
+
+    from transformers import CLIPTokenizer
+
+    letters = list(string.ascii_lowercase)
+    vocab = ["<|startoftext|>", "<|endoftext|>", *letters, *(c + "</w>" for c in letters)]
+    (folder / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+
+
+def _text_encoder(tokenizer, width: int, projection: int | None = None):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=width,
+        intermediate_size=width,
+        num_hidden_layers=1,
+        num_attention_heads=1,
+        max_position_embeddings=77,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        **({} if projection is None else {"projection_dim": projection}),
+    )
+    return CLIPTextModel(config) if projection is None else CLIPTextModelWithProjection(config)
+
+
+def _scheduler(name: str):
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler
+
+    common = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
+    if name == "pndm":
+        return PNDMScheduler(skip_prk_steps=True, set_alpha_to_one=False, **common)
+    if name == "ddim":
+        return DDIMScheduler(set_alpha_to_one=False, clip_sample=False, **common)
+    if name == "euler":
+        return EulerDiscreteScheduler(**common)
+    if name == "dpm":
+        return DPMSolverMultistepScheduler(**common)
+    raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {name!r}")
+
+
+def build_pipeline(model: str, scheduler: str, folder: Path):
+    """A real SD (or SDXL) pipeline around a random-weight UNet of ``model``; minimal text encoders and VAE."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    unet, vae_factor, name = build_unet(model)
+    levels = vae_factor.bit_length()  # a VAE with k levels downsamples by 2^(k-1)
+    vae = AutoencoderKL(
+        block_out_channels=(8,) * levels,
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        latent_channels=unet.config.in_channels,
+        norm_num_groups=8,
+        layers_per_block=1,
+    )
+    tokenizer = _tokenizer(folder)
+    width = unet.config.cross_attention_dim
+    if unet.config.addition_embed_type == "text_time":
+        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+        first = width - pooled if width > pooled else width // 2
+        pipe = StableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=_text_encoder(tokenizer, first),
+            text_encoder_2=_text_encoder(tokenizer, width - first, projection=pooled),
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer,
+            unet=unet,
+            scheduler=_scheduler(scheduler),
+        )
+    else:
+        pipe = StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=_text_encoder(tokenizer, width),
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=_scheduler(scheduler),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, name
+
+
+class _PeakMemory:
+    """Peak memory of the block it wraps, above where it started: CUDA allocator peak, or sampled RSS on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak = device, 0
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = torch.cuda.memory_allocated(self.device)
+            return self
+        self.start = self.peak = _rss()
+        self.running = True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self):
+        while self.running:
+            self.peak = max(self.peak, _rss())
+            time.sleep(0.005)
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self.running = False
+            self.thread.join()
+            self.peak = max(self.peak, _rss())
+        self.extra = self.peak - self.start
+
+
+def _rss() -> int:
+    """Resident set size of this process, bytes (Linux ``/proc``; 0 where it is missing)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+    import os
+
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def time_run(pipe, size: int, steps: int, device) -> tuple[float, int]:
+    """Seconds of one whole generation (batch of one prompt with guidance: the UNet sees batch 2) and its
+    peak memory above the start, bytes."""
+    with _PeakMemory(device) as memory, torch.no_grad():
+        start = time.perf_counter()
+        pipe(
+            "a photo",
+            num_inference_steps=steps,
+            guidance_scale=7.5,
+            height=size,
+            width=size,
+            output_type="latent",
+            generator=torch.Generator("cpu").manual_seed(0),
+        )
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+    return seconds, memory.extra
+
+
+DEFAULT_METHODS = [m for m in METHODS if not m.endswith("+compile")]  # compiling takes minutes on CPU
+
+
+def run(model, sizes, methods, repeats, warmup, steps, scheduler, dtype, device, out: Path) -> dict:
+    """Measure every size (methods interleaved repeat by repeat); sizes already in ``out`` are kept."""
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as folder:
+        pipe, name = build_pipeline(model, scheduler, Path(folder))
+    pipe = pipe.to(device=device, dtype=dtype)
+    setup = {
+        "kind": "pipeline",
+        "device": str(device),
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "dtype": str(dtype).removeprefix("torch."),
+        "model": name,
+        "pipeline": type(pipe).__name__,
+        "scheduler": scheduler,
+        "steps": steps,
+        "tome_ratio": TOME_RATIO,
+        "deepcache": DEEPCACHE,
+    }
+    results = json.loads(out.read_text()) if out.exists() else {}
+    if {k: v for k, v in results.items() if k != "sizes"} != json.loads(json.dumps(setup)):
+        results = {}
+    results = {**setup, "sizes": results.get("sizes", {})}
+    for size in sizes:
+        times = {method: [] for method in methods}
+        memory = {method: [] for method in methods}
+        for rep in range(warmup + repeats):
+            for method in methods:
+                undo = METHODS[method](pipe, size)
+                try:
+                    seconds, extra = time_run(pipe, size, steps, device)
+                finally:
+                    undo()
+                if rep >= warmup:
+                    times[method].append(seconds)
+                    memory[method].append(extra)
+                which = "warm-up" if rep < warmup else f"repeat {rep - warmup + 1}"
+                print(f"{size}² {method:24s} {which}: {seconds:.2f} s, peak +{extra / 2**20:.0f} MiB", flush=True)
+        results["sizes"][str(size)] = {"repeats": repeats, "warmup": warmup, **summarize(times, memory)}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def summarize(times: dict[str, list[float]], memory: dict[str, list[int]]) -> dict:
+    """Median seconds and speed-up over vanilla per method, and the largest peak memory seen (MiB)."""
+    median = {name: statistics.median(ts) for name, ts in times.items()}
+    summary = {"times": times, "memory_bytes": memory, "median": median}
+    summary["peak_mib"] = {name: max(ms) / 2**20 for name, ms in memory.items()}
+    if "vanilla" in median:
+        summary["speedup_median"] = {name: median["vanilla"] / t for name, t in median.items()}
+    return summary
+
+
+def table(results: dict) -> str:
+    lines = [
+        f"Whole runs ({results['pipeline']}, {results['model']}), {results['steps']} {results['scheduler']} steps, "
+        f"guidance (UNet batch 2), {results['dtype']}, {results['device']} ({results['threads']} threads)",
+        "",
+        "| size | method | median s | speed-up | peak memory above start (MiB) |",
+        "|---|---|---|---|---|",
+    ]
+    for size, summary in results["sizes"].items():
+        for name, seconds in summary["median"].items():
+            speedup = summary.get("speedup_median", {}).get(name)
+            cell = "–" if speedup is None else f"{speedup:.2f}×"
+            lines.append(f"| {size}² | {name} | {seconds:.2f} | {cell} | {summary['peak_mib'][name]:.0f} |")
+    return "\n".join(lines)
+
+
+def plot(results: dict):
+    """Speed-up over vanilla per method, one bar group per size; ``None`` without matplotlib."""
+    from . import pyplot
+
+    plt = pyplot()
+    if plt is None or not results["sizes"]:
+        return None
+    sizes = sorted(results["sizes"], key=int)
+    methods = [m for m in results["sizes"][sizes[0]].get("speedup_median", {}) if m != "vanilla"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / max(len(sizes), 1)
+    for k, size in enumerate(sizes):
+        speedups = results["sizes"][size].get("speedup_median", {})
+        ax.bar(
+            [i + k * width for i in range(len(methods))], [speedups.get(m, 0) for m in methods], width, label=f"{size}²"
+        )
+    ax.axhline(1.0, color="grey", linewidth=0.8)
+    ax.set_xticks([i + width * (len(sizes) - 1) / 2 for i in range(len(methods))], methods, rotation=30, ha="right")
+    ax.set_ylabel("speed-up over vanilla (median)")
+    ax.set_title(
+        f"Whole runs, {results['model']}, {results['steps']} {results['scheduler']} steps\n"
+        f"{results['device']}, {results['dtype']}",
+        fontsize=9,
+    )
+    ax.legend(fontsize=8)
+    return fig
