@@ -85,11 +85,11 @@ class AgentAttnProcessor:
     cross-attention and feed-forward.
     """
 
-    def __init__(self, original, state: AgentState):
+    def __init__(self, original, state: AgentState, block_merge: BlockMerge | None = None):
         self.original = original
         self.state = state
         self.block_input: torch.Tensor | None = None
-        self.block_merge = BlockMerge()
+        self.block_merge = BlockMerge() if block_merge is None else block_merge
 
     def begin_block(self, block_input: torch.Tensor) -> None:
         self.block_input = block_input
@@ -150,7 +150,6 @@ class AgentAttnProcessor:
             or state.phases is None
             or encoder_hidden_states is not None
             or attention_mask is not None
-            or getattr(attn, "fused_projections", False)
             or hidden_states.ndim != 3
             or attn.group_norm is not None
             or attn.spatial_norm is not None
@@ -271,6 +270,8 @@ def agent_attention(
 
 
 def _project_qkv(attn, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if getattr(attn, "fused_projections", False) and getattr(attn, "to_qkv", None) is not None:
+        return attn.to_qkv(tokens).chunk(3, dim=-1)  # diffusers' fuse_qkv_projections()
     linears = (attn.to_q, attn.to_k, attn.to_v)
     # One GEMM on the stacked weights beats three; only for plain Linears, so that
     # wrapped layers (LoRA adapters, say) keep their own forward.

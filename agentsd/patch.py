@@ -7,11 +7,17 @@ picks the phases once per call, one on each block that hands its input to the
 processor as the matching metric. Schedules with ``merge_block`` phases also wrap
 each block's ``attn2`` processor and hook its feed-forward. ``remove`` puts back the
 very processor objects that were there and removes the hooks.
+
+Processors swapped in while patched (``set_attn_processor``, attention slicing,
+``fuse_qkv_projections``, IP-Adapter loading) are wrapped in turn at the next UNet
+call: agentsd stays on, and the new processor is what it falls back to and what
+``remove`` leaves in place.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import secrets
 import warnings
 from collections.abc import Iterator
@@ -20,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from diffusers.models.attention import BasicTransformerBlock
 
-from .attention import AgentAttnProcessor, AgentConfig, AgentState, Band, MergedAttnProcessor
+from .attention import AgentAttnProcessor, AgentConfig, AgentState, Band, BlockMerge, MergedAttnProcessor
 from .schedule import Schedule, progress, resolve_schedule
 
 __all__ = ["apply", "attention_levels", "auto_max_downsample", "patched", "remove", "state_of"]
@@ -33,7 +39,8 @@ class _Patch:
     state: AgentState
     num_train_timesteps: int
     options: dict
-    originals: list = field(default_factory=list)  # (attention module, its original processor)
+    blocks: list = field(default_factory=list)  # (transformer block, its BlockMerge)
+    merge_block: bool = False
     handles: list = field(default_factory=list)
 
 
@@ -109,8 +116,8 @@ def remove(model) -> None:
             continue
         for handle in patch.handles:
             handle.remove()
-        for attn, original in patch.originals:
-            attn.set_processor(original)
+        _unwrap(patch)
+        _inner(unet).__dict__.pop("set_default_attn_processor", None)
 
 
 @contextlib.contextmanager
@@ -210,26 +217,56 @@ def _patch(unet: torch.nn.Module, patch: _Patch) -> None:
         if isinstance(timestep, torch.Tensor):
             timestep = timestep.reshape(-1)[0]
         state.begin_call(sample.shape[-2], sample.shape[-1], progress(timestep, patch.num_train_timesteps))
+        _wrap(patch)
 
-    merge_block = any(phase.merge_block for band in state.config.bands for phase in band.phases)
+    patch.merge_block = any(phase.merge_block for band in state.config.bands for phase in band.phases)
+    patch.blocks = [(block, BlockMerge()) for block in _blocks(unet)]
+    _wrap(patch)
+    # On a torch.compile wrapper the hook runs eagerly, outside the compiled graph.
     patch.handles.append(unet.register_forward_pre_hook(unet_pre_hook, with_kwargs=True))
-    for block in _blocks(unet):
-        processor = AgentAttnProcessor(block.attn1.processor, state)
-        patch.originals.append((block.attn1, block.attn1.processor))
-        block.attn1.set_processor(processor)
-        patch.handles.append(block.register_forward_pre_hook(_metric_hook(processor), with_kwargs=True))
-        if merge_block:
-            shared = processor.block_merge
-            if block.attn2 is not None:
-                patch.originals.append((block.attn2, block.attn2.processor))
-                block.attn2.set_processor(MergedAttnProcessor(block.attn2.processor, shared))
-            patch.handles.append(block.ff.register_forward_pre_hook(shared.ff_pre_hook, with_kwargs=True))
-            patch.handles.append(block.ff.register_forward_hook(shared.ff_hook, with_kwargs=True))
+    for block, block_merge in patch.blocks:
+        patch.handles.append(block.register_forward_pre_hook(_metric_hook, with_kwargs=True))
+        if patch.merge_block:
+            patch.handles.append(block.ff.register_forward_pre_hook(block_merge.ff_pre_hook, with_kwargs=True))
+            patch.handles.append(block.ff.register_forward_hook(block_merge.ff_hook, with_kwargs=True))
+    inner = _inner(unet)
+    inner.__dict__["set_default_attn_processor"] = functools.partial(_set_default_attn_processor, inner, patch)
     unet.__dict__[_ATTR] = patch
 
 
-def _metric_hook(processor: AgentAttnProcessor):
-    def hook(module, args, kwargs):
-        processor.begin_block(args[0] if args else kwargs["hidden_states"])
+def _wrap(patch: _Patch) -> None:
+    """Give every patched attention an agentsd processor around whatever processor it has now."""
+    for block, block_merge in patch.blocks:
+        if not isinstance(block.attn1.processor, AgentAttnProcessor):
+            block.attn1.set_processor(AgentAttnProcessor(block.attn1.processor, patch.state, block_merge))
+        attn2 = block.attn2
+        if patch.merge_block and attn2 is not None and not isinstance(attn2.processor, MergedAttnProcessor):
+            attn2.set_processor(MergedAttnProcessor(attn2.processor, block_merge))
 
-    return hook
+
+def _unwrap(patch: _Patch) -> None:
+    """Put back the processors agentsd wraps."""
+    for block, _ in patch.blocks:
+        for attn, kind in ((block.attn1, AgentAttnProcessor), (block.attn2, MergedAttnProcessor)):
+            if attn is not None and isinstance(attn.processor, kind):
+                attn.set_processor(attn.processor.original)
+
+
+def _set_default_attn_processor(unet: torch.nn.Module, patch: _Patch) -> None:
+    """diffusers refuses processor classes it does not know: let it judge the ones agentsd wraps."""
+    _unwrap(patch)
+    try:
+        type(unet).set_default_attn_processor(unet)
+    finally:
+        _wrap(patch)
+
+
+def _inner(unet: torch.nn.Module) -> torch.nn.Module:
+    """The module under a ``torch.compile`` wrapper (or the module itself)."""
+    return getattr(unet, "_orig_mod", unet)
+
+
+def _metric_hook(block, args, kwargs):
+    processor = block.attn1.processor
+    if isinstance(processor, AgentAttnProcessor):
+        processor.begin_block(args[0] if args else kwargs["hidden_states"])

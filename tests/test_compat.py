@@ -1,0 +1,95 @@
+"""agentsd beside what diffusers users already do: fused QKV, processor swaps, default processors."""
+
+import pytest
+import torch
+from conftest import tiny_unet, unet_inputs
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0, SlicedAttnProcessor
+
+import agentsd
+from agentsd import Phase
+from agentsd.attention import AgentAttnProcessor, MergedAttnProcessor
+
+TOL = 1e-4
+SCHEDULE = {0: [Phase(sx=4, sy=4, ratio=0.4, agent_ratio=0.95, merge_block=True)], 1: [Phase(sx=2, sy=2, ratio=0.3)]}
+
+
+def run(unet, sample, context, timestep=500):
+    with torch.no_grad():
+        return unet(sample, timestep, context).sample
+
+
+def agent_processors(unet):
+    return [p for p in unet.attn_processors.values() if isinstance(p, (AgentAttnProcessor, MergedAttnProcessor))]
+
+
+@pytest.fixture
+def setup():
+    unet = tiny_unet("sd", seed=3)
+    sample, context = unet_inputs(seed=4)
+    vanilla = run(unet, sample, context)
+    agentsd.apply(unet, SCHEDULE, seed=0)
+    merged = run(unet, sample, context)
+    agentsd.remove(unet)
+    return unet, sample, context, vanilla, merged
+
+
+@pytest.mark.parametrize("fuse_first", [True, False])
+def test_fused_qkv_projections_run_the_fused_projection(setup, fuse_first):
+    unet, sample, context, vanilla, merged = setup
+    if fuse_first:
+        unet.fuse_qkv_projections()
+        fused_vanilla = run(unet, sample, context)
+        agentsd.apply(unet, SCHEDULE, seed=0)
+    else:
+        agentsd.apply(unet, SCHEDULE, seed=0)
+        unet.fuse_qkv_projections()
+    calls = []
+    to_qkv = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_qkv
+    to_qkv.register_forward_hook(lambda *args: calls.append(1))
+    out = run(unet, sample, context)
+    assert calls  # the merged tokens went through the fused projection
+    assert (out - merged).abs().max() < TOL and (out - vanilla).abs().max() > 100 * TOL
+    agentsd.remove(unet)
+    if fuse_first:
+        assert torch.equal(run(unet, sample, context), fused_vanilla)
+    else:
+        assert (run(unet, sample, context) - vanilla).abs().max() < TOL
+
+
+@pytest.mark.parametrize(
+    "swap",
+    [
+        lambda unet: unet.set_attn_processor(AttnProcessor()),
+        lambda unet: unet.set_attention_slice(1),
+        lambda unet: unet.set_default_attn_processor(),
+    ],
+    ids=["set_attn_processor", "set_attention_slice", "set_default_attn_processor"],
+)
+def test_processors_swapped_in_while_patched_become_the_fallback(setup, swap):
+    unet, sample, context, vanilla, merged = setup
+    agentsd.apply(unet, SCHEDULE, seed=0)
+    swap(unet)  # no error of agentsd's own
+    out = run(unet, sample, context)
+    assert (out - merged).abs().max() < TOL  # agentsd still on, with the same result
+    assert agent_processors(unet) and agentsd.state_of(unet) is not None
+    fallbacks = {type(p.original) for p in agent_processors(unet)}
+    assert fallbacks <= {AttnProcessor, SlicedAttnProcessor}
+    agentsd.remove(unet)
+    assert not agent_processors(unet)
+    assert {type(p) for p in unet.attn_processors.values()} <= {AttnProcessor, SlicedAttnProcessor}
+    assert (run(unet, sample, context) - vanilla).abs().max() < TOL
+
+
+def test_set_default_attn_processor_raises_what_vanilla_raises(setup):
+    class Custom(AttnProcessor2_0):
+        pass
+
+    unet, *_ = setup
+    unet.set_attn_processor(Custom())
+    with pytest.raises(ValueError) as vanilla_error:
+        unet.set_default_attn_processor()
+    agentsd.apply(unet, SCHEDULE, seed=0)
+    with pytest.raises(ValueError) as patched_error:
+        unet.set_default_attn_processor()
+    assert str(patched_error.value) == str(vanilla_error.value)
+    assert agent_processors(unet)  # still patched after the refusal
