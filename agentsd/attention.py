@@ -58,11 +58,19 @@ class AgentState:
         self.draws = torch.zeros((), dtype=torch.long)  # counter of the random dst draws
         self.size: tuple[int, int] | None = None
         self.phases: tuple[Phase, ...] | None = None  # this call's phase of each band
+        self.decided = False  # the next UNet call's phases are already picked (by the scheduler, eagerly)
 
     def begin_call(self, height: int, width: int, p: float) -> None:
-        """Record the latent size and pick every band's phase at sampling progress ``p``."""
-        self.size = (height, width)
-        self.phases = tuple(phase_at(band.phases, p) for band in self.config.bands)
+        """Record the latent size and pick every band's phase at sampling progress ``p``.
+
+        Unchanged values keep their objects: torch.compile guards on them, and a new but equal
+        tuple would cost a recompilation.
+        """
+        if self.size != (height, width):
+            self.size = (height, width)
+        phases = tuple(phase_at(band.phases, p) for band in self.config.bands)
+        if self.phases != phases:
+            self.phases = phases
 
     @property
     def phase(self) -> Phase | None:

@@ -101,9 +101,11 @@ def apply(
         for unet in unets
     ]
     remove(model)
+    states = []
     for unet, config in zip(unets, configs):
-        state = AgentState(config, secrets.randbits(32) if seed is None else int(seed))
-        _patch(unet, _Patch(state, num_train_timesteps, options))
+        states.append(AgentState(config, secrets.randbits(32) if seed is None else int(seed)))
+        _patch(unet, _Patch(states[-1], num_train_timesteps, options))
+    _watch_scheduler(getattr(model, "scheduler", None), states, num_train_timesteps)
     return model
 
 
@@ -111,20 +113,47 @@ def remove(model) -> None:
     """Undo :func:`apply`: restore the original processors and drop the hooks. No-op when unpatched."""
     unets, _ = _find_unets(model)
     for unet in unets:
-        patch = unet.__dict__.pop(_ATTR, None)
+        patch = _inner(unet).__dict__.pop(_ATTR, None)
         if patch is None:
             continue
         for handle in patch.handles:
             handle.remove()
         _unwrap(patch)
         _inner(unet).__dict__.pop("set_default_attn_processor", None)
+    scheduler = getattr(model, "scheduler", None)
+    if getattr(getattr(scheduler, "scale_model_input", None), "_agentsd", False):
+        del scheduler.scale_model_input
+
+
+def _watch_scheduler(scheduler, states: list[AgentState], num_train_timesteps: int) -> None:
+    """Pick the phases where the pipeline scales the UNet's input for a timestep, just before calling it.
+
+    This runs outside the UNet, so a compiled UNet never sees the timestep's value read (a
+    graph break); the UNet's own pre-hook then skips its reading once.
+    """
+    original = getattr(scheduler, "scale_model_input", None)
+    if original is None:
+        return
+
+    def scale_model_input(sample, timestep=None, *args, **kwargs):
+        out = original(sample, timestep, *args, **kwargs)
+        if timestep is not None:
+            t = timestep.reshape(-1)[0] if isinstance(timestep, torch.Tensor) else timestep
+            p = progress(t, num_train_timesteps)
+            for state in states:
+                state.begin_call(sample.shape[-2], sample.shape[-1], p)
+                state.decided = True
+        return out
+
+    scale_model_input._agentsd = True
+    scheduler.scale_model_input = scale_model_input
 
 
 @contextlib.contextmanager
 def patched(model, schedule: Schedule = "paper", **kwargs) -> Iterator:
     """Context manager around :func:`apply`; on exit restores the model's previous patch (or none)."""
     unets, _ = _find_unets(model)
-    previous = getattr(unets[0], _ATTR, None)
+    previous = _inner(unets[0]).__dict__.get(_ATTR)
     apply(model, schedule, **kwargs)
     try:
         yield model
@@ -136,7 +165,7 @@ def patched(model, schedule: Schedule = "paper", **kwargs) -> Iterator:
 
 def state_of(unet) -> AgentState | None:
     """The live state of a patched UNet (its current phase and latent size), or ``None``."""
-    patch = getattr(unet, _ATTR, None)
+    patch = _inner(unet).__dict__.get(_ATTR)
     return None if patch is None else patch.state
 
 
@@ -212,12 +241,15 @@ def _patch(unet: torch.nn.Module, patch: _Patch) -> None:
     state = patch.state
 
     def unet_pre_hook(module, args, kwargs):
+        _wrap(patch)
+        if state.decided:  # the scheduler saw this call's timestep (outside any compiled graph)
+            state.decided = False
+            return
         sample = kwargs["sample"] if "sample" in kwargs else args[0]
         timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
         if isinstance(timestep, torch.Tensor):
             timestep = timestep.reshape(-1)[0]
         state.begin_call(sample.shape[-2], sample.shape[-1], progress(timestep, patch.num_train_timesteps))
-        _wrap(patch)
 
     patch.merge_block = any(phase.merge_block for band in state.config.bands for phase in band.phases)
     patch.blocks = [(block, BlockMerge()) for block in _blocks(unet)]
@@ -231,17 +263,22 @@ def _patch(unet: torch.nn.Module, patch: _Patch) -> None:
             patch.handles.append(block.ff.register_forward_hook(block_merge.ff_hook, with_kwargs=True))
     inner = _inner(unet)
     inner.__dict__["set_default_attn_processor"] = functools.partial(_set_default_attn_processor, inner, patch)
-    unet.__dict__[_ATTR] = patch
+    inner.__dict__[_ATTR] = patch
 
 
 def _wrap(patch: _Patch) -> None:
     """Give every patched attention an agentsd processor around whatever processor it has now."""
     for block, block_merge in patch.blocks:
-        if not isinstance(block.attn1.processor, AgentAttnProcessor):
-            block.attn1.set_processor(AgentAttnProcessor(block.attn1.processor, patch.state, block_merge))
+        processor = block.attn1.processor
+        if not (isinstance(processor, AgentAttnProcessor) and processor.state is patch.state):
+            fallback = processor.original if isinstance(processor, AgentAttnProcessor) else processor
+            block.attn1.set_processor(AgentAttnProcessor(fallback, patch.state, block_merge))
         attn2 = block.attn2
-        if patch.merge_block and attn2 is not None and not isinstance(attn2.processor, MergedAttnProcessor):
-            attn2.set_processor(MergedAttnProcessor(attn2.processor, block_merge))
+        if patch.merge_block and attn2 is not None:
+            processor = attn2.processor
+            if not (isinstance(processor, MergedAttnProcessor) and processor.block_merge is block_merge):
+                fallback = processor.original if isinstance(processor, MergedAttnProcessor) else processor
+                attn2.set_processor(MergedAttnProcessor(fallback, block_merge))
 
 
 def _unwrap(patch: _Patch) -> None:

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import tiny_unet, unet_inputs
+from conftest import tiny_pipeline, tiny_unet, unet_inputs
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0, SlicedAttnProcessor
 
 import agentsd
@@ -93,3 +93,50 @@ def test_set_default_attn_processor_raises_what_vanilla_raises(setup):
         unet.set_default_attn_processor()
     assert str(patched_error.value) == str(vanilla_error.value)
     assert agent_processors(unet)  # still patched after the refusal
+
+
+@pytest.mark.parametrize("compile_first", [True, False], ids=["compile-then-apply", "apply-then-compile"])
+def test_compiled_unet_in_a_pipeline_run(tmp_path, compile_first):
+    from torch._dynamo.utils import counters
+
+    pipe = tiny_pipeline(tmp_path)
+    pipe.set_progress_bar_config(disable=True)
+
+    def generate():
+        generator = torch.Generator().manual_seed(0)
+        return pipe("a cat", num_inference_steps=6, height=64, width=64, output_type="latent", generator=generator)
+
+    agentsd.apply(pipe, "paper", seed=0)
+    eager = generate().images
+    agentsd.remove(pipe)
+    unet = pipe.unet
+    torch._dynamo.reset()
+    counters.clear()
+    if compile_first:
+        pipe.unet = torch.compile(unet)
+        agentsd.apply(pipe, "paper", seed=0)
+    else:
+        agentsd.apply(pipe, "paper", seed=0)
+        pipe.unet = torch.compile(unet)
+    compiled = generate().images  # the pipeline passes tensor timesteps
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] <= len(agentsd.PRESETS["paper"])  # one graph per phase
+    # latents of an untrained tiny pipeline reach ~100: compare relative to their scale
+    assert (compiled - eager).abs().max() < TOL * eager.abs().max()
+
+    # explain() on one call of the UNet, its timestep seen by the scheduler first as in the pipeline
+    sample, context = torch.randn(2, 4, 8, 8), torch.randn(2, 7, unet.config.cross_attention_dim)
+    t = pipe.scheduler.timesteps[0]
+    torch._dynamo.reset()
+    pipe.scheduler.scale_model_input(sample, t)
+    with torch.no_grad():
+        explanation = torch._dynamo.explain(unet)(sample, t, context)
+        assert explanation.graph_break_count == 0, explanation.break_reasons
+        agentsd.apply(pipe, "paper", use_rand=False)  # the same dst tokens in both calls
+        pipe.scheduler.scale_model_input(sample, t)
+        once = pipe.unet(sample, t, context).sample
+        pipe.scheduler.scale_model_input(sample, t)
+        assert (once - unet(sample, t, context).sample).abs().max() < TOL  # compiled vs eager, one call
+    agentsd.remove(pipe)
+    pipe.unet = unet
+    assert not getattr(pipe.scheduler.scale_model_input, "_agentsd", False)
