@@ -29,13 +29,20 @@ class Render:
     settings: dict
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments end in one line (no usage block), like every other bad input."""
+
+    def error(self, message):
+        raise UsageError(f"{self.prog}: {message}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
-    if not hasattr(args, "run"):
-        parser.print_help()
-        return 2
     try:
+        args = parser.parse_args(argv)
+        if not hasattr(args, "run"):
+            parser.print_help()
+            return 2
         return args.run(args)
     except UsageError as error:
         print(f"agentsd: error: {error}", file=sys.stderr)
@@ -43,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="agentsd", description="Training-free agent attention for Stable Diffusion.")
+    parser = _Parser(prog="agentsd", description="Training-free agent attention for Stable Diffusion.")
     commands = parser.add_subparsers(title="commands")
 
     gen = commands.add_parser("generate", help="generate images, with or without token merging")
@@ -138,6 +145,8 @@ def _bench_quality(args) -> int:
 
 def generate(args) -> int:
     methods = _methods(args.compare if args.compare else args.method)
+    if not args.compare and len(methods) > 1:
+        raise UsageError(f"--method takes one method, got {args.method!r}; use --compare to render several")
     if args.schedule is not None and "agent" not in methods:
         raise UsageError("--schedule applies to --method agent")
     if args.steps < 1:

@@ -221,6 +221,13 @@ def _bands(unet: torch.nn.Module, phases, max_downsample: int | str) -> tuple[Ba
             raise TypeError(f"max_downsample must be an int or 'auto', got {max_downsample!r}")
         if max_downsample < 1:
             raise ValueError(f"max_downsample must be >= 1, got {max_downsample}")
+        if not any(level <= max_downsample for level in attention_levels(unet)):
+            warnings.warn(
+                f"agentsd changes nothing: {type(unet).__name__} has no self-attention at downsampling <= "
+                f"{max_downsample} (its levels with self-attention: {attention_levels(unet)}); "
+                'use max_downsample="auto"',
+                stacklevel=3,
+            )
         return (Band(0, max_downsample, phases),)
     levels = attention_levels(unet)
     missing = [level for level in phases if level >= len(levels)]

@@ -75,6 +75,9 @@ def test_per_level_schedule_file_and_fast_preset(tmp_path):
     "args, message",
     [
         (["--method", "fast"], "unknown method fast"),
+        (["--method", "agent,none"], "--method takes one method"),
+        (["--num-images", "0"], "--num-images"),
+        (["--seed", "x"], "invalid int value"),
         (["--compare", "none,turbo"], "unknown method turbo"),
         (["--size", "100x64"], "multiples of 8"),
         (["--size", "big"], "512x512"),

@@ -140,3 +140,25 @@ def test_compiled_unet_in_a_pipeline_run(tmp_path, compile_first):
     agentsd.remove(pipe)
     pipe.unet = unet
     assert not getattr(pipe.scheduler.scale_model_input, "_agentsd", False)
+
+
+def test_lora_adapters_unfused_and_fused(setup):
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    unet, sample, context, vanilla, merged = setup
+    torch.manual_seed(5)
+    targets = ["to_q", "to_k", "to_v", "to_out.0"]
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=targets, init_lora_weights=False))
+    lora_vanilla = run(unet, sample, context)
+    agentsd.apply(unet, SCHEDULE, seed=0)
+    unfused = run(unet, sample, context)
+    for module in unet.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.merge()  # what fuse_lora does: adapter weights folded into the base layers
+    agentsd.apply(unet, SCHEDULE, seed=0)  # the same random dst draws as the unfused run
+    fused = run(unet, sample, context)
+    assert (fused - unfused).abs().max() < TOL
+    assert (unfused - lora_vanilla).abs().max() > 100 * TOL and (unfused - merged).abs().max() > 100 * TOL
+    agentsd.remove(unet)
+    assert (run(unet, sample, context) - lora_vanilla).abs().max() < TOL
