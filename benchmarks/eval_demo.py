@@ -89,10 +89,31 @@ def real_scale(evaluator, n: int, seed: int, folder: Path | None) -> dict:
 
 
 def recipe(run: Path) -> dict:
-    """The training run's config and, from its log, when each stage ended (seconds from start)."""
+    """The training run's config, its wall time and each stage's share of it, from the log.
+
+    A run resumed after an interruption logs each invocation from its own start: the wall
+    time is the sum over invocations, and a stage's time the sum of its invocations' spans.
+    """
     rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-    ends = {r["stage"]: r["time"] for r in rows}
-    return {"config": json.loads((run / "config.json").read_text()), "stage_end_s": ends, "wall_s": ends.get("done")}
+    invocations, stages = [], {}
+    for row in rows:
+        if row["stage"] == "start":
+            invocations.append([])
+        invocations[-1].append(row)
+    for rows_of_one in invocations:
+        previous = 0.0
+        for row in rows_of_one:
+            if row["stage"] not in ("start", "threads", "done"):
+                stages[row["stage"]] = stages.get(row["stage"], 0.0) + row["time"] - previous
+            previous = row["time"]
+    wall = sum(r[-1]["time"] for r in invocations)
+    return {
+        "config": json.loads((run / "config.json").read_text()),
+        "invocations": len(invocations),
+        "stage_s": {k: round(v, 1) for k, v in stages.items()},
+        "wall_s": round(wall, 1),
+        "finished": rows[-1]["stage"] == "done",
+    }
 
 
 def main() -> None:
