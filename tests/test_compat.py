@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import tiny_pipeline, tiny_unet, unet_inputs
+from conftest import tiny_pipeline, tiny_sdxl_pipeline, tiny_unet, unet_inputs
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0, SlicedAttnProcessor
 
 import agentsd
@@ -162,3 +162,54 @@ def test_lora_adapters_unfused_and_fused(setup):
     assert (unfused - lora_vanilla).abs().max() > 100 * TOL and (unfused - merged).abs().max() > 100 * TOL
     agentsd.remove(unet)
     assert (run(unet, sample, context) - lora_vanilla).abs().max() < TOL
+
+
+def test_from_pipe_shares_the_patched_unet(tmp_path):
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline
+
+    for make, img2img_class in ((tiny_pipeline, StableDiffusionImg2ImgPipeline),
+                                (tiny_sdxl_pipeline, StableDiffusionXLImg2ImgPipeline)):  # fmt: skip
+        pipe = make(tmp_path)
+        agentsd.apply(pipe, SCHEDULE, seed=0)
+        img2img = img2img_class.from_pipe(pipe)  # shares the UNet: the patch applies to both
+        img2img.set_progress_bar_config(disable=True)
+        assert img2img.unet is pipe.unet and agentsd.state_of(img2img.unet) is not None
+        image = torch.rand(1, 3, 64, 64)
+
+        def run_img2img(image=image, img2img=img2img):
+            generator = torch.Generator().manual_seed(0)
+            return img2img("a cat", image=image, strength=0.6, num_inference_steps=5, output_type="latent",
+                           generator=generator).images  # fmt: skip
+
+        patched = run_img2img()
+        agentsd.remove(img2img)  # removing through either pipeline unpatches the shared UNet
+        assert agentsd.state_of(pipe.unet) is None and not agent_processors(pipe.unet)
+        vanilla_img2img = run_img2img()
+        assert (patched - vanilla_img2img).abs().max() > 100 * TOL
+
+
+def test_sd2_v_prediction_768_in_half_precision():
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(  # SD 2.x's layout in miniature: linear projections, 64-dim heads
+        sample_size=96,
+        block_out_channels=(64, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        layers_per_block=1,
+        attention_head_dim=(1, 1),
+        use_linear_projection=True,
+        cross_attention_dim=32,
+        norm_num_groups=16,
+    ).eval()
+    sample, context = unet_inputs(height=96, width=96)  # 768² images
+    expected = {}
+    for dtype in (torch.float32, torch.float16):
+        unet.to(dtype)
+        agentsd.apply(unet, "paper", use_rand=False, attn_precision="fp32")
+        expected[dtype] = run(unet, sample.to(dtype), context.to(dtype), timestep=900).float()
+        agentsd.remove(unet)
+    half = expected[torch.float16]
+    assert torch.isfinite(half).all()
+    assert (half - expected[torch.float32]).abs().max() < 0.05 * expected[torch.float32].abs().max()
