@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -63,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
         help="for --method agent: paper (default), fast, tome, or a JSON file of phases ([...] or {level: [...]})",
     )
     gen.add_argument("--steps", type=int, default=50)
-    gen.add_argument("--guidance", type=float, default=7.5)
+    gen.add_argument("--guidance", type=float, help="guidance scale (default: 7.5, or the demo model's own)")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--size", help="WIDTHxHEIGHT or N, multiples of 8 (default: the model's own)")
     gen.add_argument("--num-images", type=int, default=1)
@@ -114,6 +115,12 @@ def _bench_quality(args) -> int:
 
     if args.num < 1 or args.steps < 1 or args.batch < 1:
         raise UsageError("--num, --steps and --batch must be >= 1")
+    if any(m.startswith("deepcache") for m in args.methods):
+        try:
+            import DeepCache  # noqa: F401
+        except ImportError:
+            raise UsageError("the deepcache methods need the deepcache package: pip install deepcache") from None
+    args.guidance = _guidance(args.guidance, args.model)
     try:
         quality.load_prompts(args.prompts, args.num, args.seed)
     except ValueError as error:
@@ -157,6 +164,7 @@ def generate(args) -> int:
         raise UsageError(f"--output must be a .png file, got {args.output}")
     size = _size(args.size)
     schedule = _schedule(args.schedule)
+    args.guidance = _guidance(args.guidance, args.model)
     device = _device(args.device)
     dtype = _dtype(args.dtype, device)
     pipe, model_name = _load(args.model, device, dtype)
@@ -190,6 +198,17 @@ def generate(args) -> int:
         print(f"{render.method}: {render.seconds_per_image:.2f} s/image")
     print("saved " + ", ".join(str(p) for p in paths))
     return 0
+
+
+def _guidance(value: float | None, model: str | None) -> float:
+    """The guidance scale asked for, else the demo model's own (no model given) or Stable Diffusion's 7.5."""
+    if value is None:
+        from .demo import GUIDANCE
+
+        return GUIDANCE if model is None else 7.5
+    if not math.isfinite(value):
+        raise UsageError(f"--guidance must be a finite number, got {value}")
+    return value
 
 
 def _methods(text: str) -> list[str]:

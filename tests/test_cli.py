@@ -7,15 +7,17 @@ import pytest
 from PIL import Image
 
 from agentsd.cli import main
+from agentsd.demo import MODEL_DIR
 
 FAST = ["--steps", "2", "--seed", "3"]
+SIDE = json.loads((MODEL_DIR / "unet" / "config.json").read_text())["sample_size"] * 4  # the demo VAE's factor
 
 
 def test_generate_writes_png_with_metadata(tmp_path, capsys):
     out = tmp_path / "img.png"
     assert main(["generate", "a small red circle on the left", "--method", "tome", *FAST, "-o", str(out)]) == 0
     image = Image.open(out)
-    assert image.size == (64, 64)
+    assert image.size == (SIDE, SIDE)
     assert image.text["prompt"] == "a small red circle on the left"
     assert image.text["method"] == "tome"
     assert image.text["model"] == "agentsd-demo"
@@ -53,7 +55,7 @@ def test_compare_grid_and_schedule_file(tmp_path):
     )
     assert code == 0
     grid = Image.open(out)
-    assert grid.size[0] == 3 * 64 and grid.size[1] > 64
+    assert grid.size[0] == 3 * SIDE and grid.size[1] > SIDE
     assert json.loads(grid.text["methods"]) == ["none", "tome", "agent"]
     assert json.loads(grid.text["settings"])["agent"]["schedule"][0]["agent_ratio"] == 0.9
 

@@ -12,6 +12,7 @@ from conftest import char_tokenizer
 
 from agentsd.bench.quality import load_prompts, psnr, ssim
 from agentsd.cli import main
+from agentsd.demo import MODEL_DIR
 
 FAST = ["--num", "6", "--steps", "2", "--batch", "2"]
 
@@ -80,6 +81,20 @@ def test_psnr_and_ssim():
     slightly = (a.int() + torch.randint(-5, 6, a.shape)).clamp(0, 255).to(torch.uint8)
     badly = (a.int() + torch.randint(-60, 61, a.shape)).clamp(0, 255).to(torch.uint8)
     assert (ssim(a, badly) < ssim(a, slightly)).all() and (ssim(a, slightly) < 1).all()
+
+
+def test_fast_and_deepcache_methods(tmp_path):
+    out = tmp_path / "more"
+    methods = ["none", "fast", "deepcache", "deepcache+fast"]
+    assert main(["bench", "quality", *FAST, "--num", "4", "--methods", *methods, "--out", str(out)]) == 0
+    rows = json.loads((out / "quality.json").read_text())["metrics"]["methods"]
+    assert list(rows) == methods
+    assert rows["deepcache"]["psnr_vs_none"] < 100  # step caching changed the images
+    images = {m: (out / "images" / m / "00001.png").read_bytes() for m in methods}
+    assert images["deepcache"] != images["none"]
+    # fast leaves blocks under 1,024 tokens alone: it acts where the demo model's top level is that large
+    acts = json.loads((MODEL_DIR / "unet" / "config.json").read_text())["sample_size"] ** 2 >= 1024
+    assert (images["fast"] != images["none"]) == acts and (images["deepcache+fast"] != images["deepcache"]) == acts
 
 
 @pytest.mark.parametrize(

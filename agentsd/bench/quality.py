@@ -30,7 +30,17 @@ import torch.nn.functional as F
 
 from agentsd.bench import pyplot, write_report
 
-METHODS = {"none": None, "tome": "tome", "agent": "paper"}
+# method -> agentsd schedule (None: unpatched); "deepcache" methods also enable DeepCache's step caching
+METHODS = {
+    "none": None,
+    "tome": "tome",
+    "agent": "paper",
+    "fast": "fast",
+    "deepcache": None,
+    "deepcache+agent": "paper",
+    "deepcache+fast": "fast",
+}
+DEFAULT_METHODS = ["none", "tome", "agent"]
 
 
 IMAGENET_CLASSES = Path(__file__).with_name("data") / "imagenet_classes.txt"
@@ -80,6 +90,7 @@ def generate(pipe, method: str, prompts: list[str], batches: list[list[int]], fo
     folder.mkdir(parents=True, exist_ok=True)
     todo = [batch for batch in batches if not all((folder / f"{i:05d}.png").exists() for i in batch)]
     made, seconds = 0, 0.0
+    cache = _deepcache(pipe) if method.startswith("deepcache") and todo else None
     try:
         for batch in tqdm(todo, desc=method, disable=not todo):
             if METHODS[method] is not None:
@@ -97,7 +108,20 @@ def generate(pipe, method: str, prompts: list[str], batches: list[list[int]], fo
                 image.save(folder / f"{i:05d}.png")
     finally:
         agentsd.remove(pipe)
+        if cache is not None:
+            cache.disable()
     return made, seconds
+
+
+def _deepcache(pipe):
+    from DeepCache import DeepCacheSDHelper
+
+    from .runs import DEEPCACHE
+
+    helper = DeepCacheSDHelper(pipe=pipe)
+    helper.set_params(**DEEPCACHE)
+    helper.enable()
+    return helper
 
 
 def load_images(folder: Path, count: int) -> torch.Tensor:
@@ -277,9 +301,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--prompts", default="demo", help="demo, demo:1, demo:2 (held-out demo captions), imagenet, or a text file"
     )
     parser.add_argument("--num", type=int, default=500, help="number of prompts (files repeat their lines)")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS))
     parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--guidance", type=float, help="default: 7.5, or the demo model's own")
     parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i; demo prompts use it too")
     parser.add_argument("--batch", type=int, default=25)
     parser.add_argument("--reference", type=Path, help="folder of real images for FID/KID (default: vanilla's)")
