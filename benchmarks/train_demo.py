@@ -127,7 +127,7 @@ _EXPORT_RESERVE_S = 60
 class Run:
     """The run folder: config, JSON-lines log, and per-stage checkpoints."""
 
-    def __init__(self, folder: Path, overrides: dict, out: Path = MODEL_DIR.parent):
+    def __init__(self, folder: Path, overrides: dict, out: Path = MODEL_DIR.parent, defaults: dict = DEFAULTS):
         self.folder, self.out = folder, out
         self.evaluator_weights, self.model_dir = out / "evaluator.safetensors", out / "model"
         folder.mkdir(parents=True, exist_ok=True)
@@ -135,7 +135,7 @@ class Run:
         if path.exists():  # resuming: the recorded config wins
             self.config = json.loads(path.read_text())
         else:
-            self.config = {**DEFAULTS, **{k: v for k, v in overrides.items() if v is not None}}
+            self.config = {**defaults, **{k: v for k, v in overrides.items() if v is not None}}
             self.save_config()
         self.start = time.time()
 

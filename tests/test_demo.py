@@ -28,14 +28,15 @@ def test_pipeline_loads_offline(monkeypatch):
     assert p.tokenizer.model_max_length == p.text_encoder.config.max_position_embeddings
 
 
-def test_top_level_self_attention_sees_256_tokens(pipe):
+def test_top_level_self_attention_sees_the_whole_latent(pipe):
     seen = []
     block = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0]
     handle = block.attn1.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
+    side = pipe.unet.config.sample_size
     with torch.no_grad():
-        pipe.unet(torch.zeros(1, 4, 16, 16), 500, torch.zeros(1, 20, pipe.unet.config.cross_attention_dim))
+        pipe.unet(torch.zeros(1, 4, side, side), 500, torch.zeros(1, 20, pipe.unet.config.cross_attention_dim))
     handle.remove()
-    assert seen == [256]
+    assert seen and set(seen) == {side * side} and side * pipe.vae_scale_factor == IMAGE_SIZE
     assert sum(1 for b in pipe.unet.down_blocks if getattr(b, "attentions", None)) >= 2
 
 
@@ -48,7 +49,7 @@ def test_shipped_weights_are_small():
 def test_short_generation(pipe):
     captions = [s.caption for s in prompts(2, seed=3)]
     images = pipe(captions, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="pt").images
-    assert images.shape == (2, 3, 64, 64)
+    assert images.shape == (2, 3, IMAGE_SIZE, IMAGE_SIZE)
     assert images.flatten(1).std(1).min() > 0.02
     assert 0 <= images.min() and images.max() <= 1
 
