@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.attention_processor import AttnProcessor2_0
 
 from .merge import match, merge, merge_rows, partition, random_windows, unmerge
 from .schedule import Phase, phase_at
@@ -93,8 +94,10 @@ class AgentAttnProcessor:
     cross-attention and feed-forward.
     """
 
-    def __init__(self, original, state: AgentState, block_merge: BlockMerge | None = None):
-        self.original = original
+    def __init__(self, original=None, state: AgentState | None = None, block_merge: BlockMerge | None = None):
+        # diffusers rebuilds processors as ``type(processor)()`` (IP-Adapter loading): made that way, this
+        # one holds diffusers' default and no state, and the next patched UNet call wraps it afresh.
+        self.original = AttnProcessor2_0() if original is None else original
         self.state = state
         self.block_input: torch.Tensor | None = None
         self.block_merge = BlockMerge() if block_merge is None else block_merge
@@ -155,6 +158,7 @@ class AgentAttnProcessor:
         state = self.state
         if (
             metric is None
+            or state is None
             or state.phases is None
             or encoder_hidden_states is not None
             or attention_mask is not None
@@ -215,9 +219,9 @@ class BlockMerge:
 class MergedAttnProcessor:
     """Wraps the ``attn2`` processor of a patched block: cross-attention on the merged tokens when there are any."""
 
-    def __init__(self, original, block_merge: BlockMerge):
-        self.original = original
-        self.block_merge = block_merge
+    def __init__(self, original=None, block_merge: BlockMerge | None = None):
+        self.original = AttnProcessor2_0() if original is None else original  # see AgentAttnProcessor
+        self.block_merge = BlockMerge() if block_merge is None else block_merge
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
         block_merge = self.block_merge

@@ -213,3 +213,48 @@ def test_sd2_v_prediction_768_in_half_precision():
     half = expected[torch.float16]
     assert torch.isfinite(half).all()
     assert (half - expected[torch.float32]).abs().max() < 0.05 * expected[torch.float32].abs().max()
+
+
+def ip_adapter_state_dict(unet, clip_dim=12):
+    """A random IP-Adapter in the original checkpoint layout: image projection + to_k_ip/to_v_ip per cross-attention."""
+    torch.manual_seed(9)
+    cross = unet.config.cross_attention_dim
+    layers, key_id = {}, 1
+    for name in unet.attn_processors:
+        if name.endswith("attn1.processor"):
+            continue
+        if name.startswith("mid_block"):
+            hidden = unet.config.block_out_channels[-1]
+        elif name.startswith("up_blocks"):
+            hidden = list(reversed(unet.config.block_out_channels))[int(name[len("up_blocks.")])]
+        else:
+            hidden = unet.config.block_out_channels[int(name[len("down_blocks.")])]
+        layers[f"{key_id}.to_k_ip.weight"] = torch.randn(hidden, cross)
+        layers[f"{key_id}.to_v_ip.weight"] = torch.randn(hidden, cross)
+        key_id += 2
+    projection = {
+        "proj.weight": torch.randn(4 * cross, clip_dim) * 0.3,
+        "proj.bias": torch.zeros(4 * cross),
+        "norm.weight": torch.ones(cross),
+        "norm.bias": torch.zeros(cross),
+    }
+    return {"image_proj": projection, "ip_adapter": layers}
+
+
+def test_ip_adapter_loaded_while_patched(setup):
+    import copy
+
+    unet, sample, context, vanilla, merged = setup
+    plain = copy.deepcopy(unet)
+    image = {"image_embeds": [torch.randn(2, 1, 12)]}
+    for model in (plain, unet):
+        if model is unet:
+            agentsd.apply(unet, SCHEDULE, seed=0)
+        model._load_ip_adapter_weights([ip_adapter_state_dict(model)], low_cpu_mem_usage=False)  # rebuilds processors
+    with torch.no_grad():
+        ip_vanilla = plain(sample, 500, context, added_cond_kwargs=image).sample
+        patched = unet(sample, 500, context, added_cond_kwargs=image).sample
+        assert agent_processors(unet) and (patched - ip_vanilla).abs().max() > 100 * TOL
+        assert (ip_vanilla - vanilla).abs().max() > 100 * TOL  # the adapter acts
+        agentsd.remove(unet)
+        assert torch.equal(unet(sample, 500, context, added_cond_kwargs=image).sample, ip_vanilla)
