@@ -81,6 +81,18 @@ def test_psnr_and_ssim():
     slightly = (a.int() + torch.randint(-5, 6, a.shape)).clamp(0, 255).to(torch.uint8)
     badly = (a.int() + torch.randint(-60, 61, a.shape)).clamp(0, 255).to(torch.uint8)
     assert (ssim(a, badly) < ssim(a, slightly)).all() and (ssim(a, slightly) < 1).all()
+    # the formula written out (Wang et al. 2004), as this project computed SSIM before using torchmetrics
+    x, y = a.double() / 255, slightly.double() / 255
+    g = torch.exp(-((torch.arange(11, dtype=torch.float64) - 5) ** 2) / (2 * 1.5**2))
+    window = (g[:, None] * g[None, :] / g.sum() ** 2).expand(3, 1, 11, 11)
+
+    def blur(t):
+        return torch.nn.functional.conv2d(t, window, groups=3)
+
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
+    written = ((2 * mx * my + 1e-4) * (2 * cxy + 9e-4)) / ((mx**2 + my**2 + 1e-4) * (vx + vy + 9e-4))
+    assert torch.allclose(ssim(a, slightly), written.flatten(1).mean(1), atol=1e-3)
 
 
 def test_fast_and_deepcache_methods(tmp_path):

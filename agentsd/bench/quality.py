@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from agentsd.bench import pyplot, write_report
 
@@ -137,26 +136,17 @@ def load_images(folder: Path, count: int) -> torch.Tensor:
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR in dB of uint8 images (identical images give inf)."""
-    mse = (a.double() - b.double()).pow(2).flatten(1).mean(1)
-    return 10 * torch.log10(255.0**2 / mse)
+    """Per-image PSNR in dB of uint8 images (identical images give inf), by torchmetrics."""
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
+    return peak_signal_noise_ratio(a.double(), b.double(), data_range=255.0, reduction="none", dim=(1, 2, 3))
 
 
 def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-image SSIM (Wang et al. 2004: 11×11 Gaussian window, σ = 1.5, on [0, 1] RGB, channels averaged)."""
-    x, y = a.double() / 255, b.double() / 255
-    coords = torch.arange(11, dtype=torch.float64) - 5
-    g = torch.exp(-(coords**2) / (2 * 1.5**2))
-    window = (g[:, None] * g[None, :] / g.sum() ** 2).expand(3, 1, 11, 11)
+    """Per-image SSIM (Wang et al. 2004: 11×11 Gaussian window, σ = 1.5, on [0, 1] RGB), by torchmetrics."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
 
-    def blur(t):
-        return F.conv2d(t, window, groups=3)
-
-    mx, my = blur(x), blur(y)
-    vx, vy, cxy = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
-    c1, c2 = 0.01**2, 0.03**2
-    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
-    return s.flatten(1).mean(1)
+    return structural_similarity_index_measure(a.double() / 255, b.double() / 255, data_range=1.0, reduction="none")
 
 
 def inception(weights: str):
