@@ -258,3 +258,31 @@ def test_ip_adapter_loaded_while_patched(setup):
         assert (ip_vanilla - vanilla).abs().max() > 100 * TOL  # the adapter acts
         agentsd.remove(unet)
         assert torch.equal(unet(sample, 500, context, added_cond_kwargs=image).sample, ip_vanilla)
+
+
+@pytest.mark.parametrize("apply_first", [True, False])
+def test_model_cpu_offload(tmp_path, apply_first):
+    """accelerate's offload hooks wrap each model's forward; agentsd's hooks and processors keep working.
+    (Offloading to the CPU is what runs without an accelerator. Sequential offload fails here without agentsd
+    too: accelerate cannot rebuild the parameters on this torch's CPU build.)"""
+    offload = "enable_model_cpu_offload"
+    pipe = tiny_pipeline(tmp_path)
+    pipe.set_progress_bar_config(disable=True)
+
+    def generate():
+        generator = torch.Generator().manual_seed(0)
+        return pipe("a cat", num_inference_steps=4, height=64, width=64, output_type="latent", generator=generator)
+
+    vanilla = generate().images
+    agentsd.apply(pipe, SCHEDULE, seed=0)
+    merged = generate().images
+    agentsd.remove(pipe)
+    if not apply_first:
+        getattr(pipe, offload)(device="cpu")
+    agentsd.apply(pipe, SCHEDULE, seed=0)
+    if apply_first:
+        getattr(pipe, offload)(device="cpu")
+    offloaded = generate().images
+    assert (offloaded - merged).abs().max() < TOL * merged.abs().max()
+    agentsd.remove(pipe)
+    assert (generate().images - vanilla).abs().max() < TOL * vanilla.abs().max()
