@@ -196,12 +196,17 @@ def _blocks(module: torch.nn.Module) -> list[BasicTransformerBlock]:
     return [m for m in module.modules() if isinstance(m, BasicTransformerBlock)]
 
 
+def _self_attention_blocks(module: torch.nn.Module) -> list[BasicTransformerBlock]:
+    """Blocks whose attn1 attends to the image itself (the x4 upscaler's are cross-attention only)."""
+    return [b for b in _blocks(module) if not getattr(b, "only_cross_attention", False)]
+
+
 def attention_levels(unet: torch.nn.Module) -> list[int]:
     """Downsampling factors of the UNet's levels that have self-attention, highest resolution first."""
     down = list(getattr(unet, "down_blocks", []))
-    factors = {2**level for level, block in enumerate(down) if _blocks(block)}
+    factors = {2**level for level, block in enumerate(down) if _self_attention_blocks(block)}
     mid = getattr(unet, "mid_block", None)
-    if mid is not None and _blocks(mid):
+    if mid is not None and _self_attention_blocks(mid):
         factors.add(2 ** max(len(down) - 1, 0))
     return sorted(factors)
 

@@ -286,3 +286,37 @@ def test_model_cpu_offload(tmp_path, apply_first):
     assert (offloaded - merged).abs().max() < TOL * merged.abs().max()
     agentsd.remove(pipe)
     assert (generate().images - vanilla).abs().max() < TOL * vanilla.abs().max()
+
+
+def test_x4_upscaler_layout_patches_its_self_attention():
+    """The x4 upscaler's UNet: cross-attention only in attn1 of its first levels, self-attention deeper."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=7,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        only_cross_attention=(True, True, False),
+        attention_head_dim=8,
+        cross_attention_dim=32,
+        norm_num_groups=8,
+        class_embed_type=None,
+        num_class_embeds=1000,  # the noise level of the low-resolution image
+    ).eval()
+    assert agentsd.patch.attention_levels(unet) == [4]  # level 2's down block and the mid block
+    sample, context = torch.randn(2, 7, 32, 32), torch.randn(2, 7, 32)
+
+    def run_upscaler():
+        with torch.no_grad():
+            return unet(sample, 500, context, class_labels=torch.tensor([20, 20])).sample
+
+    vanilla = run_upscaler()
+    agentsd.apply(unet, [Phase(sx=2, sy=2, ratio=0.5, agent_ratio=0.7)], seed=0)
+    assert (run_upscaler() - vanilla).abs().max() > 100 * TOL
+    agentsd.remove(unet)
+    assert torch.equal(run_upscaler(), vanilla)
