@@ -14,6 +14,7 @@ started from (CPU), or ``torch.cuda.max_memory_allocated`` (CUDA).
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import tempfile
@@ -265,8 +266,6 @@ def _rss() -> int:
         pages = int(Path("/proc/self/statm").read_text().split()[1])
     except (OSError, IndexError, ValueError):
         return 0
-    import os
-
     return pages * os.sysconf("SC_PAGE_SIZE")
 
 
