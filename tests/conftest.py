@@ -1,6 +1,3 @@
-import json
-import string
-
 import pytest
 import torch
 from diffusers import (
@@ -11,6 +8,8 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from agentsd.bench.runs import letter_tokenizer
 
 CROSS_DIM = 32
 
@@ -57,12 +56,8 @@ def unet():
 
 
 def char_tokenizer(folder, max_length: int = 16) -> CLIPTokenizer:
-    """A CLIP tokenizer written here: single letters (with and without the end-of-word mark), no merges."""
-    letters = list(string.ascii_lowercase)
-    vocab = ["<|startoftext|>", "<|endoftext|>"] + letters + [c + "</w>" for c in letters]
-    (folder / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length)
+    """A CLIP tokenizer over single letters, no merges (the one the whole-run benchmark builds)."""
+    return letter_tokenizer(folder, max_length)
 
 
 def tiny_pipeline(tmp_path) -> StableDiffusionPipeline:

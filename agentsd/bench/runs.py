@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import tempfile
 import threading
@@ -28,7 +27,7 @@ from diffusers.models.attention import BasicTransformerBlock
 
 import agentsd
 
-from .speed import TOME_RATIO, build_unet
+from .speed import TOME_RATIO, build_unet, machine, resume
 
 SCHEDULERS = ("pndm", "ddim", "euler", "dpm")
 DEEPCACHE = dict(cache_interval=3, cache_branch_id=0)
@@ -137,8 +136,8 @@ def _chain(*undos: Callable[[], None]) -> Callable[[], None]:
     return undo
 
 
-def _tokenizer(folder: Path):
-    """A CLIP tokenizer over single letters, written here (no download)."""
+def letter_tokenizer(folder: Path, max_length: int = 77):
+    """A CLIP tokenizer over single letters (with and without the end-of-word mark), written here: no download."""
     import string
 
     from transformers import CLIPTokenizer
@@ -147,7 +146,7 @@ def _tokenizer(folder: Path):
     vocab = ["<|startoftext|>", "<|endoftext|>", *letters, *(c + "</w>" for c in letters)]
     (folder / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}))
     (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length)
 
 
 def _text_encoder(tokenizer, width: int, projection: int | None = None):
@@ -197,7 +196,7 @@ def build_pipeline(model: str, scheduler: str, folder: Path):
         norm_num_groups=8,
         layers_per_block=1,
     )
-    tokenizer = _tokenizer(folder)
+    tokenizer = letter_tokenizer(folder)
     width = unet.config.cross_attention_dim
     if unet.config.addition_embed_type == "text_time":
         pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
@@ -300,11 +299,7 @@ def run(model, sizes, methods, repeats, warmup, steps, scheduler, dtype, device,
     pipe = pipe.to(device=device, dtype=dtype)
     setup = {
         "kind": "pipeline",
-        "device": str(device),
-        "cpu": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "dtype": str(dtype).removeprefix("torch."),
+        **machine(device, dtype),
         "model": name,
         "pipeline": type(pipe).__name__,
         "scheduler": scheduler,
@@ -312,10 +307,7 @@ def run(model, sizes, methods, repeats, warmup, steps, scheduler, dtype, device,
         "tome_ratio": TOME_RATIO,
         "deepcache": DEEPCACHE,
     }
-    results = json.loads(out.read_text()) if out.exists() else {}
-    if {k: v for k, v in results.items() if k != "sizes"} != json.loads(json.dumps(setup)):
-        results = {}
-    results = {**setup, "sizes": results.get("sizes", {})}
+    results = resume(out, setup)
     for size in sizes:
         times = {method: [] for method in methods}
         memory = {method: [] for method in methods}

@@ -177,21 +177,14 @@ def run(model, sizes, methods, repeats, warmup, batch, dtype, device, out: Path)
     unet, vae_factor, name = build_unet(model)
     unet = unet.to(device=device, dtype=dtype).eval()
     setup = {
-        "device": str(device),
-        "cpu": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "dtype": str(dtype).removeprefix("torch."),
+        **machine(device, dtype),
         "batch": batch,
         "model": name,
         "tome_ratio": TOME_RATIO,
         "agent_phase": AGENT_PHASE.__dict__,
         "paper_agent_share": AGENT_SHARE,
     }
-    results = json.loads(out.read_text()) if out.exists() else {}
-    if {k: v for k, v in results.items() if k != "sizes"} != json.loads(json.dumps(setup)):
-        results = {}  # measured under other settings: start afresh rather than mix
-    results = {**setup, "sizes": results.get("sizes", {})}
+    results = resume(out, setup)
     for size in sizes:
         latent = size // vae_factor
         inputs = _inputs(unet, batch, latent, device, dtype)
@@ -211,6 +204,25 @@ def run(model, sizes, methods, repeats, warmup, batch, dtype, device, out: Path)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=2) + "\n")
     return results
+
+
+def machine(device, dtype) -> dict:
+    """Where a timing was taken, recorded beside it."""
+    return {
+        "device": str(device),
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def resume(out: Path, setup: dict) -> dict:
+    """The results already in ``out`` when measured under ``setup``, else a fresh start (never a mix)."""
+    results = json.loads(out.read_text()) if out.exists() else {}
+    if {k: v for k, v in results.items() if k != "sizes"} != json.loads(json.dumps(setup)):
+        results = {}
+    return {**setup, "sizes": results.get("sizes", {})}
 
 
 def summarize(times: dict[str, list[float]]) -> dict:
