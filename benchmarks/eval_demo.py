@@ -24,10 +24,10 @@ from agentsd.demo.evaluator import WEIGHTS
 RESULTS = Path(__file__).parent / "results" / "demo_model.json"
 
 
-def weight_sizes() -> dict[str, int]:
-    """Bytes of each shipped weights file, by path relative to ``agentsd/demo``."""
-    files = sorted(MODEL_DIR.glob("*/*.safetensors")) + [WEIGHTS]
-    return {str(f.relative_to(MODEL_DIR.parent)): f.stat().st_size for f in files}
+def weight_sizes(model_dir: Path = MODEL_DIR, evaluator: Path = WEIGHTS) -> dict[str, int]:
+    """Bytes of each weights file, by path relative to the model folder's parent."""
+    files = sorted(model_dir.glob("*/*.safetensors")) + [evaluator]
+    return {str(f.relative_to(model_dir.parent)): f.stat().st_size for f in files}
 
 
 def generate(pipe, captions: list[str], steps: int, guidance: float, seed: int, batch: int) -> torch.Tensor:
@@ -125,14 +125,16 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=50)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--run", type=Path, help="training run folder, for the recipe's wall time")
+    parser.add_argument("--model", type=Path, default=MODEL_DIR, help="pipeline folder (default: the shipped one)")
+    parser.add_argument("--evaluator", type=Path, default=WEIGHTS, help="evaluator weights (default: the shipped)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--real-n", type=int, default=1000, help="images per set for the real-vs-real FID/KID")
     parser.add_argument("--real-dir", type=Path, help="write the first real set here (a bench quality reference)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    pipe = load_pipeline()
-    evaluator = Evaluator.load()
+    pipe = load_pipeline(dtype=torch.float32, folder=args.model)
+    evaluator = Evaluator.load(args.evaluator)
     real = {}
     for k in (1, 2):
         batch = sample(1000, seed=args.seed, num_objects=k, split="test")
@@ -146,11 +148,12 @@ def main() -> None:
     }
     scale = real_scale(evaluator, args.real_n, args.seed, args.real_dir)
     times = batch_time(pipe, args.steps, args.guidance[0])
-    sizes = weight_sizes()
+    sizes = weight_sizes(args.model, args.evaluator)
     result = {
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads},
         "weights_bytes": sizes,
-        "weights_total_bytes": sum(sizes.values()) - sizes[str(WEIGHTS.relative_to(MODEL_DIR.parent))],
+        "model": str(args.model),
+        "weights_total_bytes": sum(sizes.values()) - args.evaluator.stat().st_size,
         "recipe": recipe(args.run) if args.run else None,
         "evaluator_on_real_test_images": real,
         "vanilla_caption_accuracy": {"steps": args.steps, "n": args.n, "seed": args.seed, "by_guidance": generated},

@@ -14,7 +14,9 @@ MODEL_DIR = Path(__file__).with_name("model")
 GUIDANCE = 3.0
 
 
-def load_pipeline(device: str | torch.device | None = None, dtype: torch.dtype | None = None):
+def load_pipeline(
+    device: str | torch.device | None = None, dtype: torch.dtype | None = None, folder: str | Path = MODEL_DIR
+):
     """The demo text-to-image pipeline (64² images, 16² latents), read from the package; nothing is downloaded.
 
     Args:
@@ -26,7 +28,7 @@ def load_pipeline(device: str | torch.device | None = None, dtype: torch.dtype |
     # The weights are stored in float32, which is what loading gives without a dtype keyword.
     options = {} if dtype is None else {"torch_dtype": dtype}
     pipe = StableDiffusionPipeline.from_pretrained(
-        MODEL_DIR, local_files_only=True, safety_checker=None, requires_safety_checker=False, **options
+        folder, local_files_only=True, safety_checker=None, requires_safety_checker=False, **options
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device or "cpu")
