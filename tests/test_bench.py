@@ -113,12 +113,41 @@ def test_bad_speed_arguments_are_one_clear_line(tiny_folder, tmp_path, capsys, a
 
 def test_gpu_suite_runs_end_to_end_on_cpu_at_a_tiny_size(tmp_path, capsys):
     out = tmp_path / "suite"
-    assert main(["bench", "suite", "--tiny", "--device", "cpu", "--dtype", "float32", "--out", str(out)]) == 0
+    args = ["bench", "suite", "--tiny", "--device", "cpu", "--dtype", "float32", "--out", str(out)]
+    assert main(args) == 0
     forward = json.loads((out / "tiny_forward.json").read_text())
     whole = json.loads((out / "tiny_runs.json").read_text())
-    assert set(forward["sizes"]) == set(whole["sizes"]) == {"64", "128"}
-    assert {"vanilla+compile", "fast+compile", "deepcache+fast"} <= set(whole["sizes"]["128"]["times"])
+    compiled = json.loads((out / "tiny_compile.json").read_text())
+    assert set(forward["sizes"]) == set(whole["sizes"]) == set(compiled["sizes"]) == {"64", "128"}
+    assert {"deepcache+fast", "ceiling-blocks-top"} <= set(whole["sizes"]["128"]["times"])
+    assert set(compiled["sizes"]["128"]["times"]) == {"vanilla", "vanilla+compile", "fast", "fast+compile"}
     assert (out / "tiny_runs.png").stat().st_size > 1000 and "fast+compile" in (out / "suite.md").read_text()
+    log = json.loads((out / "suite.json").read_text())
+    assert [p["status"] for p in log["parts"]] == ["measured"] * 3 and log["seconds"] < log["budget_s"]
     capsys.readouterr()
-    assert main(["bench", "suite", "--tiny", "--device", "cpu", "--dtype", "float32", "--out", str(out)]) == 0
-    assert capsys.readouterr().out.count("already measured, skipped") == 2  # resumes
+    assert main(args) == 0
+    assert capsys.readouterr().out.count("already measured, skipped") == 3  # resumes
+
+
+def test_gpu_suite_leaves_out_what_its_budget_does_not_allow(tmp_path, capsys):
+    out = tmp_path / "suite"
+    assert main(["bench", "suite", "--tiny", "--device", "cpu", "--budget", "0", "--out", str(out)]) == 0
+    log = json.loads((out / "suite.json").read_text())
+    assert [p["status"] for p in log["parts"]] == ["left out: time budget spent"] * 3
+    assert not (out / "tiny_forward.json").exists() and "left out" in (out / "suite.md").read_text()
+
+
+def test_rounds_cut_repeats_to_the_deadline_but_keep_one(monkeypatch):
+    from types import SimpleNamespace
+
+    from agentsd.bench import speed
+
+    clock = SimpleNamespace(now=0.0)
+    monkeypatch.setattr(speed, "time", SimpleNamespace(monotonic=lambda: clock.now))
+    assert list(speed.rounds(2, 3, None)) == ["warm-up", "warm-up", "repeat 1", "repeat 2", "repeat 3"]
+    assert list(speed.rounds(1, 3, -1.0)) == ["warm-up", "repeat 1"]  # the deadline has passed: one timed round
+    labels = []
+    for label in speed.rounds(0, 5, 2.5):
+        labels.append(label)
+        clock.now += 1.0  # each round takes 1 s: a third would end past the deadline
+    assert labels == ["repeat 1", "repeat 2"]

@@ -27,7 +27,7 @@ from diffusers.models.attention import BasicTransformerBlock
 
 import agentsd
 
-from .speed import TOME_RATIO, build_unet, machine, resume
+from .speed import TOME_RATIO, build_unet, machine, past, resume, rounds
 
 SCHEDULERS = ("pndm", "ddim", "euler", "dpm")
 DEEPCACHE = dict(cache_interval=3, cache_branch_id=0)
@@ -291,10 +291,16 @@ def time_run(pipe, size: int, steps: int, device) -> tuple[float, int]:
 DEFAULT_METHODS = [m for m in METHODS if not m.endswith("+compile")]  # compiling takes minutes on CPU
 
 
-def run(model, sizes, methods, repeats, warmup, steps, scheduler, dtype, device, out: Path) -> dict:
-    """Measure every size (methods interleaved repeat by repeat); sizes already in ``out`` are kept."""
+WARMUP_STEPS = 4  # a warm-up run goes through every phase of every preset (and compiles each) in this many steps
+
+
+def run(model, sizes, methods, repeats, warmup, steps, scheduler, dtype, device, out: Path, deadline=None) -> dict:
+    """Measure every size (methods interleaved repeat by repeat); sizes already in ``out`` are kept.
+
+    Warm-up runs take ``WARMUP_STEPS`` steps (enough to meet every phase and compile it); ``deadline`` as in
+    ``speed.run``."""
     torch.manual_seed(0)
-    with tempfile.TemporaryDirectory() as folder:
+    with tempfile.TemporaryDirectory() as folder, torch.device(device):
         pipe, name = build_pipeline(model, scheduler, Path(folder))
     pipe = pipe.to(device=device, dtype=dtype)
     setup = {
@@ -308,22 +314,30 @@ def run(model, sizes, methods, repeats, warmup, steps, scheduler, dtype, device,
         "deepcache": DEEPCACHE,
     }
     results = resume(out, setup)
+    warmup_steps = min(steps, WARMUP_STEPS)
     for size in sizes:
+        if past(deadline, f"{size}²"):
+            break
         times = {method: [] for method in methods}
         memory = {method: [] for method in methods}
-        for rep in range(warmup + repeats):
+        for which in rounds(warmup, repeats, deadline):
             for method in methods:
                 undo = METHODS[method](pipe, size)
                 try:
-                    seconds, extra = time_run(pipe, size, steps, device)
+                    seconds, extra = time_run(pipe, size, warmup_steps if which == "warm-up" else steps, device)
                 finally:
                     undo()
-                if rep >= warmup:
+                if which != "warm-up":
                     times[method].append(seconds)
                     memory[method].append(extra)
-                which = "warm-up" if rep < warmup else f"repeat {rep - warmup + 1}"
                 print(f"{size}² {method:24s} {which}: {seconds:.2f} s, peak +{extra / 2**20:.0f} MiB", flush=True)
-        results["sizes"][str(size)] = {"repeats": repeats, "warmup": warmup, **summarize(times, memory)}
+        taken = len(times[methods[0]])
+        results["sizes"][str(size)] = {
+            "repeats": taken,
+            "warmup": warmup,
+            "warmup_steps": warmup_steps,
+            **summarize(times, memory),
+        }
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=2) + "\n")
     return results

@@ -171,10 +171,14 @@ def time_forward(unet, inputs: dict) -> float:
     return time.perf_counter() - start
 
 
-def run(model, sizes, methods, repeats, warmup, batch, dtype, device, out: Path) -> dict:
-    """Measure every size (all methods interleaved) and write ``out`` after each; other sizes in ``out`` are kept."""
+def run(model, sizes, methods, repeats, warmup, batch, dtype, device, out: Path, deadline=None) -> dict:
+    """Measure every size (all methods interleaved) and write ``out`` after each; other sizes in ``out`` are kept.
+
+    ``deadline`` (a ``time.monotonic()`` value): fewer repeats (at least one) where the rest would not fit, and
+    sizes not started once it has passed; what was cut is printed and the repeats taken are recorded."""
     torch.manual_seed(0)
-    unet, vae_factor, name = build_unet(model)
+    with torch.device(device):  # random init where the model runs: seconds, not a minute, for SDXL on a GPU
+        unet, vae_factor, name = build_unet(model)
     unet = unet.to(device=device, dtype=dtype).eval()
     setup = {
         **machine(device, dtype),
@@ -186,21 +190,23 @@ def run(model, sizes, methods, repeats, warmup, batch, dtype, device, out: Path)
     }
     results = resume(out, setup)
     for size in sizes:
+        if past(deadline, f"{size}²"):
+            break
         latent = size // vae_factor
         inputs = _inputs(unet, batch, latent, device, dtype)
         times = {method: [] for method in methods}
-        for rep in range(warmup + repeats):
+        for which in rounds(warmup, repeats, deadline):
             for method in methods:
                 undo = METHODS[method](unet, latent * latent)
                 try:
                     seconds = time_forward(unet, inputs)
                 finally:
                     undo()
-                if rep >= warmup:
+                if which != "warm-up":
                     times[method].append(seconds)
-                which = "warm-up" if rep < warmup else f"repeat {rep - warmup + 1}"
                 print(f"{size}² {method:14s} {which}: {seconds:.2f} s", flush=True)
-        results["sizes"][str(size)] = {"repeats": repeats, "warmup": warmup, **summarize(times)}
+        taken = len(times[methods[0]])
+        results["sizes"][str(size)] = {"repeats": taken, "warmup": warmup, **summarize(times)}
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=2) + "\n")
     return results
@@ -208,13 +214,37 @@ def run(model, sizes, methods, repeats, warmup, batch, dtype, device, out: Path)
 
 def machine(device, dtype) -> dict:
     """Where a timing was taken, recorded beside it."""
+    device = torch.device(device)
+    card = {"gpu": torch.cuda.get_device_name(device)} if device.type == "cuda" else {}
     return {
         "device": str(device),
+        **card,
         "cpu": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "dtype": str(dtype).removeprefix("torch."),
     }
+
+
+def past(deadline: float | None, what: str) -> bool:
+    """True (and says so) when ``deadline`` has passed: ``what`` is then left unmeasured."""
+    if deadline is None or time.monotonic() < deadline:
+        return False
+    print(f"{what}: not measured, the time budget is spent", flush=True)
+    return True
+
+
+def rounds(warmup: int, repeats: int, deadline: float | None):
+    """The label of each round: the warm-up rounds, then up to ``repeats`` timed rounds: at least one timed round,
+    and after each one only as many more as the last one's duration says still fit before ``deadline``."""
+    for _ in range(warmup):
+        yield "warm-up"
+    for rep in range(repeats):
+        start = time.monotonic()
+        yield f"repeat {rep + 1}"
+        if deadline is not None and rep + 1 < repeats and time.monotonic() + (time.monotonic() - start) > deadline:
+            print(f"{rep + 1} of {repeats} repeats: the time budget allows no more", flush=True)
+            return
 
 
 def resume(out: Path, setup: dict) -> dict:
@@ -275,7 +305,7 @@ def table(results: dict) -> str:
 def plot(results: dict):
     """Speed-up over vanilla (median) against image size, one line per method; ``None`` without matplotlib."""
     plt = pyplot()
-    if plt is None:
+    if plt is None or not results["sizes"]:
         return None
     sizes = sorted(results["sizes"], key=int)
     methods = [m for m in results["sizes"][sizes[0]].get("speedup_median", {}) if m != "vanilla"]
@@ -343,20 +373,23 @@ def bench(args: argparse.Namespace) -> int:
                 if pipeline
                 else summarize(measured["times"])
             )
-            results["sizes"][size] = {k: measured[k] for k in ("repeats", "warmup")} | summary
+            kept = ("repeats", "warmup", "warmup_steps")
+            results["sizes"][size] = {k: measured[k] for k in kept if k in measured} | summary
         args.out.write_text(json.dumps(results, indent=2) + "\n")
     else:
         dtype, device = getattr(torch, args.dtype), torch.device(args.device)
+        deadline = getattr(args, "deadline", None)
         pipeline = args.pipeline
         if pipeline:
             results = runs.run(
                 args.model, args.sizes, args.methods, args.repeats, args.warmup, args.steps, args.scheduler,
-                dtype, device, args.out,
+                dtype, device, args.out, deadline,
             )  # fmt: skip
         else:
             results = run(
-                args.model, args.sizes, args.methods, args.repeats, args.warmup, args.batch, dtype, device, args.out
-            )
+                args.model, args.sizes, args.methods, args.repeats, args.warmup, args.batch, dtype, device, args.out,
+                deadline,
+            )  # fmt: skip
     module = runs if pipeline else sys.modules[__name__]
     write_report(args.out, module.table(results), module.plot(results))
     return 0

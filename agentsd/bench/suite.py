@@ -1,11 +1,15 @@
 """The GPU suite: one command that measures what the README quotes, on whatever card runs it.
 
-SD 1.5 at 512², 1024², 2048² and SDXL at 1024², UNet forwards (every method of
-``bench speed``) and whole 20-step runs (every ``--pipeline`` method, torch.compile on
-and off for vanilla and ``fast``), fp16 on CUDA. Each part writes its JSON, table and
-plot into ``--out``; a part already measured there is skipped, so an interrupted suite
-resumes. ``--tiny`` runs the same parts on a tiny UNet at small sizes: the CPU check
-that the suite works end to end.
+SD 1.5 at 512², 1024², 2048² and SDXL at 1024², fp16 on CUDA: UNet forwards (every method
+of ``bench speed``), whole 20-step runs (every ``--pipeline`` method), and torch.compile on
+and off for vanilla and ``fast``. The parts run in order of what they tell (cheap, broad
+ones first) under a time budget (``--budget``, 8 minutes by default): a part that would
+start after the budget is spent is left out, and a part under way takes fewer repeats
+(at least one) rather than run over; ``suite.json`` records what ran, how long and what
+was left out. Each part writes its JSON, table and plot into ``--out``; a size already
+measured there is skipped, so an interrupted or cut suite resumes. A part that fails is
+reported and the rest still run. ``--tiny`` runs the same parts on a tiny UNet at small
+sizes: the CPU check that the suite works end to end.
 
     benchmarks/gpu.sh                                # = agentsd bench suite --device cuda --dtype float16
     agentsd bench suite --tiny --device cpu --out /tmp/suite
@@ -16,14 +20,25 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+import time
+import traceback
 from pathlib import Path
 
 import torch
 
 from . import runs, speed
 
-# (model, sizes): the card's share of the work, ≤ 8 minutes on one H100-class GPU
-PARTS = [("sd15", [512, 1024, 2048]), ("sdxl", [1024])]
+# (model, mode, sizes, methods) in the order they run; methods None: all of the mode's (compile apart)
+PARTS = [
+    ("sd15", "forward", [512, 1024, 2048], None),
+    ("sdxl", "forward", [1024], None),
+    ("sd15", "runs", [512, 1024], None),
+    ("sdxl", "runs", [1024], None),
+    ("sd15", "compile", [512], ["vanilla", "vanilla+compile", "fast", "fast+compile"]),
+    ("sd15", "runs", [2048], None),
+    ("sdxl", "compile", [1024], ["vanilla", "vanilla+compile", "fast", "fast+compile"]),
+]
+TINY_PARTS = [(model, mode, [64, 128], methods) for model, mode, _, methods in PARTS[:5] if model == "sd15"]
 TINY_UNET = dict(
     sample_size=16,
     in_channels=4,
@@ -44,38 +59,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/gpu"))
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--budget", type=float, default=480.0, help="seconds the whole suite may take (default 480)")
     parser.add_argument("--tiny", action="store_true", help="a tiny UNet at small sizes: checks the suite on CPU")
 
 
 def parts(args: argparse.Namespace, tiny_folder: Path | None) -> list[argparse.Namespace]:
-    """One ``bench speed`` invocation per (model, mode): the arguments it runs with."""
-    todo = [("tiny", [64, 128])] if args.tiny else PARTS
+    """One ``bench speed`` invocation per part: the arguments it runs with, in the order they run."""
     out = []
-    for model, sizes in todo:
-        for pipeline in (False, True):
-            name = f"{model}_{'runs' if pipeline else 'forward'}"
-            out.append(
-                argparse.Namespace(
-                    model=str(tiny_folder) if model == "tiny" else model,
-                    sizes=sizes,
-                    methods=list(runs.METHODS) if pipeline else list(speed.METHODS),
-                    pipeline=pipeline,
-                    steps=2 if args.tiny else args.steps,
-                    scheduler="pndm",
-                    repeats=1 if args.tiny else args.repeats,
-                    warmup=1,
-                    batch=2,
-                    dtype=args.dtype,
-                    device=args.device,
-                    out=args.out / f"{name}.json",
-                    report=False,
-                )
+    for model, mode, sizes, methods in TINY_PARTS if args.tiny else PARTS:
+        pipeline = mode != "forward"
+        out.append(
+            argparse.Namespace(
+                model=str(tiny_folder) if args.tiny else model,
+                sizes=sizes,
+                methods=methods or list(runs.DEFAULT_METHODS if pipeline else speed.METHODS),
+                pipeline=pipeline,
+                steps=2 if args.tiny else args.steps,
+                scheduler="pndm",
+                repeats=1 if args.tiny else args.repeats,
+                warmup=1,
+                batch=2,
+                dtype=args.dtype,
+                device=args.device,
+                out=args.out / f"{'tiny' if args.tiny else model}_{mode}.json",
+                report=False,
             )
+        )
     return out
 
 
 def bench(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+    deadline = start + args.budget
+    log = []
     with tempfile.TemporaryDirectory() as folder:
         tiny = None
         if args.tiny:
@@ -83,18 +100,41 @@ def bench(args: argparse.Namespace) -> int:
 
             tiny = Path(folder) / "tiny"
             UNet2DConditionModel(**TINY_UNET).save_config(tiny / "unet")
-        done = {}
         for part in parts(args, tiny):
+            name = f"{part.out.stem} {' '.join(f'{s}²' for s in part.sizes)}"
             measured = json.loads(part.out.read_text()) if part.out.exists() else {"sizes": {}}
             if all(str(size) in measured["sizes"] for size in part.sizes):
-                print(f"{part.out}: already measured, skipped")
-            else:
+                print(f"{name}: already measured, skipped")
+                log.append({"part": name, "status": "already measured"})
+                continue
+            if speed.past(deadline, name):
+                log.append({"part": name, "status": "left out: time budget spent"})
+                continue
+            began = time.monotonic()
+            part.deadline = deadline
+            try:
                 speed.bench(part)
-            done[part.out.stem] = json.loads(part.out.read_text())
-    summary = args.out / "suite.md"
-    summary.write_text(
-        "\n\n".join((runs if results.get("kind") == "pipeline" else speed).table(results) for results in done.values())
-        + "\n"
+                measured = json.loads(part.out.read_text())["sizes"] if part.out.exists() else {}
+                missing = [f"{size}²" for size in part.sizes if str(size) not in measured]
+                status = f"left out {', '.join(missing)}: time budget spent" if missing else "measured"
+            except Exception as error:  # noqa: BLE001 - one broken part must not cost the others
+                traceback.print_exc()
+                status = f"failed: {type(error).__name__}: {error}"
+            log.append({"part": name, "status": status, "seconds": round(time.monotonic() - began, 1)})
+    done = {}
+    for path in sorted(args.out.glob("*.json")):
+        results = json.loads(path.read_text())
+        if path.name != "suite.json" and results.get("sizes"):
+            done[path.stem] = results
+    total = time.monotonic() - start
+    card = next((r["gpu"] for r in done.values() if "gpu" in r), args.device)
+    (args.out / "suite.json").write_text(
+        json.dumps({"device": card, "budget_s": args.budget, "seconds": round(total, 1), "parts": log}, indent=2) + "\n"
     )
-    print(f"suite: {summary}")
+    lines = [f"Suite on {card}: {total:.0f} s (budget {args.budget:.0f} s).", ""]
+    lines += [f"- {entry['part']}: {entry['status']}" for entry in log]
+    tables = [(runs if results.get("kind") == "pipeline" else speed).table(results) for results in done.values()]
+    summary = args.out / "suite.md"
+    summary.write_text("\n".join(lines) + "\n\n" + "\n\n".join(tables) + "\n")
+    print(f"suite: {summary} ({total:.0f} s)")
     return 0
