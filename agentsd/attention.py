@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from .merge import match, merge, merge_rows, partition, random_windows, unmerge
-from .schedule import Phase, phase_at
+from .merge import Merge, match, merge_rows, partition, random_windows
+from .schedule import Phase, min_tokens_on, phase_at
 
 __all__ = ["AgentAttnProcessor", "AgentConfig", "AgentState", "Band", "BlockMerge", "MergedAttnProcessor"]
 
@@ -104,7 +104,7 @@ class AgentAttnProcessor:
 
     def begin_block(self, block_input: torch.Tensor) -> None:
         self.block_input = block_input
-        self.block_merge.rows = None
+        self.block_merge.merge = None
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
         metric, self.block_input = self.block_input, None
@@ -135,20 +135,20 @@ class AgentAttnProcessor:
         if phase.agent_ratio is not None:
             agent_r = min(int(N * phase.agent_ratio), m.num_src)
             if 2 * (N - agent_r) < N - r:
-                agents = merge(hidden_states, merge_rows(m, agent_r), N - agent_r)
+                agents = Merge(merge_rows(m, agent_r), N - agent_r)(hidden_states)
 
-        rows = merge_rows(m, r)
+        tokens = Merge(merge_rows(m, r), N - r)
         if phase.merge_block:
-            self.block_merge.rows, self.block_merge.size = rows, N - r
+            self.block_merge.merge = tokens
         out = agent_attention(
             attn,
-            merge(hidden_states, rows, N - r),
+            tokens(hidden_states),
             agents,
             k_scale2=config.k_scale2,
             k_shortcut=config.k_shortcut,
             upcast=config.attn_precision == "fp32",
         )
-        out = unmerge(out, rows)
+        out = tokens.unmerge(out)
         if attn.residual_connection:
             out = out + hidden_states
         return out / attn.rescale_output_factor
@@ -178,7 +178,7 @@ class AgentAttnProcessor:
         h, w = math.ceil(height / downsample), math.ceil(width / downsample)
         phase = state.phases[band]
         r = int(N * phase.ratio)
-        if h * w != N or r == 0 or h < phase.sy or w < phase.sx or N < phase.min_tokens:
+        if h * w != N or r == 0 or h < phase.sy or w < phase.sx or N < min_tokens_on(phase, hidden_states.device.type):
             return None
         return h, w, phase, r
 
@@ -192,13 +192,12 @@ class BlockMerge:
     """
 
     def __init__(self):
-        self.rows: torch.Tensor | None = None  # (B, N) row of every token in the merged set
-        self.size = 0
+        self.merge: Merge | None = None  # the merge of this block's tokens, while the block runs
         self._ff_merged = False
 
     def applies(self, hidden_states: torch.Tensor) -> bool:
-        rows = self.rows
-        return rows is not None and hidden_states.ndim == 3 and hidden_states.shape[:2] == rows.shape
+        merge = self.merge
+        return merge is not None and hidden_states.ndim == 3 and hidden_states.shape[:2] == merge.shape
 
     def ff_pre_hook(self, module, args, kwargs):
         # A chunked feed-forward sees slices of the tokens: those run unmerged.
@@ -206,14 +205,14 @@ class BlockMerge:
         self._ff_merged = self.applies(hidden_states)
         if not self._ff_merged:
             return None
-        merged = merge(hidden_states, self.rows, self.size)
+        merged = self.merge(hidden_states)
         return ((merged, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": merged})
 
     def ff_hook(self, module, args, kwargs, output):
         if not self._ff_merged:
             return None
         self._ff_merged = False
-        return unmerge(output, self.rows)
+        return self.merge.unmerge(output)
 
 
 class MergedAttnProcessor:
@@ -227,11 +226,11 @@ class MergedAttnProcessor:
         block_merge = self.block_merge
         merged = block_merge.applies(hidden_states) and not attn.residual_connection and not kwargs
         if merged:
-            hidden_states = merge(hidden_states, block_merge.rows, block_merge.size)
+            hidden_states = block_merge.merge(hidden_states)
         out = self.original(
             attn, hidden_states, encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask, **kwargs
         )
-        return unmerge(out, block_merge.rows) if merged else out
+        return block_merge.merge.unmerge(out) if merged else out
 
 
 def agent_attention(

@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["Matching", "match", "merge", "merge_rows", "partition", "random_windows", "unmerge"]
+__all__ = ["Matching", "Merge", "match", "merge", "merge_rows", "partition", "random_windows", "unmerge"]
 
 
 class Matching(NamedTuple):
@@ -83,8 +83,15 @@ def partition(h: int, w: int, sx: int, sy: int, windows: torch.Tensor | None = N
     return torch.argsort(is_src, stable=True)
 
 
+MATCH_CHUNK_ELEMENTS = 1 << 24  # similarity scores held at once, at least: 32 MiB in fp16
+
+
 def match(metric: torch.Tensor, order: torch.Tensor, num_dst: int) -> Matching:
     """Rank src tokens by cosine similarity to their most similar dst token.
+
+    The ``B × Ns × Nd`` similarities are taken a chunk of src tokens at a time, each chunk no
+    larger than the metric itself (or ``MATCH_CHUNK_ELEMENTS``): at 2048² they would otherwise
+    outweigh everything else a fused-attention UNet holds (O(N²) where flash attention is O(N)).
 
     Args:
         metric: ``(B, N, C)`` features to match on.
@@ -94,8 +101,15 @@ def match(metric: torch.Tensor, order: torch.Tensor, num_dst: int) -> Matching:
     dst, src = order[:num_dst], order[num_dst:]
     norm = metric.norm(dim=-1)
     dst_unit = metric.index_select(1, dst) / norm.index_select(1, dst)[..., None]
+    src_tokens = metric.index_select(1, src)
+    B, num_src = src_tokens.shape[:2]
+    step = max(1, max(metric.numel(), MATCH_CHUNK_ELEMENTS) // max(1, B * num_dst))
     # Dividing by the src norms after the max leaves each argmax unchanged and skips a B×Ns×C division.
-    best, best_dst = (metric.index_select(1, src) @ dst_unit.transpose(1, 2)).max(dim=-1)
+    if step >= num_src:
+        best, best_dst = (src_tokens @ dst_unit.transpose(1, 2)).max(dim=-1)
+    else:
+        chunks = [(c @ dst_unit.transpose(1, 2)).max(dim=-1) for c in src_tokens.split(step, dim=1)]
+        best, best_dst = torch.cat([c.values for c in chunks], 1), torch.cat([c.indices for c in chunks], 1)
     rank = (best / norm.index_select(1, src)).argsort(dim=-1, descending=True)
     return Matching(dst, src[rank], best_dst.gather(1, rank))
 
@@ -115,17 +129,44 @@ def merge_rows(m: Matching, k: int) -> torch.Tensor:
     return rows
 
 
+class Merge:
+    """One merge of ``(B, N)`` tokens into ``size`` rows (``rows`` from :func:`merge_rows`), its index work done once.
+
+    A block that merges its attention, cross-attention and feed-forward inputs with one
+    map pays for the flat indices and the row counts once, not once per sublayer.
+    """
+
+    def __init__(self, rows: torch.Tensor, size: int):
+        B, N = rows.shape
+        self.rows, self.size, self.shape = rows, size, (B, N)
+        self.flat = (rows + size * torch.arange(B, device=rows.device)[:, None]).flatten()
+        self._counts: dict[torch.dtype, torch.Tensor] = {}
+
+    def _row_counts(self, x: torch.Tensor) -> torch.Tensor:
+        counts = self._counts.get(x.dtype)
+        if counts is None:
+            B, N = self.shape
+            counts = x.new_zeros(B * self.size).index_add_(0, self.flat, x.new_ones(B * N))[:, None]
+            self._counts[x.dtype] = counts
+        return counts
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Average the tokens of ``x`` (B×N×C) that share a row: ``(B, size, C)``."""
+        B, N, C = x.shape
+        sums = x.new_zeros(B * self.size, C).index_add_(0, self.flat, x.reshape(B * N, C))
+        return (sums / self._row_counts(x)).view(B, self.size, C)
+
+    def unmerge(self, x: torch.Tensor) -> torch.Tensor:
+        """Give every token the row of ``x`` (B×size×C) it was merged into: ``(B, N, C)``."""
+        B, size, C = x.shape
+        return x.reshape(B * size, C).index_select(0, self.flat).view(B, -1, C)
+
+
 def merge(x: torch.Tensor, rows: torch.Tensor, size: int) -> torch.Tensor:
     """Average the tokens of ``x`` (B×N×C) that share a row: ``(B, size, C)``."""
-    B, N, C = x.shape
-    flat = (rows + size * torch.arange(B, device=rows.device)[:, None]).flatten()
-    sums = x.new_zeros(B * size, C).index_add_(0, flat, x.reshape(B * N, C))
-    counts = x.new_zeros(B * size).index_add_(0, flat, x.new_ones(B * N))
-    return (sums / counts[:, None]).view(B, size, C)
+    return Merge(rows, size)(x)
 
 
 def unmerge(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """Give every token the row of ``x`` (B×size×C) it was merged into: ``(B, N, C)``."""
-    B, size, C = x.shape
-    flat = (rows + size * torch.arange(B, device=rows.device)[:, None]).flatten()
-    return x.reshape(B * size, C).index_select(0, flat).view(B, -1, C)
+    return Merge(rows, x.shape[1]).unmerge(x)

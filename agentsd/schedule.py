@@ -6,7 +6,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Union
 
-__all__ = ["PRESETS", "Phase", "Schedule", "phase_at", "progress", "resolve_schedule"]
+__all__ = [
+    "DEVICE_MIN_TOKENS",
+    "PRESETS",
+    "Phase",
+    "Schedule",
+    "min_tokens_on",
+    "phase_at",
+    "progress",
+    "resolve_schedule",
+]
 
 
 @dataclass(frozen=True)
@@ -23,6 +32,7 @@ class Phase:
         merge_block: also run cross-attention and the feed-forward on the merged tokens (ToMeSD's
             ``merge_crossattn`` / ``merge_mlp``), each unmerged before its residual add.
         min_tokens: leave a block alone when it has fewer tokens: there merging costs more than it saves.
+            ``None``: the default of the device the model runs on (``DEVICE_MIN_TOKENS``).
     """
 
     end: float = 1.0
@@ -31,16 +41,18 @@ class Phase:
     ratio: float = 0.5
     agent_ratio: float | None = None
     merge_block: bool = False
-    min_tokens: int = 0
+    min_tokens: int | None = 0
 
     def __post_init__(self):
         for name in ("sx", "sy", "min_tokens"):
             value = getattr(self, name)
+            if name == "min_tokens" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"Phase.{name} must be an int, got {type(value).__name__}")
         if not isinstance(self.merge_block, bool):
             raise TypeError(f"Phase.merge_block must be a bool, got {type(self.merge_block).__name__}")
-        if self.min_tokens < 0:
+        if self.min_tokens is not None and self.min_tokens < 0:
             raise ValueError(f"Phase.min_tokens must be >= 0, got {self.min_tokens}")
         for name in ("sx", "sy"):
             value = getattr(self, name)
@@ -59,7 +71,21 @@ Phases = tuple[Phase, ...]
 # highest-resolution level that has self-attention, level 1 the next, and so on.
 Schedule = Union[str, Phase, Sequence[Phase], Mapping[int, Sequence[Phase]]]
 
-_FAST_MIN_TOKENS = 1024
+# Fewest tokens at which merging a block pays, per device type (``Phase(min_tokens=None)``), as measured
+# in whole runs (benchmarks/results/speed_runs_cpu.json, benchmarks/results/gpu/). On a CPU the attention's
+# O(N²) part outweighs the merge's small ops from about 1,024 tokens. On a GPU fused attention is so cheap
+# and every small op's launch so costly in comparison that, on an H200, merging 16,384-token levels made
+# SD 1.5 at 1024² slower while the 65,536-token level at 2048² ran twice as fast: other devices take 32,768.
+DEVICE_MIN_TOKENS = {"cpu": 1024}
+ACCELERATOR_MIN_TOKENS = 32768
+
+
+def min_tokens_on(phase: Phase, device_type: str) -> int:
+    """The fewest tokens a block needs for ``phase`` to merge it on a device of ``device_type``."""
+    if phase.min_tokens is not None:
+        return phase.min_tokens
+    return DEVICE_MIN_TOKENS.get(device_type, ACCELERATOR_MIN_TOKENS)
+
 
 PRESETS: dict[str, Phases | dict[int, Phases]] = {
     # AgentSD's published SD 1.5 setting: agents early, plain ToMe once the layout is set.
@@ -67,12 +93,12 @@ PRESETS: dict[str, Phases | dict[int, Phases]] = {
     # ToMeSD's defaults.
     "tome": (Phase(end=1.0, sx=2, sy=2, ratio=0.5),),
     # Beyond the paper: agents on the two highest-resolution levels while the layout forms, whole-block
-    # ToMe after; cross-attention and feed-forward always run on the merged tokens. Blocks under 1,024
-    # tokens are left alone (there merging costs more than it saves).
+    # ToMe after; cross-attention and feed-forward always run on the merged tokens. Blocks with fewer
+    # tokens than the device's DEVICE_MIN_TOKENS are left alone (there merging costs more than it saves).
     "fast": {
         level: (
-            Phase(end=0.5, sx=4, sy=4, ratio=ratio, agent_ratio=0.95, merge_block=True, min_tokens=_FAST_MIN_TOKENS),
-            Phase(end=1.0, sx=2, sy=2, ratio=0.5, merge_block=True, min_tokens=_FAST_MIN_TOKENS),
+            Phase(end=0.5, sx=4, sy=4, ratio=ratio, agent_ratio=0.95, merge_block=True, min_tokens=None),
+            Phase(end=1.0, sx=2, sy=2, ratio=0.5, merge_block=True, min_tokens=None),
         )
         for level, ratio in ((0, 0.5), (1, 0.4))
     },

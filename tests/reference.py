@@ -5,6 +5,7 @@ import math
 import torch
 
 from agentsd.merge import random_windows
+from agentsd.schedule import min_tokens_on
 
 
 def softmax_attention(q, k, v, scale):
@@ -48,7 +49,7 @@ def block_attention(attn, x, y, H, W, phase_of, k_scale2, k_shortcut, windows_fn
     downsample = math.ceil(math.sqrt(H * W // N))
     phase = phase_of(downsample)
     r = 0 if phase is None else int(N * phase.ratio)
-    if r == 0 or N < phase.min_tokens:
+    if r == 0 or N < min_tokens_on(phase, y.device.type):  # the device's default where None
         return torch.stack([attention(attn, y[b], None, k_scale2, k_shortcut) for b in range(B)]), None
     h, w = math.ceil(H / downsample), math.ceil(W / downsample)
     windows = windows_fn(h, w, phase.sx, phase.sy) if B % 2 == 0 else None

@@ -195,3 +195,14 @@ def test_min_tokens_leaves_small_levels_alone(unet):
     assert torch.equal(run(unet, sample, context), vanilla)
     agentsd.apply(unet, [Phase(sx=2, sy=2, ratio=0.5, min_tokens=256)], use_rand=False)
     assert not torch.equal(run(unet, sample, context), vanilla)
+
+
+def test_min_tokens_none_takes_the_default_of_the_device_the_model_runs_on(unet, monkeypatch):
+    from agentsd import schedule
+
+    sample, context = unet_inputs()  # 256 tokens at level 0: under the CPU default of 1,024
+    vanilla = run(unet, sample, context)
+    agentsd.apply(unet, [Phase(sx=2, sy=2, ratio=0.5, min_tokens=None)], use_rand=False)
+    assert torch.equal(run(unet, sample, context), vanilla)
+    monkeypatch.setitem(schedule.DEVICE_MIN_TOKENS, "cpu", 256)  # the lookup is by the hidden states' device
+    assert not torch.equal(run(unet, sample, context), vanilla)

@@ -1,3 +1,4 @@
+import pytest
 import torch
 from reference import dst_positions
 
@@ -57,3 +58,23 @@ def test_merge_and_unmerge_follow_the_ranking():
     assert torch.equal(back[b, unmerged], x[b, unmerged])  # unmerged src keep their own
     identity = merge_rows(m, 0)
     assert torch.equal(unmerge(merge(x, identity, h * w), identity), x)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1 << 30])
+def test_match_in_chunks_equals_the_similarity_formula(monkeypatch, chunk):
+    import agentsd.merge as merge_module
+
+    monkeypatch.setattr(merge_module, "MATCH_CHUNK_ELEMENTS", chunk)
+    gen = torch.Generator().manual_seed(chunk)
+    h, w, sx, sy = 6, 10, 2, 3
+    metric = torch.randn(2, h * w, 5, generator=gen, dtype=torch.float64)
+    order = partition(h, w, sx, sy, torch.randint(0, sx * sy, (h // sy, w // sx), generator=gen))
+    num_dst = (h // sy) * (w // sx)
+    m = match(metric, order, num_dst)
+    for b in range(2):  # each src picks its most similar dst by cosine; ranked by that similarity, best first
+        unit = metric[b] / metric[b].norm(dim=-1, keepdim=True)
+        sims = unit[order[num_dst:]] @ unit[order[:num_dst]].T
+        best, choice = sims.max(dim=-1)
+        rank = best.argsort(descending=True)
+        assert torch.equal(m.src_ranked[b], order[num_dst:][rank])
+        assert torch.equal(m.dst_of_ranked[b], choice[rank])

@@ -68,3 +68,13 @@ def test_per_level_schedule():
 def test_block_options_validation(kwargs, error):
     with pytest.raises(error):
         Phase(**kwargs)
+
+
+def test_min_tokens_none_is_the_device_default():
+    from agentsd.schedule import ACCELERATOR_MIN_TOKENS, DEVICE_MIN_TOKENS, min_tokens_on
+
+    auto = Phase(min_tokens=None)
+    assert min_tokens_on(auto, "cpu") == DEVICE_MIN_TOKENS["cpu"] == 1024
+    assert min_tokens_on(auto, "cuda") == min_tokens_on(auto, "xpu") == ACCELERATOR_MIN_TOKENS > 16384
+    assert min_tokens_on(Phase(min_tokens=7), "cuda") == 7
+    assert all(p.min_tokens is None for phases in PRESETS["fast"].values() for p in phases)

@@ -330,7 +330,7 @@ def run(model, sizes, methods, repeats, warmup, steps, scheduler, dtype, device,
                 if which != "warm-up":
                     times[method].append(seconds)
                     memory[method].append(extra)
-                print(f"{size}² {method:24s} {which}: {seconds:.2f} s, peak +{extra / 2**20:.0f} MiB", flush=True)
+                print(f"{size}² {method:24s} {which}: {seconds:.3f} s, peak +{extra / 2**20:.0f} MiB", flush=True)
         taken = len(times[methods[0]])
         results["sizes"][str(size)] = {
             "repeats": taken,
@@ -365,7 +365,7 @@ def table(results: dict) -> str:
         for name, seconds in summary["median"].items():
             speedup = summary.get("speedup_median", {}).get(name)
             cell = "–" if speedup is None else f"{speedup:.2f}×"
-            lines.append(f"| {size}² | {name} | {seconds:.2f} | {cell} | {summary['peak_mib'][name]:.0f} |")
+            lines.append(f"| {size}² | {name} | {seconds:.4g} | {cell} | {summary['peak_mib'][name]:.0f} |")
     return "\n".join(lines)
 
 

@@ -204,7 +204,7 @@ def run(model, sizes, methods, repeats, warmup, batch, dtype, device, out: Path,
                     undo()
                 if which != "warm-up":
                     times[method].append(seconds)
-                print(f"{size}² {method:14s} {which}: {seconds:.2f} s", flush=True)
+                print(f"{size}² {method:14s} {which}: {seconds:.4f} s", flush=True)
         taken = len(times[methods[0]])
         results["sizes"][str(size)] = {"repeats": taken, "warmup": warmup, **summarize(times)}
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -294,7 +294,7 @@ def table(results: dict) -> str:
             cells = []
             for stat in ("median", "min"):
                 cells += [
-                    cell(summary[stat][name], "{:.2f}"),
+                    cell(summary[stat][name], "{:.4g}"),
                     cell(summary.get(f"speedup_{stat}", {}).get(name), "{:.2f}×"),
                     cell(summary.get(f"ceiling_share_{stat}", {}).get(name), "{:.0%}"),
                 ]
