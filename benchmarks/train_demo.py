@@ -16,6 +16,12 @@ then and recorded in ``<run>/config.json`` (pass ``--unet-steps`` to fix it
 yourself). The budget counts from the start of the invocation that fixes it.
 
     python benchmarks/train_demo.py --run runs/demo --threads 2
+
+``--init FOLDER`` continues from a trained model (``FOLDER/model`` and ``FOLDER/evaluator.safetensors``,
+as ``--out`` writes them): the evaluator, the VAE and the text encoder are taken as they are, the
+latent cache is made again with that VAE, and the UNet starts from its weights (its EMA too):
+
+    python benchmarks/train_demo.py --run runs/demo128b --init benchmarks/checkpoints/demo128 --minutes 64
 """
 
 from __future__ import annotations
@@ -117,6 +123,7 @@ DEFAULTS = dict(
     ema=0.999,
     uncond_prob=0.1,
     min_snr=5.0,
+    init=None,
 )
 # Disjoint seed ranges of the generator's training stream, one per stage (run seed k adds k * 10**8).
 _EVAL_SEEDS, _VAE_SEEDS, _CACHE_SEEDS, _TEXT_SEEDS = 1_000_000, 2_000_000, 3_000_000, 4_000_000
@@ -454,7 +461,14 @@ def train_unet(run: Run, text_encoder, latents: torch.Tensor, ids: torch.Tensor,
     """Train the UNet on the frozen text encoder (epsilon loss, min-SNR weighting, caption dropout for CFG)."""
     c = run.config
     torch.manual_seed(c["seed"] + 2)
-    unet = UNet2DConditionModel(**UNET_CONFIG).train()
+    if c["init"]:
+        unet = UNet2DConditionModel.from_pretrained(Path(c["init"]) / "model" / "unet", torch_dtype=torch.float32)
+        mismatched = {k: v for k, v in UNET_CONFIG.items() if _listed(unet.config[k]) != _listed(v)}
+        if mismatched:
+            raise ValueError(f"--init UNet differs from this recipe's UNET_CONFIG in {sorted(mismatched)}")
+        unet.train()
+    else:
+        unet = UNet2DConditionModel(**UNET_CONFIG).train()
     params = list(unet.parameters())
     opt = torch.optim.AdamW(params, lr=c["unet_lr"], weight_decay=0.01)
     ema = _Ema(params, c["ema"])
@@ -503,6 +517,24 @@ def train_unet(run: Run, text_encoder, latents: torch.Tensor, ids: torch.Tensor,
     return unet.eval()
 
 
+def _listed(value):
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def reuse(run: Run) -> tuple[AutoencoderKL, CLIPTextModel]:
+    """``--init``: the evaluator, VAE and text encoder of a trained model, as they are."""
+    init = Path(run.config["init"])
+    if not (init / "evaluator.safetensors").is_file() or not (init / "model" / "unet").is_dir():
+        raise FileNotFoundError(f"--init needs evaluator.safetensors and model/ in {init}")
+    run.out.mkdir(parents=True, exist_ok=True)
+    if init.resolve() != run.out.resolve():
+        shutil.copyfile(init / "evaluator.safetensors", run.evaluator_weights)
+    vae = AutoencoderKL.from_pretrained(init / "model" / "vae", torch_dtype=torch.float32).eval()
+    text_encoder = CLIPTextModel.from_pretrained(init / "model" / "text_encoder", torch_dtype=torch.float32)
+    run.log("init", 0, folder=str(init))
+    return vae.requires_grad_(False), text_encoder.eval().requires_grad_(False)
+
+
 def export(model_dir: Path, vae, text_encoder, tokenizer, unet) -> None:
     pipe = StableDiffusionPipeline(
         vae=vae,
@@ -547,19 +579,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--minutes", type=float, help="wall-clock budget of the whole recipe")
     parser.add_argument("--unet-steps", type=int)
+    parser.add_argument("--init", type=Path, help="continue from a trained model's folder (model/, evaluator)")
     parser.add_argument(
         "--set", type=_setting, action="append", default=[], metavar="KEY=VALUE", help="any other config value"
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     overrides = {**dict(args.set), "seed": args.seed, "minutes": args.minutes, "unet_steps": args.unet_steps}
+    overrides["init"] = None if args.init is None else str(args.init)
     run = Run(args.run, overrides, args.out)
     run.log("start", 0, config=run.config, threads=args.threads)
-    train_evaluator(run)
-    vae = train_vae(run)
     tokenizer = make_tokenizer()
-    latents, ids = build_cache(run, vae, tokenizer)
-    text_encoder = train_text_encoder(run, tokenizer)
+    if run.config["init"]:
+        vae, text_encoder = reuse(run)
+        latents, ids = build_cache(run, vae, tokenizer)
+    else:
+        train_evaluator(run)
+        vae = train_vae(run)
+        latents, ids = build_cache(run, vae, tokenizer)
+        text_encoder = train_text_encoder(run, tokenizer)
     unet = train_unet(run, text_encoder, latents, ids, _token_ids(tokenizer, [""])[0])
     export(run.model_dir, vae, text_encoder, tokenizer, unet)
     run.log("done", 0, wall_s=round(time.time() - run.start, 1))

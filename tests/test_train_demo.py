@@ -84,3 +84,18 @@ def test_recipe_rejects_unknown_settings(recipe, tmp_path):
         recipe.main(["--run", str(tmp_path / "run"), "--set", "unet_lrate=1"])
     with pytest.raises(SystemExit):
         recipe.main(["--run", str(tmp_path / "run"), "--set", "unet_lr=fast"])
+
+
+def test_recipe_continues_from_a_trained_model(recipe, trained, tmp_path):
+    init = trained / "out"
+    args = ["--run", str(tmp_path / "run"), "--out", str(tmp_path / "out"), "--init", str(init), "--unet-steps", "2"]
+    recipe.main(args + [a for kv in [*TINY, "unet_lr=0"] for a in ("--set", kv)])  # lr 0: the UNet stays put
+    rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    stages = {r["stage"] for r in rows}
+    assert {"init", "cache", "unet", "done"} <= stages and not {"evaluator", "vae", "text"} & stages
+    for part in ("unet/diffusion_pytorch_model", "vae/diffusion_pytorch_model", "text_encoder/model"):
+        before, after = (load_file(root / "model" / f"{part}.safetensors") for root in (init, tmp_path / "out"))
+        assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before), part
+    assert (tmp_path / "out" / "evaluator.safetensors").read_bytes() == (init / "evaluator.safetensors").read_bytes()
+    with pytest.raises(FileNotFoundError, match="--init needs"):
+        recipe.main(["--run", str(tmp_path / "run2"), "--init", str(tmp_path / "nowhere")])
