@@ -4,6 +4,7 @@ from diffusers import (
     AutoencoderKL,
     PNDMScheduler,
     StableDiffusionPipeline,
+    StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
@@ -102,27 +103,36 @@ def _text_encoder_config(tokenizer, **kwargs) -> CLIPTextConfig:
     )
 
 
-def tiny_sdxl_pipeline(tmp_path) -> StableDiffusionXLPipeline:
-    """SDXL pipeline from configs: two text encoders, size conditioning, no attention at the top level."""
-    tokenizer = char_tokenizer(tmp_path)
+def _sdxl_unet(cross_attention_dim: int, time_ids: int, **layout) -> UNet2DConditionModel:
+    """A tiny UNet with SDXL's conditioning: pooled text plus ``time_ids`` size (or aesthetic) terms."""
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(
+    return UNet2DConditionModel(
         sample_size=16,
         in_channels=4,
         out_channels=4,
         layers_per_block=1,
+        use_linear_projection=True,
+        cross_attention_dim=cross_attention_dim,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=CROSS_DIM + time_ids * 8,
+        norm_num_groups=8,
+        **layout,
+    ).eval()
+
+
+def tiny_sdxl_pipeline(tmp_path) -> StableDiffusionXLPipeline:
+    """SDXL pipeline from configs: two text encoders, size conditioning, no attention at the top level."""
+    tokenizer = char_tokenizer(tmp_path)
+    unet = _sdxl_unet(
+        2 * CROSS_DIM,
+        6,
         block_out_channels=(32, 32, 64),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         transformer_layers_per_block=(1, 1, 2),
         attention_head_dim=(2, 4, 8),
-        use_linear_projection=True,
-        cross_attention_dim=2 * CROSS_DIM,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=CROSS_DIM + 6 * 8,
-        norm_num_groups=8,
-    ).eval()
+    )
     return StableDiffusionXLPipeline(
         vae=_tiny_vae(),
         text_encoder=CLIPTextModel(_text_encoder_config(tokenizer)),
@@ -131,5 +141,31 @@ def tiny_sdxl_pipeline(tmp_path) -> StableDiffusionXLPipeline:
         tokenizer_2=tokenizer,
         unet=unet,
         scheduler=PNDMScheduler(skip_prk_steps=True, steps_offset=1),
+        force_zeros_for_empty_prompt=False,
+    )
+
+
+def tiny_sdxl_refiner(tmp_path) -> StableDiffusionXLImg2ImgPipeline:
+    """The SDXL refiner's layout: four levels, self-attention on the middle two only, one text encoder
+    (text_encoder_2's width), aesthetic-score conditioning (five time ids)."""
+    tokenizer = char_tokenizer(tmp_path)
+    unet = _sdxl_unet(
+        CROSS_DIM,
+        5,
+        block_out_channels=(32, 32, 64, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=2,
+        attention_head_dim=(2, 4, 8, 8),
+    )
+    return StableDiffusionXLImg2ImgPipeline(
+        vae=_tiny_vae(),
+        text_encoder=None,
+        text_encoder_2=CLIPTextModelWithProjection(_text_encoder_config(tokenizer, projection_dim=CROSS_DIM)),
+        tokenizer=None,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=PNDMScheduler(skip_prk_steps=True, steps_offset=1),
+        requires_aesthetics_score=True,
         force_zeros_for_empty_prompt=False,
     )

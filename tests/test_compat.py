@@ -2,16 +2,7 @@
 
 import pytest
 import torch
-from conftest import (
-    CROSS_DIM,
-    _text_encoder_config,
-    _tiny_vae,
-    char_tokenizer,
-    tiny_pipeline,
-    tiny_sdxl_pipeline,
-    tiny_unet,
-    unet_inputs,
-)
+from conftest import tiny_pipeline, tiny_sdxl_pipeline, tiny_sdxl_refiner, tiny_unet, unet_inputs
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0, SlicedAttnProcessor
 
 import agentsd
@@ -334,37 +325,7 @@ def test_x4_upscaler_layout_patches_its_self_attention():
 def test_sdxl_refiner_layout_img2img(tmp_path):
     """The SDXL refiner's own layout: four levels, self-attention only on the middle two, one text encoder
     (text_encoder_2's width), aesthetic-score conditioning (five time ids)."""
-    from diffusers import PNDMScheduler, StableDiffusionXLImg2ImgPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModelWithProjection
-
-    tokenizer = char_tokenizer(tmp_path)
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=16,
-        layers_per_block=1,
-        block_out_channels=(32, 32, 64, 64),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=2,
-        attention_head_dim=(2, 4, 8, 8),
-        use_linear_projection=True,
-        cross_attention_dim=CROSS_DIM,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=CROSS_DIM + 5 * 8,
-        norm_num_groups=8,
-    ).eval()
-    refiner = StableDiffusionXLImg2ImgPipeline(
-        vae=_tiny_vae(),
-        text_encoder=None,
-        text_encoder_2=CLIPTextModelWithProjection(_text_encoder_config(tokenizer, projection_dim=CROSS_DIM)),
-        tokenizer=None,
-        tokenizer_2=tokenizer,
-        unet=unet,
-        scheduler=PNDMScheduler(skip_prk_steps=True, steps_offset=1),
-        requires_aesthetics_score=True,
-        force_zeros_for_empty_prompt=False,
-    )
+    refiner = tiny_sdxl_refiner(tmp_path)
     refiner.set_progress_bar_config(disable=True)
     image = torch.rand(1, 3, 64, 64)
 

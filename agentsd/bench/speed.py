@@ -242,7 +242,8 @@ def rounds(warmup: int, repeats: int, deadline: float | None):
     for rep in range(repeats):
         start = time.monotonic()
         yield f"repeat {rep + 1}"
-        if deadline is not None and rep + 1 < repeats and time.monotonic() + (time.monotonic() - start) > deadline:
+        now = time.monotonic()
+        if deadline is not None and rep + 1 < repeats and now + (now - start) > deadline:
             print(f"{rep + 1} of {repeats} repeats: the time budget allows no more", flush=True)
             return
 

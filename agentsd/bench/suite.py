@@ -102,30 +102,32 @@ def bench(args: argparse.Namespace) -> int:
             tiny = Path(folder) / "tiny"
             UNet2DConditionModel(**TINY_UNET).save_config(tiny / "unet")
         for part in parts(args, tiny):
-            name = f"{part.out.stem} {' '.join(f'{s}²' for s in part.sizes)}"
-            measured = json.loads(part.out.read_text()) if part.out.exists() else {"sizes": {}}
-            if all(str(size) in measured["sizes"] for size in part.sizes):
-                print(f"{name}: already measured, skipped")
-                log.append({"part": name, "status": "already measured"})
-                continue
-            if speed.past(deadline, name):
-                log.append({"part": name, "status": "left out: time budget spent"})
-                continue
-            began = time.monotonic()
-            part.deadline = deadline
-            try:
-                speed.bench(part)
-                measured = json.loads(part.out.read_text())["sizes"] if part.out.exists() else {}
-                missing = [f"{size}²" for size in part.sizes if str(size) not in measured]
-                status = f"left out {', '.join(missing)}: time budget spent" if missing else "measured"
-            except Exception as error:  # noqa: BLE001 - one broken part must not cost the others
-                traceback.print_exc()
-                status = f"failed: {type(error).__name__}: {error}"
-            log.append({"part": name, "status": status, "seconds": round(time.monotonic() - began, 1)})
-            write_summary(args, log, time.monotonic() - start)  # a suite killed later still leaves its record
-    summary = write_summary(args, log, time.monotonic() - start)
+            log.append(run_part(part, deadline))
+            summary = write_summary(args, log, time.monotonic() - start)  # after every part: a kill leaves a record
     print(f"suite: {summary} ({time.monotonic() - start:.0f} s)")
     return 0
+
+
+def run_part(part: argparse.Namespace, deadline: float) -> dict:
+    """Measure one part unless it is already measured or the budget is spent; its entry in ``suite.json``."""
+    name = f"{part.out.stem} {' '.join(f'{s}²' for s in part.sizes)}"
+    measured = json.loads(part.out.read_text()) if part.out.exists() else {"sizes": {}}
+    if all(str(size) in measured["sizes"] for size in part.sizes):
+        print(f"{name}: already measured, skipped")
+        return {"part": name, "status": "already measured"}
+    if speed.past(deadline, name):
+        return {"part": name, "status": "left out: time budget spent"}
+    began = time.monotonic()
+    part.deadline = deadline
+    try:
+        speed.bench(part)
+        measured = json.loads(part.out.read_text())["sizes"] if part.out.exists() else {}
+        missing = [f"{size}²" for size in part.sizes if str(size) not in measured]
+        status = f"left out {', '.join(missing)}: time budget spent" if missing else "measured"
+    except Exception as error:  # noqa: BLE001 - one broken part must not cost the others
+        traceback.print_exc()
+        status = f"failed: {type(error).__name__}: {error}"
+    return {"part": name, "status": status, "seconds": round(time.monotonic() - began, 1)}
 
 
 def write_summary(args: argparse.Namespace, log: list[dict], seconds: float) -> Path:
