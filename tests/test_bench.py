@@ -66,6 +66,23 @@ def test_pipeline_runs_every_method_with_memory(tiny_folder, tmp_path):
     assert "| 64² | deepcache+fast |" in out.with_suffix(".md").read_text()
 
 
+def test_fresh_runs_each_method_in_its_own_process(tiny_folder, tmp_path):
+    out = tmp_path / "fresh.json"
+    args = ["bench", "speed", "--pipeline", "--fresh", "--model", str(tiny_folder), "--sizes", "64", "--steps", "2"]
+    assert main([*args, "--methods", "vanilla", "fast", "--repeats", "1", "--warmup", "0", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert results["processes"] == "one per method" and results["kind"] == "pipeline"
+    summary = results["sizes"]["64"]
+    assert set(summary["times"]) == {"vanilla", "fast"} and all(ts[0] > 0 for ts in summary["times"].values())
+    assert set(summary["peak_mib"]) == {"vanilla", "fast"} and summary["speedup_median"]["vanilla"] == 1.0
+    assert "each method in a new process" in out.with_suffix(".md").read_text()
+
+
+def test_fresh_needs_pipeline(tmp_path, capsys):
+    assert main(["bench", "speed", "--fresh", "--out", str(tmp_path / "x.json")]) == 2
+    assert "--fresh goes with --pipeline" in capsys.readouterr().err
+
+
 def test_pipeline_methods_change_the_run(tiny_folder, tmp_path):
     """Every method really acts: the final latents differ from vanilla's (and the undo restores vanilla)."""
     pipe, _ = runs.build_pipeline(str(tiny_folder), "ddim", tmp_path)

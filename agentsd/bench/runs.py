@@ -9,6 +9,10 @@ started from (CPU), or ``torch.cuda.max_memory_allocated`` (CUDA).
 
     agentsd bench speed --pipeline --sizes 512 --steps 20                  # SD 1.5 architecture
     agentsd bench speed --pipeline --model sdxl --sizes 1024 --methods vanilla fast deepcache+fast
+    agentsd bench speed --pipeline --fresh --sizes 512 --steps 4 --repeats 1 --warmup 0   # memory, one process each
+
+In one process a method's peak can hide under memory an earlier method left cached; ``--fresh`` runs each
+method in a new process of its own (one after another) and merges their results.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -343,6 +349,38 @@ def run(model, sizes, methods, repeats, warmup, steps, scheduler, dtype, device,
     return results
 
 
+def fresh(args, out: Path) -> dict:
+    """``run`` for each method in a new process of its own, one after another; the results merged into ``out``.
+
+    ``args`` are ``bench speed``'s (``--pipeline``); each process writes its own JSON in a scratch folder."""
+    results = None
+    times, memory = {}, {}
+    with tempfile.TemporaryDirectory() as folder:
+        for method in args.methods:
+            path = Path(folder) / f"{method}.json"
+            command = [
+                sys.executable, "-m", "agentsd", "bench", "speed", "--pipeline", "--model", str(args.model),
+                "--sizes", *map(str, args.sizes), "--steps", str(args.steps), "--scheduler", args.scheduler,
+                "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--dtype", args.dtype,
+                "--device", str(args.device), "--methods", method, "--out", str(path),
+            ]  # fmt: skip
+            print(f"{method}: a new process", flush=True)
+            done = subprocess.run(command)
+            if done.returncode != 0:
+                raise RuntimeError(f"the {method} process failed (exit status {done.returncode})")
+            one = json.loads(path.read_text())
+            for size, measured in one["sizes"].items():
+                times.setdefault(size, {})[method] = measured["times"][method]
+                memory.setdefault(size, {})[method] = measured["memory_bytes"][method]
+            results = results or {k: v for k, v in one.items() if k != "sizes"}
+    results |= {"processes": "one per method", "sizes": {}}
+    for size in times:
+        results["sizes"][size] = {"repeats": args.repeats, "warmup": args.warmup} | summarize(times[size], memory[size])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
 def summarize(times: dict[str, list[float]], memory: dict[str, list[int]]) -> dict:
     """Median seconds and speed-up over vanilla per method, and the largest peak memory seen (MiB)."""
     median = {name: statistics.median(ts) for name, ts in times.items()}
@@ -356,7 +394,8 @@ def summarize(times: dict[str, list[float]], memory: dict[str, list[int]]) -> di
 def table(results: dict) -> str:
     lines = [
         f"Whole runs ({results['pipeline']}, {results['model']}), {results['steps']} {results['scheduler']} steps, "
-        f"guidance (UNet batch 2), {results['dtype']}, {results['device']} ({results['threads']} threads)",
+        f"guidance (UNet batch 2), {results['dtype']}, {results['device']} ({results['threads']} threads)"
+        + (", each method in a new process" if results.get("processes") == "one per method" else ""),
         "",
         "| size | method | median s | speed-up | peak memory above start (MiB) |",
         "|---|---|---|---|---|",

@@ -332,6 +332,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[512, 1024], help="image sizes (pixels, square)")
     parser.add_argument("--methods", nargs="+", help="default: all of the mode's methods")
     parser.add_argument("--pipeline", action="store_true", help="time whole sampling runs instead of UNet forwards")
+    parser.add_argument(
+        "--fresh", action="store_true", help="--pipeline: each method in a new process (peak memory without leftovers)"
+    )
     parser.add_argument("--steps", type=int, default=20, help="--pipeline: sampling steps")
     parser.add_argument("--scheduler", default="pndm", help="--pipeline: pndm, ddim, euler or dpm")
     parser.add_argument("--repeats", type=int, default=3)
@@ -353,6 +356,8 @@ def check_arguments(args: argparse.Namespace) -> None:
     if unknown:
         mode = "--pipeline" if args.pipeline else "UNet-forward"
         raise ValueError(f"unknown {mode} method(s) {', '.join(unknown)}; choose from {', '.join(methods)}")
+    if getattr(args, "fresh", False) and not args.pipeline:
+        raise ValueError("--fresh goes with --pipeline (whole runs)")
     if args.pipeline and args.scheduler not in runs.SCHEDULERS:
         raise ValueError(f"--scheduler must be one of {', '.join(runs.SCHEDULERS)}, got {args.scheduler!r}")
     if min(args.steps, args.repeats, args.batch, *args.sizes) < 1 or args.warmup < 0:
@@ -381,7 +386,9 @@ def bench(args: argparse.Namespace) -> int:
         dtype, device = getattr(torch, args.dtype), torch.device(args.device)
         deadline = getattr(args, "deadline", None)
         pipeline = args.pipeline
-        if pipeline:
+        if pipeline and getattr(args, "fresh", False):
+            results = runs.fresh(args, args.out)
+        elif pipeline:
             results = runs.run(
                 args.model, args.sizes, args.methods, args.repeats, args.warmup, args.steps, args.scheduler,
                 dtype, device, args.out, deadline,
