@@ -1,0 +1,124 @@
+"""Where a UNet forward's time goes, vanilla against a method: the ops each one spends its time in.
+
+Profiles ``--forwards`` forwards of a random-weight UNet (``bench speed``'s models and methods) with
+torch.profiler, once vanilla and once with the method, and writes per-op self times side by side
+with their difference: what the method saves (attention) and what it adds (matching, merging).
+
+    python benchmarks/profile_forward.py --model benchmarks/checkpoints/demo128/model --size 128 \\
+        --out benchmarks/results/profile_demo128_agent.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from agentsd.bench.speed import METHODS, _inputs, build_unet, machine
+
+
+def profiled(unet, inputs: dict, forwards: int) -> tuple[float, dict[str, dict]]:
+    """Seconds per forward and ``{op: {"count", "self_ms"}}`` over ``forwards`` forwards (after one warm-up)."""
+    with torch.no_grad():
+        unet(**inputs)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            start = time.perf_counter()
+            for _ in range(forwards):
+                unet(**inputs)
+            seconds = (time.perf_counter() - start) / forwards
+    ops = {
+        e.key: {"count": e.count / forwards, "self_ms": e.self_cpu_time_total / 1e3 / forwards}
+        for e in prof.key_averages()
+    }
+    return seconds, ops
+
+
+def compare(vanilla: dict[str, dict], method: dict[str, dict], top: int) -> list[dict]:
+    """Ops by the size of their change in self time per forward (method − vanilla), largest first."""
+    rows = []
+    for op in vanilla.keys() | method.keys():
+        a, b = vanilla.get(op, {"count": 0, "self_ms": 0.0}), method.get(op, {"count": 0, "self_ms": 0.0})
+        rows.append(
+            {
+                "op": op,
+                "vanilla_ms": a["self_ms"],
+                "method_ms": b["self_ms"],
+                "delta_ms": b["self_ms"] - a["self_ms"],
+                "vanilla_calls": a["count"],
+                "method_calls": b["count"],
+            }
+        )
+    rows.sort(key=lambda r: abs(r["delta_ms"]), reverse=True)
+    return rows[:top]
+
+
+def table(results: dict) -> str:
+    lines = [
+        f"UNet forward ({results['model']}), {results['size']}², batch {results['batch']}, {results['device']} "
+        f"({results['threads']} threads), profiled over {results['forwards']} forwards: vanilla "
+        f"{results['vanilla_s'] * 1e3:.1f} ms, {results['method']} {results['method_s'] * 1e3:.1f} ms per forward "
+        f"(profiler on)",
+        "",
+        f"Calls per forward: vanilla {results['vanilla_calls']:.0f}, "
+        f"{results['method']} {results['method_calls']:.0f}.",
+        "",
+        "| op | vanilla ms | method ms | change ms | vanilla calls | method calls |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results["ops"]:
+        lines.append(
+            f"| `{r['op']}` | {r['vanilla_ms']:.2f} | {r['method_ms']:.2f} | {r['delta_ms']:+.2f} | "
+            f"{r['vanilla_calls']:.0f} | {r['method_calls']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="sd15", help="sd15, sdxl, demo or a diffusers folder (its UNet config)")
+    parser.add_argument("--size", type=int, default=512, help="image size (pixels, square)")
+    parser.add_argument("--method", default="agentsd-agent", choices=[m for m in METHODS if m != "vanilla"])
+    parser.add_argument("--forwards", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--top", type=int, default=25, help="ops kept, by the size of their change")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    device, dtype = torch.device(args.device), torch.float32
+    torch.manual_seed(0)
+    with torch.device(device):
+        unet, factor, name = build_unet(args.model)
+    unet = unet.to(device=device, dtype=dtype).eval()
+    latent = args.size // factor
+    inputs = _inputs(unet, args.batch, latent, device, dtype)
+    vanilla_s, vanilla = profiled(unet, inputs, args.forwards)
+    undo = METHODS[args.method](unet, latent * latent)
+    try:
+        method_s, method = profiled(unet, inputs, args.forwards)
+    finally:
+        undo()
+    results = {
+        **machine(device, dtype),
+        "model": name,
+        "size": args.size,
+        "batch": args.batch,
+        "forwards": args.forwards,
+        "method": args.method,
+        "vanilla_s": vanilla_s,
+        "method_s": method_s,
+        "vanilla_calls": sum(o["count"] for o in vanilla.values()),
+        "method_calls": sum(o["count"] for o in method.values()),
+        "ops": compare(vanilla, method, args.top),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1) + "\n")
+    args.out.with_suffix(".md").write_text(table(results) + "\n")
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
