@@ -130,8 +130,17 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--real-n", type=int, default=1000, help="images per set for the real-vs-real FID/KID")
     parser.add_argument("--real-dir", type=Path, help="write the first real set here (a bench quality reference)")
+    parser.add_argument(
+        "--real-only", action="store_true", help="only write the real set (--real-dir) and its real-vs-real FID/KID"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.real_only:
+        scale = real_scale(Evaluator.load(args.evaluator), args.real_n, args.seed, args.real_dir)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(scale, indent=1) + "\n")
+        print(json.dumps(scale))
+        return
 
     pipe = load_pipeline(dtype=torch.float32, folder=args.model)
     evaluator = Evaluator.load(args.evaluator)
