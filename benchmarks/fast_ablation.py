@@ -1,0 +1,93 @@
+"""Which part of the ``fast`` preset costs quality: variants of it on the 128² proving-ground checkpoint.
+
+Makes the first ``--n`` images of ``agentsd bench quality --prompts demo:1`` (same prompts, seeds and
+batches of 25) with each variant and compares them with vanilla's images from that run (PSNR) and
+with their captions (caption accuracy, the demo evaluator).
+
+    python benchmarks/fast_ablation.py --none runs/quality128/images/none \\
+        --out benchmarks/results/quality_demo128/fast_ablation.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+import agentsd
+from agentsd import Phase
+from agentsd.bench.quality import load_prompts, psnr
+from agentsd.cli import _load
+from agentsd.demo import Evaluator
+
+AGENTS = dict(sx=4, sy=4, agent_ratio=0.95, min_tokens=None)
+LEVEL_RATIOS = ((0, 0.5), (1, 0.4))  # as in the fast preset
+
+
+def _variant(merge_block: bool, late_ratio: float) -> dict:
+    late = Phase(end=1.0, ratio=late_ratio, min_tokens=None) if late_ratio else Phase(end=1.0, ratio=0.0)
+    return {level: (Phase(end=0.5, ratio=r, merge_block=merge_block, **AGENTS), late) for level, r in LEVEL_RATIOS}
+
+
+VARIANTS = {
+    "fast": "fast",
+    "fast, no merge_block": _variant(False, 0.5),
+    "fast agents, then none": {
+        level: (Phase(end=0.5, ratio=r, merge_block=True, **AGENTS), Phase(end=1.0, ratio=0.0))
+        for level, r in LEVEL_RATIOS
+    },
+    "agents only (no merge_block), then none": _variant(False, 0.0),
+    "paper": "paper",
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="benchmarks/checkpoints/demo128/model")
+    parser.add_argument("--none", type=Path, required=True, help="vanilla's images from agentsd bench quality")
+    parser.add_argument("--n", type=int, default=50)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    pipe, _ = _load(args.model, torch.device("cpu"), torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    prompts, scenes = load_prompts("demo:1", 500, 0)
+    n = args.n
+    files = [args.none / f"{i:05d}.png" for i in range(n)]
+    reference = torch.from_numpy(np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])).permute(
+        0, 3, 1, 2
+    )
+    evaluator = Evaluator.load()
+    results = {"model": args.model, "n": n, "steps": 25, "guidance": 3.0, "variants": {}}
+    results["variants"]["none"] = {"caption_accuracy": evaluator.accuracy(reference, scenes[:n]).overall}
+    for name, schedule in VARIANTS.items():
+        images = []
+        for start in range(0, n, 25):
+            batch = list(range(start, min(start + 25, n)))
+            agentsd.apply(pipe, schedule, seed=batch[0])
+            out = pipe(
+                [prompts[i] for i in batch],
+                num_inference_steps=25,
+                guidance_scale=3.0,
+                generator=[torch.Generator().manual_seed(i) for i in batch],
+                output_type="np",
+            ).images
+            agentsd.remove(pipe)
+            images.append(torch.from_numpy((out * 255).round().astype(np.uint8)).permute(0, 3, 1, 2))
+        images = torch.cat(images)
+        results["variants"][name] = {
+            "psnr_vs_none": float(psnr(images, reference).clamp(max=100).mean()),
+            "caption_accuracy": evaluator.accuracy(images, scenes[:n]).overall,
+        }
+        print(name, results["variants"][name], flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
