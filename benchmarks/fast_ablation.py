@@ -16,11 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 import agentsd
 from agentsd import Phase
-from agentsd.bench.quality import load_prompts, psnr
+from agentsd.bench.quality import load_images, load_prompts, psnr
 from agentsd.cli import _load
 from agentsd.demo import Evaluator
 
@@ -36,10 +35,7 @@ def _variant(merge_block: bool, late_ratio: float) -> dict:
 VARIANTS = {
     "fast": "fast",
     "fast, no merge_block": _variant(False, 0.5),
-    "fast agents, then none": {
-        level: (Phase(end=0.5, ratio=r, merge_block=True, **AGENTS), Phase(end=1.0, ratio=0.0))
-        for level, r in LEVEL_RATIOS
-    },
+    "fast agents, then none": _variant(True, 0.0),
     "agents only (no merge_block), then none": _variant(False, 0.0),
     "paper": "paper",
 }
@@ -58,10 +54,7 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
     prompts, scenes = load_prompts("demo:1", 500, 0)
     n = args.n
-    files = [args.none / f"{i:05d}.png" for i in range(n)]
-    reference = torch.from_numpy(np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])).permute(
-        0, 3, 1, 2
-    )
+    reference = load_images(args.none, n)
     evaluator = Evaluator.load()
     results = {"model": args.model, "n": n, "steps": 25, "guidance": 3.0, "variants": {}}
     results["variants"]["none"] = {"caption_accuracy": evaluator.accuracy(reference, scenes[:n]).overall}
