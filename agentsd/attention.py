@@ -90,8 +90,8 @@ class AgentAttnProcessor:
 
     ``block_input`` is set by the block's pre-hook to the block input ``x`` (before
     ``norm1``), the metric for matching; each call consumes it. When the phase has
-    ``merge_block``, the ToMe merge is left in ``block_merge`` for the block's
-    cross-attention and feed-forward.
+    ``merge_crossattn`` or ``merge_mlp``, the ToMe merge is left in ``block_merge`` for
+    the block's cross-attention or feed-forward.
     """
 
     def __init__(self, original=None, state: AgentState | None = None, block_merge: BlockMerge | None = None):
@@ -104,7 +104,7 @@ class AgentAttnProcessor:
 
     def begin_block(self, block_input: torch.Tensor) -> None:
         self.block_input = block_input
-        self.block_merge.merge = None
+        self.block_merge.set(None)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
         metric, self.block_input = self.block_input, None
@@ -138,8 +138,8 @@ class AgentAttnProcessor:
                 agents = Merge(merge_rows(m, agent_r), N - agent_r)(hidden_states)
 
         tokens = Merge(merge_rows(m, r), N - r)
-        if phase.merge_block:
-            self.block_merge.merge = tokens
+        if phase.merge_crossattn or phase.merge_mlp:
+            self.block_merge.set(tokens, crossattn=phase.merge_crossattn, mlp=phase.merge_mlp)
         out = agent_attention(
             attn,
             tokens(hidden_states),
@@ -184,7 +184,8 @@ class AgentAttnProcessor:
 
 
 class BlockMerge:
-    """The ToMe merge of one block's tokens, shared by its cross-attention and feed-forward (``merge_block``).
+    """The ToMe merge of one block's tokens for its cross-attention and/or feed-forward (``merge_crossattn``,
+    ``merge_mlp``).
 
     Set by the block's attn1 processor, cleared when the block starts. Serves as the
     processor that wraps ``attn2`` (:meth:`__call__` via :class:`MergedAttnProcessor`)
@@ -193,16 +194,21 @@ class BlockMerge:
 
     def __init__(self):
         self.merge: Merge | None = None  # the merge of this block's tokens, while the block runs
+        self.crossattn = False  # this block's cross-attention runs on ``merge``'s tokens
+        self.mlp = False  # this block's feed-forward runs on ``merge``'s tokens
         self._ff_merged = False
 
-    def applies(self, hidden_states: torch.Tensor) -> bool:
+    def set(self, merge: Merge | None, *, crossattn: bool = False, mlp: bool = False) -> None:
+        self.merge, self.crossattn, self.mlp = merge, crossattn, mlp
+
+    def applies(self, hidden_states: torch.Tensor, sublayer: bool) -> bool:
         merge = self.merge
-        return merge is not None and hidden_states.ndim == 3 and hidden_states.shape[:2] == merge.shape
+        return sublayer and merge is not None and hidden_states.ndim == 3 and hidden_states.shape[:2] == merge.shape
 
     def ff_pre_hook(self, module, args, kwargs):
         # A chunked feed-forward sees slices of the tokens: those run unmerged.
         hidden_states = args[0] if args else kwargs["hidden_states"]
-        self._ff_merged = self.applies(hidden_states)
+        self._ff_merged = self.applies(hidden_states, self.mlp)
         if not self._ff_merged:
             return None
         merged = self.merge(hidden_states)
@@ -224,7 +230,9 @@ class MergedAttnProcessor:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
         block_merge = self.block_merge
-        merged = block_merge.applies(hidden_states) and not attn.residual_connection and not kwargs
+        merged = (
+            block_merge.applies(hidden_states, block_merge.crossattn) and not attn.residual_connection and not kwargs
+        )
         if merged:
             hidden_states = block_merge.merge(hidden_states)
         out = self.original(

@@ -4,9 +4,10 @@ A patch swaps the ``attn1`` processor of every ``BasicTransformerBlock`` for an
 :class:`~agentsd.attention.AgentAttnProcessor` and registers two kinds of forward
 pre-hooks (keyword calls work): one on the UNet that records the latent size and
 picks the phases once per call, one on each block that hands its input to the
-processor as the matching metric. Schedules with ``merge_block`` phases also wrap
-each block's ``attn2`` processor and hook its feed-forward. ``remove`` puts back the
-very processor objects that were there and removes the hooks.
+processor as the matching metric. Schedules with ``merge_crossattn`` phases also
+wrap each block's ``attn2`` processor, those with ``merge_mlp`` phases hook its
+feed-forward. ``remove`` puts back the very processor objects that were there and
+removes the hooks.
 
 Processors swapped in while patched (``set_attn_processor``, attention slicing,
 ``fuse_qkv_projections``, IP-Adapter loading) are wrapped in turn at the next UNet
@@ -40,7 +41,8 @@ class _Patch:
     num_train_timesteps: int
     options: dict
     blocks: list = field(default_factory=list)  # (transformer block, its BlockMerge)
-    merge_block: bool = False
+    merge_crossattn: bool = False
+    merge_mlp: bool = False
     handles: list = field(default_factory=list)
 
 
@@ -263,14 +265,16 @@ def _patch(unet: torch.nn.Module, patch: _Patch) -> None:
             timestep = timestep.reshape(-1)[0]
         state.begin_call(sample.shape[-2], sample.shape[-1], progress(timestep, patch.num_train_timesteps))
 
-    patch.merge_block = any(phase.merge_block for band in state.config.bands for phase in band.phases)
+    phases = [phase for band in state.config.bands for phase in band.phases]
+    patch.merge_crossattn = any(phase.merge_crossattn for phase in phases)
+    patch.merge_mlp = any(phase.merge_mlp for phase in phases)
     patch.blocks = [(block, BlockMerge()) for block in _blocks(unet)]
     _wrap(patch)
     # On a torch.compile wrapper the hook runs eagerly, outside the compiled graph.
     patch.handles.append(unet.register_forward_pre_hook(unet_pre_hook, with_kwargs=True))
     for block, block_merge in patch.blocks:
         patch.handles.append(block.register_forward_pre_hook(_metric_hook, with_kwargs=True))
-        if patch.merge_block:
+        if patch.merge_mlp:
             patch.handles.append(block.ff.register_forward_pre_hook(block_merge.ff_pre_hook, with_kwargs=True))
             patch.handles.append(block.ff.register_forward_hook(block_merge.ff_hook, with_kwargs=True))
     inner = _inner(unet)
@@ -286,7 +290,7 @@ def _wrap(patch: _Patch) -> None:
             fallback = processor.original if isinstance(processor, AgentAttnProcessor) else processor
             block.attn1.set_processor(AgentAttnProcessor(fallback, patch.state, block_merge))
         attn2 = block.attn2
-        if patch.merge_block and attn2 is not None:
+        if patch.merge_crossattn and attn2 is not None:
             processor = attn2.processor
             if not (isinstance(processor, MergedAttnProcessor) and processor.block_merge is block_merge):
                 fallback = processor.original if isinstance(processor, MergedAttnProcessor) else processor

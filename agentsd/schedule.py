@@ -29,8 +29,12 @@ class Phase:
 
     Args to tinker with:
         sx, sy: window size; one dst token per window.
-        merge_block: also run cross-attention and the feed-forward on the merged tokens (ToMeSD's
-            ``merge_crossattn`` / ``merge_mlp``), each unmerged before its residual add.
+        merge_crossattn: also run the block's cross-attention on the merged tokens (as ToMeSD's
+            ``merge_crossattn``), unmerged before its residual add. Cheap in quality: on the 128² proving
+            ground it cost ``fast`` 0.4 dB of PSNR against vanilla and no caption accuracy.
+        merge_mlp: also run the block's feed-forward on the merged tokens (as ToMeSD's ``merge_mlp``).
+            Saves the most time of the two but costs quality: on the proving ground it took ``fast`` from
+            40.8 to 29.7 dB of PSNR against vanilla and from 68% to 64% caption accuracy (speckled images).
         min_tokens: leave a block alone when it has fewer tokens: there merging costs more than it saves.
             ``None``: the default of the device the model runs on (``DEVICE_MIN_TOKENS``).
     """
@@ -40,7 +44,8 @@ class Phase:
     sy: int = 2
     ratio: float = 0.5
     agent_ratio: float | None = None
-    merge_block: bool = False
+    merge_crossattn: bool = False
+    merge_mlp: bool = False
     min_tokens: int | None = 0
 
     def __post_init__(self):
@@ -50,8 +55,9 @@ class Phase:
                 continue
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"Phase.{name} must be an int, got {type(value).__name__}")
-        if not isinstance(self.merge_block, bool):
-            raise TypeError(f"Phase.merge_block must be a bool, got {type(self.merge_block).__name__}")
+        for name in ("merge_crossattn", "merge_mlp"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"Phase.{name} must be a bool, got {type(getattr(self, name)).__name__}")
         if self.min_tokens is not None and self.min_tokens < 0:
             raise ValueError(f"Phase.min_tokens must be >= 0, got {self.min_tokens}")
         for name in ("sx", "sy"):
@@ -92,15 +98,16 @@ PRESETS: dict[str, Phases | dict[int, Phases]] = {
     "paper": (Phase(end=0.4, sx=4, sy=4, ratio=0.4, agent_ratio=0.95), Phase(end=1.0, sx=2, sy=2, ratio=0.4)),
     # ToMeSD's defaults.
     "tome": (Phase(end=1.0, sx=2, sy=2, ratio=0.5),),
-    # Beyond the paper: agents on the two highest-resolution levels while the layout forms, whole-block
-    # ToMe after; cross-attention and feed-forward always run on the merged tokens. Blocks with fewer
-    # tokens than the device's DEVICE_MIN_TOKENS are left alone (there merging costs more than it saves).
+    # Beyond the paper: agents on the two highest-resolution levels while the layout forms, harder ToMe
+    # after (three tokens in four merged away at the top level); cross-attention always runs on the merged
+    # tokens, the feed-forward never (merge_mlp costs quality). Blocks with fewer tokens than the device's
+    # DEVICE_MIN_TOKENS are left alone (there merging costs more than it saves).
     "fast": {
         level: (
-            Phase(end=0.5, sx=4, sy=4, ratio=ratio, agent_ratio=0.95, merge_block=True, min_tokens=None),
-            Phase(end=1.0, sx=2, sy=2, ratio=0.5, merge_block=True, min_tokens=None),
+            Phase(end=0.5, sx=4, sy=4, ratio=ratio, agent_ratio=0.95, merge_crossattn=True, min_tokens=None),
+            Phase(end=1.0, sx=2, sy=2, ratio=late_ratio, merge_crossattn=True, min_tokens=None),
         )
-        for level, ratio in ((0, 0.5), (1, 0.4))
+        for level, ratio, late_ratio in ((0, 0.5, 0.75), (1, 0.4, 0.5))
     },
 }
 

@@ -100,13 +100,15 @@ def per_group(fn, tokens, groups):
 
 
 class ReferenceProcessor:
-    """attn1 by the reference; with ``merge_block`` it leaves the groups for the block's attn2 and feed-forward."""
+    """attn1 by the reference; it leaves its groups for the block's attn2 (``merge_crossattn``) and feed-forward
+    (``merge_mlp``)."""
 
     def __init__(self, run, original):
         self.run = run
         self.original = original
         self.block_input = None
         self.groups = None
+        self.phase = None
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
         run = self.run
@@ -122,7 +124,7 @@ class ReferenceProcessor:
         )
         N = hidden_states.shape[1]
         phase = run["phase_of"](math.ceil(math.sqrt(run["size"][0] * run["size"][1] // N)))
-        self.groups = groups if groups is not None and phase.merge_block else None
+        self.groups, self.phase = groups, phase
         return out
 
 
@@ -133,8 +135,8 @@ class ReferenceCrossAttention:
         self.attn1_processor, self.original = attn1_processor, original
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
-        groups = self.attn1_processor.groups
-        if groups is None:
+        groups, phase = self.attn1_processor.groups, self.attn1_processor.phase
+        if groups is None or not phase.merge_crossattn:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask)
         return torch.stack(
             [
@@ -189,8 +191,8 @@ def reference_unet(unet, phase, *, max_downsample=1, k_scale2=0.3, k_shortcut=0.
 
 def _reference_ff(forward, attn1_processor):
     def ff(hidden_states, *args, **kwargs):
-        groups = attn1_processor.groups
-        if groups is None:
+        groups, phase = attn1_processor.groups, attn1_processor.phase
+        if groups is None or not phase.merge_mlp:
             return forward(hidden_states, *args, **kwargs)
         return torch.stack(
             [per_group(lambda t: forward(t[None])[0], hidden_states[b], groups[b]) for b in range(len(groups))]

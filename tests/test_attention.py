@@ -1,5 +1,7 @@
 """The patched UNet against tomesd (ToMe path) and against the float64 reference (agent path)."""
 
+import dataclasses
+
 import pytest
 import tomesd
 import torch
@@ -140,14 +142,15 @@ def test_attn_precision_fp32_runs_softmax_products_in_float32(monkeypatch):
 
 
 @pytest.mark.parametrize("size", [(16, 16), (18, 22)])
-def test_merge_block_matches_tomesd_merging_every_sublayer(size):
+@pytest.mark.parametrize("crossattn, mlp", [(True, True), (True, False), (False, True)])
+def test_merged_sublayers_match_tomesd(size, crossattn, mlp):
     unet = tiny_unet("sd", seed=5)
     sample, context = unet_inputs(height=size[0], width=size[1], seed=6)
-    tomesd.apply_patch(unet, ratio=0.5, use_rand=False, merge_crossattn=True, merge_mlp=True)
+    tomesd.apply_patch(unet, ratio=0.5, use_rand=False, merge_crossattn=crossattn, merge_mlp=mlp)
     theirs = run(unet, sample, context)
     tomesd.remove_patch(unet)
     attn1_only = run(agentsd.apply(unet, [Phase(sx=2, sy=2, ratio=0.5)], use_rand=False), sample, context)
-    agentsd.apply(unet, [Phase(sx=2, sy=2, ratio=0.5, merge_block=True)], use_rand=False)
+    agentsd.apply(unet, [Phase(sx=2, sy=2, ratio=0.5, merge_crossattn=crossattn, merge_mlp=mlp)], use_rand=False)
     ours = run(unet, sample, context)
     assert (ours - theirs).abs().max() < TOL
     assert (ours - attn1_only).abs().max() > 100 * TOL
@@ -155,12 +158,15 @@ def test_merge_block_matches_tomesd_merging_every_sublayer(size):
 
 BLOCK_SETTINGS = [
     # an agent phase carried through the whole block
-    dict(phases={1: Phase(sx=4, sy=4, ratio=0.4, agent_ratio=0.95, merge_block=True)}, size=(16, 16)),
-    # two levels with their own settings (the tiny UNet's mid block is level 1), random dst
+    dict(
+        phases={1: Phase(sx=4, sy=4, ratio=0.4, agent_ratio=0.95, merge_crossattn=True, merge_mlp=True)}, size=(16, 16)
+    ),
+    # two levels with their own settings (the tiny UNet's mid block is level 1; cross-attention merged on
+    # one, the feed-forward on the other), random dst
     dict(
         phases={
-            1: Phase(sx=4, sy=4, ratio=0.5, agent_ratio=0.9, merge_block=True),
-            2: Phase(sx=2, sy=2, ratio=0.4, agent_ratio=0.7, merge_block=True),
+            1: Phase(sx=4, sy=4, ratio=0.5, agent_ratio=0.9, merge_crossattn=True),
+            2: Phase(sx=2, sy=2, ratio=0.4, agent_ratio=0.7, merge_mlp=True),
         },
         size=(16, 16),
         seed=4,
@@ -170,6 +176,20 @@ BLOCK_SETTINGS = [
         phases={1: Phase(sx=3, sy=2, ratio=0.3, agent_ratio=0.9), 2: Phase(sx=2, sy=2, ratio=0.5, min_tokens=80)},
         size=(18, 14),
     ),
+]
+
+
+# each phase of the fast preset on both levels (min_tokens lowered so that it acts on the tiny UNet)
+BLOCK_SETTINGS += [
+    dict(
+        phases={
+            downsample: dataclasses.replace(agentsd.PRESETS["fast"][level][k], end=1.0, min_tokens=0)
+            for level, downsample in ((0, 1), (1, 2))
+        },
+        size=(16, 16),
+        seed=7,
+    )
+    for k in range(2)
 ]
 
 

@@ -62,7 +62,9 @@ def test_compare_grid_and_schedule_file(tmp_path):
 
 def test_per_level_schedule_file_and_fast_preset(tmp_path):
     schedule = tmp_path / "levels.json"
-    schedule.write_text(json.dumps({"0": [{"sx": 2, "sy": 2, "ratio": 0.5, "merge_block": True}], "1": [{}]}))
+    schedule.write_text(
+        json.dumps({"0": [{"sx": 2, "sy": 2, "ratio": 0.5, "merge_crossattn": True, "merge_mlp": True}], "1": [{}]})
+    )
     for choice in (str(schedule), "fast"):
         out = tmp_path / f"{Path(choice).stem}.png"
         assert main(["generate", "a green cross", "--schedule", choice, *FAST, "-o", str(out)]) == 0
@@ -70,7 +72,7 @@ def test_per_level_schedule_file_and_fast_preset(tmp_path):
         if choice == "fast":
             assert settings == {"schedule": "fast"}
         else:
-            assert settings["schedule"]["0"][0]["merge_block"] is True and settings["schedule"]["1"][0]["ratio"] == 0.5
+            assert settings["schedule"]["0"][0]["merge_mlp"] is True and settings["schedule"]["1"][0]["ratio"] == 0.5
 
 
 @pytest.mark.parametrize(

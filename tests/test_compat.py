@@ -10,7 +10,10 @@ from agentsd import Phase
 from agentsd.attention import AgentAttnProcessor, MergedAttnProcessor
 
 TOL = 1e-4
-SCHEDULE = {0: [Phase(sx=4, sy=4, ratio=0.4, agent_ratio=0.95, merge_block=True)], 1: [Phase(sx=2, sy=2, ratio=0.3)]}
+SCHEDULE = {
+    0: [Phase(sx=4, sy=4, ratio=0.4, agent_ratio=0.95, merge_crossattn=True, merge_mlp=True)],
+    1: [Phase(sx=2, sy=2, ratio=0.3)],
+}
 
 
 def run(unet, sample, context, timestep=500):

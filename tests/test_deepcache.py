@@ -10,7 +10,10 @@ from agentsd import Phase
 
 PIPELINES = {"sd": tiny_pipeline, "sdxl": tiny_sdxl_pipeline}
 # Merging whole blocks at level 0 (and agents where the tiny latents allow) so both paths change the output.
-SCHEDULE = {0: [Phase(sx=2, sy=2, ratio=0.5, agent_ratio=0.8, merge_block=True)], 1: [Phase(sx=2, sy=2, ratio=0.4)]}
+SCHEDULE = {
+    0: [Phase(sx=2, sy=2, ratio=0.5, agent_ratio=0.8, merge_crossattn=True, merge_mlp=True)],
+    1: [Phase(sx=2, sy=2, ratio=0.4)],
+}
 
 
 def generate(pipe):

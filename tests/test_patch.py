@@ -174,7 +174,9 @@ def test_whole_block_patch_restores_cross_attention_and_feed_forward(unet):
     sample, context = unet_inputs()
     before = dict(unet.attn_processors)
     vanilla = run(unet, sample, context)
-    agentsd.apply(unet, {0: [Phase(sx=2, sy=2, ratio=0.5, merge_block=True)], 1: [Phase(ratio=0.3)]}, seed=0)
+    agentsd.apply(
+        unet, {0: [Phase(sx=2, sy=2, ratio=0.5, merge_crossattn=True, merge_mlp=True)], 1: [Phase(ratio=0.3)]}, seed=0
+    )
     assert not torch.equal(run(unet, sample, context), vanilla)
     agentsd.remove(unet)
     after = unet.attn_processors

@@ -7,7 +7,7 @@ from conftest import tiny_unet, unet_inputs
 import agentsd
 from agentsd import Phase
 
-AGENT = Phase(sx=4, sy=4, ratio=0.4, agent_ratio=0.95, merge_block=True)
+AGENT = Phase(sx=4, sy=4, ratio=0.4, agent_ratio=0.95, merge_crossattn=True, merge_mlp=True)
 
 
 def run(unet, sample, context, timestep=500):
@@ -58,7 +58,9 @@ def test_odd_batches(batch):
         Phase(sx=2, sy=2, ratio=0.0, agent_ratio=0.999),
         Phase(sx=2, sy=2, ratio=0.5, agent_ratio=0.0),
         Phase(sx=1, sy=1, ratio=0.9, agent_ratio=0.9),  # every token is dst: nothing to merge
-        Phase(sx=16, sy=16, ratio=0.99, agent_ratio=0.99, merge_block=True),  # one window, one agent
+        Phase(
+            sx=16, sy=16, ratio=0.99, agent_ratio=0.99, merge_crossattn=True, merge_mlp=True
+        ),  # one window, one agent
     ],
 )
 def test_ratios_at_their_bounds(phase):

@@ -63,7 +63,12 @@ def test_per_level_schedule():
 
 @pytest.mark.parametrize(
     "kwargs, error",
-    [(dict(min_tokens=-1), ValueError), (dict(min_tokens=1.5), TypeError), (dict(merge_block=1), TypeError)],
+    [
+        (dict(min_tokens=-1), ValueError),
+        (dict(min_tokens=1.5), TypeError),
+        (dict(merge_crossattn=1), TypeError),
+        (dict(merge_mlp=None), TypeError),
+    ],
 )
 def test_block_options_validation(kwargs, error):
     with pytest.raises(error):
