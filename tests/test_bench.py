@@ -76,6 +76,15 @@ def test_fresh_runs_each_method_in_its_own_process(tiny_folder, tmp_path):
     assert set(summary["times"]) == {"vanilla", "fast"} and all(ts[0] > 0 for ts in summary["times"].values())
     assert set(summary["peak_mib"]) == {"vanilla", "fast"} and summary["speedup_median"]["vanilla"] == 1.0
     assert "each method in a new process" in out.with_suffix(".md").read_text()
+    # A second size joins the first (same setup); the first one's figures stay as they were.
+    one = ["--methods", "vanilla", "--repeats", "1", "--warmup", "0", "--out", str(out)]
+    assert main([*args[:-4], "--sizes", "32", "--steps", "2", *one]) == 0
+    again = json.loads(out.read_text())
+    assert set(again["sizes"]) == {"64", "32"} and again["sizes"]["64"] == summary
+    assert set(again["sizes"]["32"]["times"]) == {"vanilla"}
+    # Another setup (step count) starts afresh rather than mixing.
+    assert main([*args[:-1], "4", *one]) == 0
+    assert set(json.loads(out.read_text())["sizes"]) == {"64"}
 
 
 def test_fresh_needs_pipeline(tmp_path, capsys):

@@ -352,8 +352,9 @@ def run(model, sizes, methods, repeats, warmup, steps, scheduler, dtype, device,
 def fresh(args, out: Path) -> dict:
     """``run`` for each method in a new process of its own, one after another; the results merged into ``out``.
 
-    ``args`` are ``bench speed``'s (``--pipeline``); each process writes its own JSON in a scratch folder."""
-    results = None
+    ``args`` are ``bench speed``'s (``--pipeline``); each process writes its own JSON in a scratch folder.
+    Sizes already in ``out`` from the same setup are kept (as ``run`` keeps them), the measured ones replaced."""
+    setup = None
     times, memory = {}, {}
     with tempfile.TemporaryDirectory() as folder:
         for method in args.methods:
@@ -372,8 +373,8 @@ def fresh(args, out: Path) -> dict:
             for size, measured in one["sizes"].items():
                 times.setdefault(size, {})[method] = measured["times"][method]
                 memory.setdefault(size, {})[method] = measured["memory_bytes"][method]
-            results = results or {k: v for k, v in one.items() if k != "sizes"}
-    results |= {"processes": "one per method", "sizes": {}}
+            setup = setup or {k: v for k, v in one.items() if k != "sizes"} | {"processes": "one per method"}
+    results = resume(out, setup)
     for size in times:
         results["sizes"][size] = {"repeats": args.repeats, "warmup": args.warmup} | summarize(times[size], memory[size])
     out.parent.mkdir(parents=True, exist_ok=True)
