@@ -60,6 +60,8 @@ class AgentState:
         self.size: tuple[int, int] | None = None
         self.phases: tuple[Phase, ...] | None = None  # this call's phase of each band
         self.decided = False  # the next UNet call's phases are already picked (by the scheduler, eagerly)
+        # this call's merges of each (h, w) level whose phase has share_matching: (tokens, agents or None)
+        self.shared: dict[tuple[int, int], tuple[Merge, Merge | None]] = {}
 
     def begin_call(self, height: int, width: int, p: float) -> None:
         """Record the latent size and pick every band's phase at sampling progress ``p``.
@@ -119,25 +121,14 @@ class AgentAttnProcessor:
             )
         h, w, phase, r = plan
         config = self.state.config
-        B, N, _ = hidden_states.shape
-
-        windows = None
-        if config.use_rand and B % 2 == 0:  # odd batches hold unpaired cond/uncond images: keep dst fixed
-            windows = random_windows(
-                h, w, phase.sx, phase.sy, self.state.seed, self.state.draws_on(hidden_states.device)
-            )
-        num_dst = (h // phase.sy) * (w // phase.sx)
-        order = partition(h, w, phase.sx, phase.sy, windows, device=hidden_states.device)
-        m = match(metric, order, num_dst)
-        r = min(r, m.num_src)
-
-        agents = None
-        if phase.agent_ratio is not None:
-            agent_r = min(int(N * phase.agent_ratio), m.num_src)
-            if 2 * (N - agent_r) < N - r:
-                agents = Merge(merge_rows(m, agent_r), N - agent_r)(hidden_states)
-
-        tokens = Merge(merge_rows(m, r), N - r)
+        shared = self.state.shared.get((h, w)) if phase.share_matching else None
+        if shared is not None and shared[0].shape == hidden_states.shape[:2]:
+            tokens, agent_merge = shared
+        else:
+            tokens, agent_merge = self._merges(hidden_states, metric, h, w, phase, r)
+            if phase.share_matching:
+                self.state.shared[(h, w)] = tokens, agent_merge
+        agents = None if agent_merge is None else agent_merge(hidden_states)
         if phase.merge_crossattn or phase.merge_mlp:
             self.block_merge.set(tokens, crossattn=phase.merge_crossattn, mlp=phase.merge_mlp)
         out = agent_attention(
@@ -152,6 +143,26 @@ class AgentAttnProcessor:
         if attn.residual_connection:
             out = out + hidden_states
         return out / attn.rescale_output_factor
+
+    def _merges(self, hidden_states, metric, h: int, w: int, phase: Phase, r: int) -> tuple[Merge, Merge | None]:
+        """Match ``metric``: the ToMe merge of the tokens and the merge that makes the agents (or ``None``)."""
+        config = self.state.config
+        B, N, _ = hidden_states.shape
+        windows = None
+        if config.use_rand and B % 2 == 0:  # odd batches hold unpaired cond/uncond images: keep dst fixed
+            windows = random_windows(
+                h, w, phase.sx, phase.sy, self.state.seed, self.state.draws_on(hidden_states.device)
+            )
+        num_dst = (h // phase.sy) * (w // phase.sx)
+        order = partition(h, w, phase.sx, phase.sy, windows, device=hidden_states.device)
+        m = match(metric, order, num_dst)
+        r = min(r, m.num_src)
+        agent_merge = None
+        if phase.agent_ratio is not None:
+            agent_r = min(int(N * phase.agent_ratio), m.num_src)
+            if 2 * (N - agent_r) < N - r:
+                agent_merge = Merge(merge_rows(m, agent_r), N - agent_r)
+        return Merge(merge_rows(m, r), N - r), agent_merge
 
     def _plan(self, attn, hidden_states, metric, encoder_hidden_states, attention_mask):
         """``(h, w, phase, r)`` when this call merges, else ``None`` (run the original processor)."""

@@ -256,6 +256,7 @@ def _patch(unet: torch.nn.Module, patch: _Patch) -> None:
 
     def unet_pre_hook(module, args, kwargs):
         _wrap(patch)
+        state.shared.clear()  # matchings shared within a call (Phase.share_matching) never outlive it
         if state.decided:  # the scheduler saw this call's timestep (outside any compiled graph)
             state.decided = False
             return

@@ -35,6 +35,9 @@ class Phase:
         merge_mlp: also run the block's feed-forward on the merged tokens (as ToMeSD's ``merge_mlp``).
             Saves the most time of the two but costs quality: on the proving ground it took ``fast`` from
             40.8 to 29.7 dB of PSNR against vanilla and from 68% to 64% caption accuracy (speckled images).
+        share_matching: match once per level and UNet call: the level's first block to run matches its own
+            input, the level's later blocks merge their tokens (and make their agents) by that matching instead
+            of matching theirs. Saves the matching and the index work of the merges.
         min_tokens: leave a block alone when it has fewer tokens: there merging costs more than it saves.
             ``None``: the default of the device the model runs on (``DEVICE_MIN_TOKENS``).
     """
@@ -46,6 +49,7 @@ class Phase:
     agent_ratio: float | None = None
     merge_crossattn: bool = False
     merge_mlp: bool = False
+    share_matching: bool = False
     min_tokens: int | None = 0
 
     def __post_init__(self):
@@ -55,7 +59,7 @@ class Phase:
                 continue
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"Phase.{name} must be an int, got {type(value).__name__}")
-        for name in ("merge_crossattn", "merge_mlp"):
+        for name in ("merge_crossattn", "merge_mlp", "share_matching"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"Phase.{name} must be a bool, got {type(getattr(self, name)).__name__}")
         if self.min_tokens is not None and self.min_tokens < 0:

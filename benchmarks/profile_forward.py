@@ -6,6 +6,10 @@ with their difference: what the method saves (attention) and what it adds (match
 
     python benchmarks/profile_forward.py --model benchmarks/checkpoints/demo128/model --size 128 \\
         --out benchmarks/results/profile_demo128_agent.json
+
+A preset (``--method fast``) runs the phases it has at sampling progress ``--progress`` (the UNet gets the
+timestep ``(1 - p)·1000``). Beside the per-op table the ops are summed by kind (convolution, linear layers,
+attention products, the rest): what is left to save once the attention is cheap.
 """
 
 from __future__ import annotations
@@ -18,7 +22,24 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+import agentsd
 from agentsd.bench.speed import METHODS, _inputs, build_unet, machine
+from agentsd.schedule import PRESETS
+
+# op name -> kind, for the summary by kind (self times; every other op counts as "other")
+KINDS = {
+    "aten::mkldnn_convolution": "convolution",
+    "aten::convolution": "convolution",
+    "aten::_convolution": "convolution",
+    "aten::addmm": "linear",
+    "aten::mm": "linear",
+    "aten::_scaled_dot_product_flash_attention_for_cpu": "attention",
+    "aten::_scaled_dot_product_efficient_attention": "attention",
+    "aten::_scaled_dot_product_flash_attention": "attention",
+    "aten::_scaled_dot_product_cudnn_attention": "attention",
+    "aten::bmm": "attention",
+    "aten::baddbmm": "attention",
+}
 
 
 def profiled(unet, inputs: dict, forwards: int) -> tuple[float, dict[str, dict]]:
@@ -56,12 +77,38 @@ def compare(vanilla: dict[str, dict], method: dict[str, dict], top: int) -> list
     return rows[:top]
 
 
+def by_kind(ops: dict[str, dict]) -> dict[str, float]:
+    """Self milliseconds per forward summed by op kind (:data:`KINDS`)."""
+    kinds = dict.fromkeys(("convolution", "linear", "attention", "other"), 0.0)
+    for op, o in ops.items():
+        kinds[KINDS.get(op, "other")] += o["self_ms"]
+    return kinds
+
+
+def patch(unet, method: str, latent: int):
+    """Apply ``method`` (a ``bench speed`` method or an agentsd preset); returns the function that undoes it."""
+    if method in METHODS:
+        return METHODS[method](unet, latent * latent)
+    agentsd.apply(unet, method, seed=0)
+    return lambda: agentsd.remove(unet)
+
+
 def table(results: dict) -> str:
+    progress = f" at progress {results['progress']:g}" if results.get("progress") is not None else ""
     lines = [
         f"UNet forward ({results['model']}), {results['size']}², batch {results['batch']}, {results['device']} "
         f"({results['threads']} threads), profiled over {results['forwards']} forwards: vanilla "
-        f"{results['vanilla_s'] * 1e3:.1f} ms, {results['method']} {results['method_s'] * 1e3:.1f} ms per forward "
-        f"(profiler on)",
+        f"{results['vanilla_s'] * 1e3:.1f} ms, {results['method']}{progress} {results['method_s'] * 1e3:.1f} ms per "
+        "forward (profiler on)",
+        "",
+        "Self time by kind of op, ms per forward:",
+        "",
+        "| kind | vanilla | method | change |",
+        "|---|---|---|---|",
+        *(
+            f"| {kind} | {ms:.1f} | {results['method_kinds'][kind]:.1f} | {results['method_kinds'][kind] - ms:+.1f} |"
+            for kind, ms in results.get("vanilla_kinds", {}).items()
+        ),
         "",
         f"Calls per forward: vanilla {results['vanilla_calls']:.0f}, "
         f"{results['method']} {results['method_calls']:.0f}.",
@@ -81,13 +128,18 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="sd15", help="sd15, sdxl, demo or a diffusers folder (its UNet config)")
     parser.add_argument("--size", type=int, default=512, help="image size (pixels, square)")
-    parser.add_argument("--method", default="agentsd-agent", choices=[m for m in METHODS if m != "vanilla"])
+    parser.add_argument(
+        "--method", default="agentsd-agent", choices=[m for m in [*METHODS, *PRESETS] if m != "vanilla"]
+    )
+    parser.add_argument("--progress", type=float, default=None, help="sampling progress p of the forwards (0 to 1)")
     parser.add_argument("--forwards", type=int, default=10)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--top", type=int, default=25, help="ops kept, by the size of their change")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
+    if args.progress is not None and not 0.0 <= args.progress <= 1.0:
+        parser.error(f"--progress must lie in [0, 1], got {args.progress}")
     device, dtype = torch.device(args.device), torch.float32
     torch.manual_seed(0)
     with torch.device(device):
@@ -95,8 +147,10 @@ def main(argv=None) -> None:
     unet = unet.to(device=device, dtype=dtype).eval()
     latent = args.size // factor
     inputs = _inputs(unet, args.batch, latent, device, dtype)
+    if args.progress is not None:
+        inputs["timestep"] = round((1.0 - args.progress) * 1000)
     vanilla_s, vanilla = profiled(unet, inputs, args.forwards)
-    undo = METHODS[args.method](unet, latent * latent)
+    undo = patch(unet, args.method, latent)
     try:
         method_s, method = profiled(unet, inputs, args.forwards)
     finally:
@@ -108,10 +162,13 @@ def main(argv=None) -> None:
         "batch": args.batch,
         "forwards": args.forwards,
         "method": args.method,
+        "progress": args.progress,
         "vanilla_s": vanilla_s,
         "method_s": method_s,
         "vanilla_calls": sum(o["count"] for o in vanilla.values()),
         "method_calls": sum(o["count"] for o in method.values()),
+        "vanilla_kinds": by_kind(vanilla),
+        "method_kinds": by_kind(method),
         "ops": compare(vanilla, method, args.top),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -42,9 +42,12 @@ def dst_positions(h, w, sx, sy, windows):
     return dst
 
 
-def block_attention(attn, x, y, H, W, phase_of, k_scale2, k_shortcut, windows_fn):
+def block_attention(attn, x, y, H, W, phase_of, k_scale2, k_shortcut, windows_fn, matchings=None):
     """attn1 for block input ``x`` and normed input ``y`` (B×N×C), unmerged back to N tokens, and the ToMe
-    groups of each batch element (lists of token positions that share a merged token; ``None`` if unmerged)."""
+    groups of each batch element (lists of token positions that share a merged token; ``None`` if unmerged).
+
+    ``matchings``: this UNet call's ``{downsample: [(src, dst, choice, ranked) per batch element]}``; a phase
+    with ``share_matching`` takes its level's entry when there is one and records its own when not."""
     B, N, C = y.shape
     downsample = math.ceil(math.sqrt(H * W // N))
     phase = phase_of(downsample)
@@ -52,21 +55,30 @@ def block_attention(attn, x, y, H, W, phase_of, k_scale2, k_shortcut, windows_fn
     if r == 0 or N < min_tokens_on(phase, y.device.type):  # the device's default where None
         return torch.stack([attention(attn, y[b], None, k_scale2, k_shortcut) for b in range(B)]), None
     h, w = math.ceil(H / downsample), math.ceil(W / downsample)
-    windows = windows_fn(h, w, phase.sx, phase.sy) if B % 2 == 0 else None
-    dst = dst_positions(h, w, phase.sx, phase.sy, windows)
-    src = [p for p in range(N) if p not in set(dst)]
-    r = min(r, len(src))
+    shared = matchings is not None and phase.share_matching
+    if shared and downsample in matchings:
+        per_batch = matchings[downsample]
+    else:
+        windows = windows_fn(h, w, phase.sx, phase.sy) if B % 2 == 0 else None
+        dst = dst_positions(h, w, phase.sx, phase.sy, windows)
+        src = [p for p in range(N) if p not in set(dst)]
+        per_batch = []
+        for b in range(B):
+            metric = x[b] / x[b].norm(dim=-1, keepdim=True)
+            choice, similarity = {}, {}
+            for s in src:
+                sims = metric[dst] @ metric[s]
+                best = int(torch.argmax(sims))
+                choice[s], similarity[s] = dst[best], float(sims[best])
+            per_batch.append((src, dst, choice, sorted(src, key=lambda s: -similarity[s])))
+        if shared:
+            matchings[downsample] = per_batch
+    r = min(r, len(per_batch[0][0]))
     outputs, all_groups = [], []
     for b in range(B):
-        metric = x[b] / x[b].norm(dim=-1, keepdim=True)
-        choice, similarity = {}, {}
-        for s in src:
-            sims = metric[dst] @ metric[s]
-            best = int(torch.argmax(sims))
-            choice[s], similarity[s] = dst[best], float(sims[best])
-        ranked = sorted(src, key=lambda s: -similarity[s])
+        src, dst, choice, ranked = per_batch[b]
 
-        def groups(k, ranked=ranked, choice=choice):
+        def groups(k, ranked=ranked, choice=choice, dst=dst):
             members = {d: [d] for d in dst}
             for s in ranked[:k]:
                 members[choice[s]].append(s)
@@ -121,6 +133,7 @@ class ReferenceProcessor:
             run["k_scale2"],
             run["k_shortcut"],
             run["windows_fn"],
+            run["matchings"],
         )
         N = hidden_states.shape[1]
         phase = run["phase_of"](math.ceil(math.sqrt(run["size"][0] * run["size"][1] // N)))
@@ -170,7 +183,9 @@ def reference_unet(unet, phase, *, max_downsample=1, k_scale2=0.3, k_shortcut=0.
             return phase.get(downsample)
         return phase if downsample <= max_downsample else None
 
-    run = dict(size=None, phase_of=phase_of, k_scale2=k_scale2, k_shortcut=k_shortcut, windows_fn=windows_fn)
+    run = dict(
+        size=None, phase_of=phase_of, k_scale2=k_scale2, k_shortcut=k_shortcut, windows_fn=windows_fn, matchings={}
+    )
     for block in ref.modules():
         if isinstance(block, BasicTransformerBlock):
             processor = ReferenceProcessor(run, block.attn1.processor)
@@ -183,6 +198,7 @@ def reference_unet(unet, phase, *, max_downsample=1, k_scale2=0.3, k_shortcut=0.
 
     def call(sample, timestep, context):
         run["size"] = tuple(sample.shape[-2:])
+        run["matchings"] = {}
         with torch.no_grad():
             return ref(sample.double(), timestep, context.double()).sample
 

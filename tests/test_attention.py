@@ -193,6 +193,20 @@ BLOCK_SETTINGS += [
 ]
 
 
+# one matching per level and call (share_matching): agents and merged cross-attention, random dst; ragged ToMe
+BLOCK_SETTINGS += [
+    dict(
+        phases={
+            1: Phase(sx=4, sy=4, ratio=0.4, agent_ratio=0.95, merge_crossattn=True, share_matching=True),
+            2: Phase(sx=2, sy=2, ratio=0.5, merge_mlp=True, share_matching=True),
+        },
+        size=(16, 16),
+        seed=5,
+    ),
+    dict(phases={1: Phase(sx=3, sy=2, ratio=0.5, share_matching=True)}, size=(18, 14)),
+]
+
+
 @pytest.mark.parametrize("setting", BLOCK_SETTINGS, ids=range(len(BLOCK_SETTINGS)))
 def test_per_level_and_whole_block_paths_match_reference(setting):
     unet = tiny_unet("sd", seed=11)
@@ -226,3 +240,26 @@ def test_min_tokens_none_takes_the_default_of_the_device_the_model_runs_on(unet,
     assert torch.equal(run(unet, sample, context), vanilla)
     monkeypatch.setitem(schedule.DEVICE_MIN_TOKENS, "cpu", 256)  # the lookup is by the hidden states' device
     assert not torch.equal(run(unet, sample, context), vanilla)
+
+
+def test_shared_matching_matches_once_per_level_and_call(monkeypatch):
+    """Shared: one matching per level per call (each call its own, as the reference over two calls); unshared:
+    one per block. The two differ."""
+    unet = tiny_unet("sd", seed=13)
+    sample, context = unet_inputs(seed=14)
+    phases = {1: Phase(sx=2, sy=2, ratio=0.5, agent_ratio=0.8), 2: Phase(sx=2, sy=2, ratio=0.5)}
+    calls = []
+    match = agentsd.attention.match
+    monkeypatch.setattr(agentsd.attention, "match", lambda *a: calls.append(a[0].shape[1]) or match(*a))
+    agentsd.apply(unet, {0: [phases[1]], 1: [phases[2]]}, seed=3)
+    unshared = run(unet, sample, context)
+    assert calls == [256, 64, 256, 256]  # 1 down and 2 up blocks at level 0, the mid block at level 1
+    shared = {d: dataclasses.replace(p, share_matching=True) for d, p in phases.items()}
+    reference = reference_unet(unet, shared, seed=3)
+    agentsd.apply(unet, {0: [shared[1]], 1: [shared[2]]}, seed=3)
+    for _ in range(2):
+        calls.clear()
+        ours = run(unet, sample, context)
+        assert calls == [256, 64]
+        assert (ours.double() - reference(sample, 500, context)).abs().max() < TOL
+    assert (ours - unshared).abs().max() > 100 * TOL

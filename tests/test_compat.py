@@ -343,3 +343,21 @@ def test_sdxl_refiner_layout_img2img(tmp_path):
     assert torch.isfinite(patched).all() and (patched - vanilla).abs().max() > 100 * TOL
     agentsd.remove(refiner)
     assert torch.equal(refine(), vanilla)
+
+
+def test_compiled_unet_with_shared_matching():
+    """share_matching keeps its per-call merges on the state: compiled calls match eager ones, call after call."""
+    unet = tiny_unet("sd", seed=8)
+    sample, context = unet_inputs(seed=9)
+    schedule = {
+        0: [Phase(sx=2, sy=2, ratio=0.5, agent_ratio=0.8, merge_crossattn=True, share_matching=True)],
+        1: [Phase(sx=2, sy=2, ratio=0.5, share_matching=True)],
+    }
+    agentsd.apply(unet, schedule, seed=0)
+    eager = [run(unet, sample, context) for _ in range(2)]
+    torch._dynamo.reset()
+    compiled = torch.compile(unet)
+    agentsd.apply(compiled, schedule, seed=0)
+    assert not torch.equal(eager[0], eager[1])  # each call draws new dst tokens
+    for expected in eager:
+        assert (run(compiled, sample, context) - expected).abs().max() < TOL
