@@ -13,6 +13,7 @@ count, steps and guidance) are kept, so a new variant costs only its own images;
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -50,6 +51,10 @@ VARIANTS = {
     "first fast without merged sublayers, late ratio 0.75": _variant(False, False, 0.75),
     "agents to the end, no merged sublayers": _variant(False, False, 0.0, agents_end=1.0),
     "paper": "paper",
+    "fast, one matching per level and call (share_matching)": {
+        level: tuple(dataclasses.replace(phase, share_matching=True) for phase in phases)
+        for level, phases in agentsd.PRESETS["fast"].items()
+    },
 }
 
 

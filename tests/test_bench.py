@@ -68,16 +68,24 @@ def test_pipeline_runs_every_method_with_memory(tiny_folder, tmp_path):
 
 def test_fresh_runs_each_method_in_its_own_process(tiny_folder, tmp_path):
     out = tmp_path / "fresh.json"
-    args = ["bench", "speed", "--pipeline", "--fresh", "--model", str(tiny_folder), "--sizes", "64", "--steps", "2"]
-    assert main([*args, "--methods", "vanilla", "fast", "--repeats", "1", "--warmup", "0", "--out", str(out)]) == 0
+    args = ["bench", "speed", "--pipeline", "--model", str(tiny_folder), "--sizes", "64", "--steps", "2"]
+    two = ["--fresh", "2", "--methods", "vanilla", "fast", "--repeats", "1", "--warmup", "0", "--out", str(out)]
+    assert main([*args, *two]) == 0
     results = json.loads(out.read_text())
     assert results["processes"] == "one per method" and results["kind"] == "pipeline"
     summary = results["sizes"]["64"]
-    assert set(summary["times"]) == {"vanilla", "fast"} and all(ts[0] > 0 for ts in summary["times"].values())
-    assert set(summary["peak_mib"]) == {"vanilla", "fast"} and summary["speedup_median"]["vanilla"] == 1.0
-    assert "each method in a new process" in out.with_suffix(".md").read_text()
+    assert summary["processes_per_method"] == 2
+    assert set(summary["times"]) == {"vanilla", "fast"} and all(len(ts) == 2 for ts in summary["times"].values())
+    for method, peaks in summary["memory_bytes"].items():  # one peak per process; the median, and their range
+        assert len(peaks) == 2 and summary["peak_mib"][method] == sum(peaks) / 2 / 2**20
+        assert summary["peak_mib_range"][method] == [min(peaks) / 2**20, max(peaks) / 2**20]
+    assert summary["speedup_median"]["vanilla"] == 1.0
+    table = out.with_suffix(".md").read_text()
+    assert "each method in a new process" in table and "median of 2 processes" in table
+    assert main(["bench", "speed", "--report", "--out", str(out)]) == 0  # the summary is remade the same
+    assert json.loads(out.read_text())["sizes"]["64"] == summary
     # A second size joins the first (same setup); the first one's figures stay as they were.
-    one = ["--methods", "vanilla", "--repeats", "1", "--warmup", "0", "--out", str(out)]
+    one = ["--fresh", "--methods", "vanilla", "--repeats", "1", "--warmup", "0", "--out", str(out)]
     assert main([*args[:-4], "--sizes", "32", "--steps", "2", *one]) == 0
     again = json.loads(out.read_text())
     assert set(again["sizes"]) == {"64", "32"} and again["sizes"]["64"] == summary
@@ -87,9 +95,11 @@ def test_fresh_runs_each_method_in_its_own_process(tiny_folder, tmp_path):
     assert set(json.loads(out.read_text())["sizes"]) == {"64"}
 
 
-def test_fresh_needs_pipeline(tmp_path, capsys):
+def test_fresh_needs_pipeline_and_a_process_count(tmp_path, capsys):
     assert main(["bench", "speed", "--fresh", "--out", str(tmp_path / "x.json")]) == 2
     assert "--fresh goes with --pipeline" in capsys.readouterr().err
+    assert main(["bench", "speed", "--pipeline", "--fresh", "-1", "--out", str(tmp_path / "x.json")]) == 2
+    assert "--fresh takes a number of processes >= 1" in capsys.readouterr().err
 
 
 def test_pipeline_methods_change_the_run(tiny_folder, tmp_path):

@@ -9,10 +9,12 @@ started from (CPU), or ``torch.cuda.max_memory_allocated`` (CUDA).
 
     agentsd bench speed --pipeline --sizes 512 --steps 20                  # SD 1.5 architecture
     agentsd bench speed --pipeline --model sdxl --sizes 1024 --methods vanilla fast deepcache+fast
-    agentsd bench speed --pipeline --fresh --sizes 512 --steps 4 --repeats 1 --warmup 0   # memory, one process each
+    agentsd bench speed --pipeline --fresh 5 --sizes 512 --steps 4 --repeats 1 --warmup 0   # memory, 5 processes each
 
-In one process a method's peak can hide under memory an earlier method left cached; ``--fresh`` runs each
-method in a new process of its own (one after another) and merges their results.
+In one process a method's peak can hide under memory an earlier method left cached; ``--fresh N`` runs each
+method in N new processes of its own (round by round: every method once, then again) and merges their
+results. On CPU the resident set of the same run varies by some 10% from process to process (how the
+C heap happens to be laid out), so a peak is the median over the processes, shown with its range.
 """
 
 from __future__ import annotations
@@ -350,43 +352,57 @@ def run(model, sizes, methods, repeats, warmup, steps, scheduler, dtype, device,
 
 
 def fresh(args, out: Path) -> dict:
-    """``run`` for each method in a new process of its own, one after another; the results merged into ``out``.
+    """``run`` for each method in ``args.fresh`` new processes of its own, round by round; the results merged into
+    ``out``: the times of every process, and each process's peak memory.
 
     ``args`` are ``bench speed``'s (``--pipeline``); each process writes its own JSON in a scratch folder.
     Sizes already in ``out`` from the same setup are kept (as ``run`` keeps them), the measured ones replaced."""
     setup = None
     times, memory = {}, {}
     with tempfile.TemporaryDirectory() as folder:
-        for method in args.methods:
-            path = Path(folder) / f"{method}.json"
-            command = [
-                sys.executable, "-m", "agentsd", "bench", "speed", "--pipeline", "--model", str(args.model),
-                "--sizes", *map(str, args.sizes), "--steps", str(args.steps), "--scheduler", args.scheduler,
-                "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--dtype", args.dtype,
-                "--device", str(args.device), "--methods", method, "--out", str(path),
-            ]  # fmt: skip
-            print(f"{method}: a new process", flush=True)
-            done = subprocess.run(command)
-            if done.returncode != 0:
-                raise RuntimeError(f"the {method} process failed (exit status {done.returncode})")
-            one = json.loads(path.read_text())
-            for size, measured in one["sizes"].items():
-                times.setdefault(size, {})[method] = measured["times"][method]
-                memory.setdefault(size, {})[method] = measured["memory_bytes"][method]
-            setup = setup or {k: v for k, v in one.items() if k != "sizes"} | {"processes": "one per method"}
+        for round_ in range(args.fresh):
+            for method in args.methods:
+                path = Path(folder) / f"{method}.json"
+                path.unlink(missing_ok=True)
+                command = [
+                    sys.executable, "-m", "agentsd", "bench", "speed", "--pipeline", "--model", str(args.model),
+                    "--sizes", *map(str, args.sizes), "--steps", str(args.steps), "--scheduler", args.scheduler,
+                    "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--dtype", args.dtype,
+                    "--device", str(args.device), "--methods", method, "--out", str(path),
+                ]  # fmt: skip
+                print(f"{method}: a new process ({round_ + 1} of {args.fresh})", flush=True)
+                done = subprocess.run(command)
+                if done.returncode != 0:
+                    raise RuntimeError(f"the {method} process failed (exit status {done.returncode})")
+                one = json.loads(path.read_text())
+                for size, measured in one["sizes"].items():
+                    times.setdefault(size, {}).setdefault(method, []).extend(measured["times"][method])
+                    memory.setdefault(size, {}).setdefault(method, []).append(max(measured["memory_bytes"][method]))
+                setup = setup or {k: v for k, v in one.items() if k != "sizes"} | {"processes": "one per method"}
     results = resume(out, setup)
     for size in times:
-        results["sizes"][size] = {"repeats": args.repeats, "warmup": args.warmup} | summarize(times[size], memory[size])
+        results["sizes"][size] = {
+            "repeats": args.repeats,
+            "warmup": args.warmup,
+            "processes_per_method": args.fresh,
+        } | summarize(times[size], memory[size], per_process=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     return results
 
 
-def summarize(times: dict[str, list[float]], memory: dict[str, list[int]]) -> dict:
-    """Median seconds and speed-up over vanilla per method, and the largest peak memory seen (MiB)."""
+def summarize(times: dict[str, list[float]], memory: dict[str, list[int]], per_process: bool = False) -> dict:
+    """Median seconds and speed-up over vanilla per method, and the peak memory (MiB).
+
+    ``memory``: peaks above start, one per repeat of one process (the peak is their largest), or with
+    ``per_process`` one per process (the peak is their median, ``peak_mib_range`` their smallest and largest)."""
     median = {name: statistics.median(ts) for name, ts in times.items()}
     summary = {"times": times, "memory_bytes": memory, "median": median}
-    summary["peak_mib"] = {name: max(ms) / 2**20 for name, ms in memory.items()}
+    if per_process:
+        summary["peak_mib"] = {name: statistics.median(ms) / 2**20 for name, ms in memory.items()}
+        summary["peak_mib_range"] = {name: [min(ms) / 2**20, max(ms) / 2**20] for name, ms in memory.items()}
+    else:
+        summary["peak_mib"] = {name: max(ms) / 2**20 for name, ms in memory.items()}
     if "vanilla" in median:
         summary["speedup_median"] = {name: median["vanilla"] / t for name, t in median.items()}
     return summary
@@ -405,33 +421,49 @@ def table(results: dict) -> str:
         for name, seconds in summary["median"].items():
             speedup = summary.get("speedup_median", {}).get(name)
             cell = "–" if speedup is None else f"{speedup:.2f}×"
-            lines.append(f"| {size}² | {name} | {seconds:.4g} | {cell} | {summary['peak_mib'][name]:.0f} |")
+            peak = f"{summary['peak_mib'][name]:.0f}"
+            spread = summary.get("peak_mib_range", {}).get(name)
+            if spread and summary.get("processes_per_method", 1) > 1:
+                peak += f" ({spread[0]:.0f}–{spread[1]:.0f}, median of {summary['processes_per_method']} processes)"
+            lines.append(f"| {size}² | {name} | {seconds:.4g} | {cell} | {peak} |")
     return "\n".join(lines)
 
 
 def plot(results: dict):
-    """Speed-up over vanilla per method, one bar group per size; ``None`` without matplotlib."""
+    """Speed-up over vanilla per method, one bar group per size, and for ``--fresh`` runs the peak memory
+    beside it (median over the processes, their range as whiskers); ``None`` without matplotlib."""
     from . import pyplot
 
     plt = pyplot()
     if plt is None or not results["sizes"]:
         return None
     sizes = sorted(results["sizes"], key=int)
-    methods = [m for m in results["sizes"][sizes[0]].get("speedup_median", {}) if m != "vanilla"]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    memory = results.get("processes") == "one per method"
+    methods = list(results["sizes"][sizes[0]]["median"])
+    fig, axes = plt.subplots(1, 2 if memory else 1, figsize=(12 if memory else 7, 4), squeeze=False)
     width = 0.8 / max(len(sizes), 1)
     for k, size in enumerate(sizes):
-        speedups = results["sizes"][size].get("speedup_median", {})
-        ax.bar(
-            [i + k * width for i in range(len(methods))], [speedups.get(m, 0) for m in methods], width, label=f"{size}²"
-        )
-    ax.axhline(1.0, color="grey", linewidth=0.8)
-    ax.set_xticks([i + width * (len(sizes) - 1) / 2 for i in range(len(methods))], methods, rotation=30, ha="right")
-    ax.set_ylabel("speed-up over vanilla (median)")
-    ax.set_title(
-        f"Whole runs, {results['model']}, {results['steps']} {results['scheduler']} steps\n"
-        f"{results['device']}, {results['dtype']}",
+        summary = results["sizes"][size]
+        xs = [i + k * width for i in range(len(methods))]
+        speedups = summary.get("speedup_median", {})
+        axes[0][0].bar(xs, [speedups.get(m, 0) for m in methods], width, label=f"{size}²")
+        if memory:
+            peaks = [summary["peak_mib"].get(m, 0) for m in methods]
+            spread = summary.get("peak_mib_range", {})
+            low = [p - spread.get(m, [p, p])[0] for m, p in zip(methods, peaks)]
+            high = [spread.get(m, [p, p])[1] - p for m, p in zip(methods, peaks)]
+            axes[0][1].bar(xs, peaks, width, yerr=[low, high], capsize=3, label=f"{size}²")
+    axes[0][0].axhline(1.0, color="grey", linewidth=0.8)
+    axes[0][0].set_ylabel("speed-up over vanilla (median)")
+    if memory:
+        axes[0][1].set_ylabel("peak memory above start, MiB (median, range)")
+    for ax in axes[0]:
+        ax.set_xticks([i + width * (len(sizes) - 1) / 2 for i in range(len(methods))], methods, rotation=30, ha="right")
+        ax.legend(fontsize=8)
+    fig.suptitle(
+        f"Whole runs, {results['model']}, {results['steps']} {results['scheduler']} steps, "
+        f"{results['device']}, {results['dtype']}" + (", each method in new processes" if memory else ""),
         fontsize=9,
     )
-    ax.legend(fontsize=8)
+    fig.tight_layout()
     return fig

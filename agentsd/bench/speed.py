@@ -333,7 +333,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", nargs="+", help="default: all of the mode's methods")
     parser.add_argument("--pipeline", action="store_true", help="time whole sampling runs instead of UNet forwards")
     parser.add_argument(
-        "--fresh", action="store_true", help="--pipeline: each method in a new process (peak memory without leftovers)"
+        "--fresh",
+        type=int,
+        nargs="?",
+        const=1,
+        default=0,
+        metavar="N",
+        help="--pipeline: each method in N new processes of its own (default 1), round by round: peak memory "
+        "without leftovers, as the median over the processes",
     )
     parser.add_argument("--steps", type=int, default=20, help="--pipeline: sampling steps")
     parser.add_argument("--scheduler", default="pndm", help="--pipeline: pndm, ddim, euler or dpm")
@@ -356,8 +363,10 @@ def check_arguments(args: argparse.Namespace) -> None:
     if unknown:
         mode = "--pipeline" if args.pipeline else "UNet-forward"
         raise ValueError(f"unknown {mode} method(s) {', '.join(unknown)}; choose from {', '.join(methods)}")
-    if getattr(args, "fresh", False) and not args.pipeline:
+    if getattr(args, "fresh", 0) and not args.pipeline:
         raise ValueError("--fresh goes with --pipeline (whole runs)")
+    if getattr(args, "fresh", 0) < 0:
+        raise ValueError(f"--fresh takes a number of processes >= 1, got {args.fresh}")
     if args.pipeline and args.scheduler not in runs.SCHEDULERS:
         raise ValueError(f"--scheduler must be one of {', '.join(runs.SCHEDULERS)}, got {args.scheduler!r}")
     if min(args.steps, args.repeats, args.batch, *args.sizes) < 1 or args.warmup < 0:
@@ -373,20 +382,21 @@ def bench(args: argparse.Namespace) -> int:
     if args.report:
         results = json.loads(args.out.read_text())
         pipeline = results.get("kind") == "pipeline"
+        per_process = results.get("processes") == "one per method"
         for size, measured in results["sizes"].items():
             summary = (
-                runs.summarize(measured["times"], measured["memory_bytes"])
+                runs.summarize(measured["times"], measured["memory_bytes"], per_process)
                 if pipeline
                 else summarize(measured["times"])
             )
-            kept = ("repeats", "warmup", "warmup_steps")
+            kept = ("repeats", "warmup", "warmup_steps", "processes_per_method")
             results["sizes"][size] = {k: measured[k] for k in kept if k in measured} | summary
         args.out.write_text(json.dumps(results, indent=2) + "\n")
     else:
         dtype, device = getattr(torch, args.dtype), torch.device(args.device)
         deadline = getattr(args, "deadline", None)
         pipeline = args.pipeline
-        if pipeline and getattr(args, "fresh", False):
+        if pipeline and getattr(args, "fresh", 0):
             results = runs.fresh(args, args.out)
         elif pipeline:
             results = runs.run(
