@@ -1,0 +1,34 @@
+"""benchmarks/share_matching.py on the shipped demo UNet: every method timed in each phase, a table from the JSON."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).parents[1] / "benchmarks" / "share_matching.py"
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("share_matching", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_share_matching_benchmark_times_each_method_in_each_phase(tmp_path):
+    script = _script()
+    assert all(p.share_matching for phases in script.SHARED.values() for p in phases)
+    out = tmp_path / "share.json"
+    script.main(["--model", "demo", "--size", "64", "--repeats", "2", "--out", str(out)])
+    results = json.loads(out.read_text())
+    assert list(results["progress"]) == ["0.25", "0.75"]
+    for times in results["progress"].values():
+        assert set(times) == set(script.METHODS) and all(len(ts) == 2 and min(ts) > 0 for ts in times.values())
+    table = out.with_suffix(".md").read_text()
+    assert table.count("| fast, shared matching |") == 2 and "median of 2 repeats" in table
+
+
+def test_share_matching_benchmark_refuses_no_repeats(tmp_path):
+    with pytest.raises(SystemExit):
+        _script().main(["--repeats", "0", "--out", str(tmp_path / "x.json")])
