@@ -20,6 +20,7 @@ C heap happens to be laid out), so a peak is the median over the processes, show
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -446,9 +447,9 @@ def plot(results: dict):
         summary = results["sizes"][size]
         xs = [i + k * width for i in range(len(methods))]
         speedups = summary.get("speedup_median", {})
-        axes[0][0].bar(xs, [speedups.get(m, 0) for m in methods], width, label=f"{size}²")
+        axes[0][0].bar(xs, [speedups.get(m, math.nan) for m in methods], width, label=f"{size}²")
         if memory:
-            peaks = [summary["peak_mib"].get(m, 0) for m in methods]
+            peaks = [summary["peak_mib"].get(m, math.nan) for m in methods]
             spread = summary.get("peak_mib_range", {})
             low = [p - spread.get(m, [p, p])[0] for m, p in zip(methods, peaks)]
             high = [spread.get(m, [p, p])[1] - p for m, p in zip(methods, peaks)]
@@ -456,7 +457,7 @@ def plot(results: dict):
     axes[0][0].axhline(1.0, color="grey", linewidth=0.8)
     axes[0][0].set_ylabel("speed-up over vanilla (median)")
     if memory:
-        axes[0][1].set_ylabel("peak memory above start, MiB (median, range)")
+        axes[0][1].set_ylabel("peak MiB above start (median, range)")
     for ax in axes[0]:
         ax.set_xticks([i + width * (len(sizes) - 1) / 2 for i in range(len(methods))], methods, rotation=30, ha="right")
         ax.legend(fontsize=8)
@@ -465,5 +466,5 @@ def plot(results: dict):
         f"{results['device']}, {results['dtype']}" + (", each method in new processes" if memory else ""),
         fontsize=9,
     )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
     return fig
