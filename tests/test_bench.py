@@ -1,6 +1,7 @@
 """`agentsd bench speed` on a tiny UNet folder: JSON, table, plot, resume, bad input."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -93,6 +94,22 @@ def test_fresh_runs_each_method_in_its_own_process(tiny_folder, tmp_path):
     # Another setup (step count) starts afresh rather than mixing.
     assert main([*args[:-1], "4", *one]) == 0
     assert set(json.loads(out.read_text())["sizes"]) == {"64"}
+
+
+def test_heap_settings_are_part_of_the_setup(tiny_folder, tmp_path, monkeypatch):
+    """glibc's heap variables change the resident set: recorded, named in the table, never mixed with other runs."""
+    for name in [k for k in os.environ if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"]:
+        monkeypatch.delenv(name)
+    out = tmp_path / "runs.json"
+    args = ["bench", "speed", "--pipeline", "--model", str(tiny_folder), "--sizes", "64", "--steps", "2"]
+    args += ["--methods", "vanilla", "--repeats", "1", "--warmup", "0", "--out", str(out)]
+    assert main(args) == 0
+    assert "heap" not in json.loads(out.read_text())
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert main([*args[:6], "32", *args[7:]]) == 0
+    results = json.loads(out.read_text())
+    assert results["heap"] == {"MALLOC_MMAP_THRESHOLD_": "65536"} and set(results["sizes"]) == {"32"}
+    assert "MALLOC_MMAP_THRESHOLD_=65536" in out.with_suffix(".md").read_text()
 
 
 def test_fresh_needs_pipeline_and_a_process_count(tmp_path, capsys):

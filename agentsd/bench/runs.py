@@ -268,6 +268,11 @@ class _PeakMemory:
         self.extra = self.peak - self.start
 
 
+def heap_settings() -> dict[str, str]:
+    """glibc's heap tunables set in the environment (``MALLOC_MMAP_THRESHOLD_`` and the like, ``GLIBC_TUNABLES``)."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"}
+
+
 def _rss() -> int:
     """Resident set size of this process, bytes (Linux ``/proc``; 0 where it is missing)."""
     try:
@@ -322,6 +327,8 @@ def run(model, sizes, methods, repeats, warmup, steps, scheduler, dtype, device,
         "tome_ratio": TOME_RATIO,
         "deepcache": DEEPCACHE,
     }
+    if device.type == "cpu" and heap_settings():
+        setup["heap"] = heap_settings()  # they change the resident set: a run under other settings starts afresh
     results = resume(out, setup)
     warmup_steps = min(steps, WARMUP_STEPS)
     for size in sizes:
@@ -413,7 +420,8 @@ def table(results: dict) -> str:
     lines = [
         f"Whole runs ({results['pipeline']}, {results['model']}), {results['steps']} {results['scheduler']} steps, "
         f"guidance (UNet batch 2), {results['dtype']}, {results['device']} ({results['threads']} threads)"
-        + (", each method in a new process" if results.get("processes") == "one per method" else ""),
+        + (", each method in a new process" if results.get("processes") == "one per method" else "")
+        + "".join(f", {k}={v}" for k, v in results.get("heap", {}).items()),
         "",
         "| size | method | median s | speed-up | peak memory above start (MiB) |",
         "|---|---|---|---|---|",
@@ -463,7 +471,9 @@ def plot(results: dict):
         ax.legend(fontsize=8)
     fig.suptitle(
         f"Whole runs, {results['model']}, {results['steps']} {results['scheduler']} steps, "
-        f"{results['device']}, {results['dtype']}" + (", each method in new processes" if memory else ""),
+        f"{results['device']}, {results['dtype']}"
+        + (", each method in new processes" if memory else "")
+        + "".join(f", {k}={v}" for k, v in results.get("heap", {}).items()),
         fontsize=9,
     )
     fig.tight_layout(rect=(0, 0, 1, 0.93))
