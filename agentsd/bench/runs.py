@@ -13,8 +13,8 @@ started from (CPU), or ``torch.cuda.max_memory_allocated`` (CUDA).
 
 In one process a method's peak can hide under memory an earlier method left cached; ``--fresh N`` runs each
 method in N new processes of its own (round by round: every method once, then again) and merges their
-results. On CPU the resident set of the same run varies by some 10% from process to process (how the
-C heap happens to be laid out), so a peak is the median over the processes, shown with its range.
+results. On CPU the resident set of the same run varies from process to process (how the C heap happens to
+be laid out; by up to a quarter for SD 1.5 at 512²), so a peak is the median over the processes, with its range.
 """
 
 from __future__ import annotations
