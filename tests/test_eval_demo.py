@@ -1,17 +1,13 @@
 """benchmarks/eval_demo.py --real-only: the real reference set and its real-vs-real FID/KID, nothing else."""
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
-SCRIPT = Path(__file__).parents[1] / "benchmarks" / "eval_demo.py"
+from conftest import load_script
 
 
 def test_real_only_writes_the_reference_set_and_its_floor(tmp_path, monkeypatch):
-    spec = importlib.util.spec_from_file_location("eval_demo", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("eval_demo")
     out, real = tmp_path / "real_vs_real.json", tmp_path / "real"
     argv = [
         "eval_demo.py",

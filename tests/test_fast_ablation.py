@@ -1,21 +1,18 @@
 """benchmarks/fast_ablation.py: its variants are valid schedules and every committed result names one of them."""
 
-import importlib.util
 import json
 from pathlib import Path
+
+from conftest import load_script
 
 import agentsd
 from agentsd.schedule import resolve_schedule
 
 ROOT = Path(__file__).parents[1]
-SCRIPT = ROOT / "benchmarks" / "fast_ablation.py"
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("fast_ablation", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("fast_ablation")
 
 
 def test_variants_are_schedules_and_results_come_from_them():

@@ -1,17 +1,12 @@
 """benchmarks/profile_forward.py on the shipped demo UNet: per-op self times, vanilla against a method."""
 
-import importlib.util
 import json
-from pathlib import Path
 
-SCRIPT = Path(__file__).parents[1] / "benchmarks" / "profile_forward.py"
+from conftest import load_script
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("profile_forward", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("profile_forward")
 
 
 def test_profile_shows_what_the_method_adds_and_saves(tmp_path):

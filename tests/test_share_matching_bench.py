@@ -1,19 +1,13 @@
 """benchmarks/share_matching.py on the shipped demo UNet: every method timed in each phase, a table from the JSON."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).parents[1] / "benchmarks" / "share_matching.py"
+from conftest import load_script
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("share_matching", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("share_matching")
 
 
 def test_share_matching_benchmark_times_each_method_in_each_phase(tmp_path):

@@ -1,16 +1,15 @@
 """The demo model's training recipe (``benchmarks/train_demo.py``), run end to end with tiny settings."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_script
 from safetensors.torch import load_file
 
 from agentsd.demo import Evaluator, data
 
-SCRIPT = Path(__file__).parents[1] / "benchmarks" / "train_demo.py"
 TINY = [
     "eval_steps=2",
     "eval_batch=8",
@@ -26,10 +25,7 @@ TINY = [
 
 @pytest.fixture(scope="module")
 def recipe():
-    spec = importlib.util.spec_from_file_location("train_demo", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("train_demo")
 
 
 def _train(recipe, run: Path, out: Path) -> None:

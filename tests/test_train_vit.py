@@ -1,23 +1,18 @@
 """benchmarks/train_vit.py end to end with tiny settings: both models train, resume, scale and report."""
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
+from conftest import BENCHMARKS, load_script
 
-SCRIPT = Path(__file__).parents[1] / "benchmarks" / "train_vit.py"
 TINY = ["img_size=32", "patch_size=8", "dim=16", "depth=1", "heads=2", "agent_num=4", "batch=4", "steps=3", "test_n=8"]
 
 
 @pytest.fixture(scope="module")
 def vit():
-    sys.path.insert(0, str(SCRIPT.parent))  # the script imports train_demo beside it
-    spec = importlib.util.spec_from_file_location("train_vit", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    sys.path.insert(0, str(BENCHMARKS))  # the script imports train_demo beside it
+    return load_script("train_vit")
 
 
 def settings():
