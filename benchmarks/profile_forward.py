@@ -23,7 +23,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import agentsd
-from agentsd.bench.speed import METHODS, _inputs, build_unet, machine
+from agentsd.bench.speed import METHODS, _inputs, machine, random_unet
 from agentsd.schedule import PRESETS
 
 # op name -> kind, for the summary by kind (self times; every other op counts as "other")
@@ -141,10 +141,7 @@ def main(argv=None) -> None:
     if args.progress is not None and not 0.0 <= args.progress <= 1.0:
         parser.error(f"--progress must lie in [0, 1], got {args.progress}")
     device, dtype = torch.device(args.device), torch.float32
-    torch.manual_seed(0)
-    with torch.device(device):
-        unet, factor, name = build_unet(args.model)
-    unet = unet.to(device=device, dtype=dtype).eval()
+    unet, factor, name = random_unet(args.model, device, dtype)
     latent = args.size // factor
     inputs = _inputs(unet, args.batch, latent, device, dtype)
     if args.progress is not None:

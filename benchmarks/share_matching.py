@@ -13,13 +13,12 @@ import argparse
 import dataclasses
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
 import agentsd
-from agentsd.bench.speed import _inputs, build_unet, machine
+from agentsd.bench.speed import _inputs, machine, random_unet, time_forward
 
 PROGRESS = (0.25, 0.75)  # one point in each phase of fast (agents until 0.5, then ToMe)
 SHARED = {
@@ -37,12 +36,7 @@ def measure(unet, inputs: dict, progress: float, repeats: int) -> dict[str, list
         for name, schedule in METHODS.items():
             if schedule is not None:
                 agentsd.apply(unet, schedule, seed=0)
-            with torch.no_grad():
-                start = time.perf_counter()
-                unet(**inputs)
-                if inputs["sample"].device.type == "cuda":
-                    torch.cuda.synchronize()
-                seconds = time.perf_counter() - start
+            seconds = time_forward(unet, inputs)
             agentsd.remove(unet)
             if rep:  # the first round warms up
                 times[name].append(seconds)
@@ -78,10 +72,7 @@ def main(argv=None) -> None:
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
     device, dtype = torch.device(args.device), torch.float32
-    torch.manual_seed(0)
-    with torch.device(device):
-        unet, factor, name = build_unet(args.model)
-    unet = unet.to(device=device, dtype=dtype).eval()
+    unet, factor, name = random_unet(args.model, device, dtype)
     inputs = _inputs(unet, args.batch, args.size // factor, device, dtype)
     results = {
         **machine(device, dtype),

@@ -144,6 +144,14 @@ def build_unet(model: str) -> tuple[UNet2DConditionModel, int, str]:
     return unet, 2 ** (vae_levels - 1), name
 
 
+def random_unet(model: str, device, dtype) -> tuple[UNet2DConditionModel, int, str]:
+    """:func:`build_unet` seeded (0) and made where it runs, in ``dtype``, in eval mode."""
+    torch.manual_seed(0)
+    with torch.device(device):  # random init where the model runs: seconds, not a minute, for SDXL on a GPU
+        unet, vae_factor, name = build_unet(model)
+    return unet.to(device=device, dtype=dtype).eval(), vae_factor, name
+
+
 def _inputs(unet, batch: int, latent: int, device, dtype) -> dict:
     config = unet.config
     inputs = {
@@ -176,10 +184,7 @@ def run(model, sizes, methods, repeats, warmup, batch, dtype, device, out: Path,
 
     ``deadline`` (a ``time.monotonic()`` value): fewer repeats (at least one) where the rest would not fit, and
     sizes not started once it has passed; what was cut is printed and the repeats taken are recorded."""
-    torch.manual_seed(0)
-    with torch.device(device):  # random init where the model runs: seconds, not a minute, for SDXL on a GPU
-        unet, vae_factor, name = build_unet(model)
-    unet = unet.to(device=device, dtype=dtype).eval()
+    unet, vae_factor, name = random_unet(model, device, dtype)
     setup = {
         **machine(device, dtype),
         "batch": batch,
