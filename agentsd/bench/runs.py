@@ -327,8 +327,9 @@ def run(model, sizes, methods, repeats, warmup, steps, scheduler, dtype, device,
         "tome_ratio": TOME_RATIO,
         "deepcache": DEEPCACHE,
     }
-    if device.type == "cpu" and heap_settings():
-        setup["heap"] = heap_settings()  # they change the resident set: a run under other settings starts afresh
+    heap = heap_settings() if device.type == "cpu" else {}
+    if heap:
+        setup["heap"] = heap  # they change the resident set: a run under other settings starts afresh
     results = resume(out, setup)
     warmup_steps = min(steps, WARMUP_STEPS)
     for size in sizes:
