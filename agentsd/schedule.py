@@ -97,6 +97,8 @@ def min_tokens_on(phase: Phase, device_type: str) -> int:
     return DEVICE_MIN_TOKENS.get(device_type, ACCELERATOR_MIN_TOKENS)
 
 
+_FAST = dict(merge_crossattn=True, share_matching=True, min_tokens=None)
+
 PRESETS: dict[str, Phases | dict[int, Phases]] = {
     # AgentSD's published SD 1.5 setting: agents early, plain ToMe once the layout is set.
     "paper": (Phase(end=0.4, sx=4, sy=4, ratio=0.4, agent_ratio=0.95), Phase(end=1.0, sx=2, sy=2, ratio=0.4)),
@@ -104,12 +106,12 @@ PRESETS: dict[str, Phases | dict[int, Phases]] = {
     "tome": (Phase(end=1.0, sx=2, sy=2, ratio=0.5),),
     # Beyond the paper: agents on the two highest-resolution levels while the layout forms, harder ToMe
     # after (three tokens in four merged away at the top level); cross-attention always runs on the merged
-    # tokens, the feed-forward never (merge_mlp costs quality). Blocks with fewer tokens than the device's
-    # DEVICE_MIN_TOKENS are left alone (there merging costs more than it saves).
+    # tokens, the feed-forward never (merge_mlp costs quality); one matching per level and UNet call. Blocks
+    # with fewer tokens than the device's DEVICE_MIN_TOKENS are left alone (there merging costs more than it saves).
     "fast": {
         level: (
-            Phase(end=0.5, sx=4, sy=4, ratio=ratio, agent_ratio=0.95, merge_crossattn=True, min_tokens=None),
-            Phase(end=1.0, sx=2, sy=2, ratio=late_ratio, merge_crossattn=True, min_tokens=None),
+            Phase(end=0.5, sx=4, sy=4, ratio=ratio, agent_ratio=0.95, **_FAST),
+            Phase(end=1.0, sx=2, sy=2, ratio=late_ratio, **_FAST),
         )
         for level, ratio, late_ratio in ((0, 0.5, 0.75), (1, 0.4, 0.5))
     },

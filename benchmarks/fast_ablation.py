@@ -51,8 +51,8 @@ VARIANTS = {
     "first fast without merged sublayers, late ratio 0.75": _variant(False, False, 0.75),
     "agents to the end, no merged sublayers": _variant(False, False, 0.0, agents_end=1.0),
     "paper": "paper",
-    "fast, one matching per level and call (share_matching)": {
-        level: tuple(dataclasses.replace(phase, share_matching=True) for phase in phases)
+    "fast with a matching per block (no share_matching)": {
+        level: tuple(dataclasses.replace(phase, share_matching=False) for phase in phases)
         for level, phases in agentsd.PRESETS["fast"].items()
     },
 }

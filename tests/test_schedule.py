@@ -83,3 +83,8 @@ def test_min_tokens_none_is_the_device_default():
     assert min_tokens_on(auto, "cuda") == min_tokens_on(auto, "xpu") == ACCELERATOR_MIN_TOKENS > 16384
     assert min_tokens_on(Phase(min_tokens=7), "cuda") == 7
     assert all(p.min_tokens is None for phases in PRESETS["fast"].values() for p in phases)
+
+
+def test_fast_preset_merges_cross_attention_and_shares_matchings_but_never_the_feed_forward():
+    phases = [p for level in PRESETS["fast"].values() for p in level]
+    assert all(p.merge_crossattn and p.share_matching and not p.merge_mlp for p in phases)
