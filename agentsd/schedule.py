@@ -37,7 +37,9 @@ class Phase:
             40.8 to 29.7 dB of PSNR against vanilla and from 68% to 64% caption accuracy (speckled images).
         share_matching: match once per level and UNet call: the level's first block to run matches its own
             input, the level's later blocks merge their tokens (and make their agents) by that matching instead
-            of matching theirs. Saves the matching and the index work of the merges.
+            of matching theirs. Saves the matching and the index work of the merges: SD 1.5 forwards at 512² on a
+            CPU 2.5-4.3% faster than ``fast`` with a matching per block, and on the proving ground no quality lost
+            (42.8 dB against vanilla where the per-block matching reads 40.6 dB).
         min_tokens: leave a block alone when it has fewer tokens: there merging costs more than it saves.
             ``None``: the default of the device the model runs on (``DEVICE_MIN_TOKENS``).
     """
