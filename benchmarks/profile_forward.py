@@ -15,7 +15,6 @@ attention products, the rest): what is left to save once the attention is cheap.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import agentsd
+from agentsd.bench import write_results
 from agentsd.bench.speed import METHODS, _inputs, machine, random_unet
 from agentsd.schedule import PRESETS
 
@@ -168,10 +168,7 @@ def main(argv=None) -> None:
         "method_kinds": by_kind(method),
         "ops": compare(vanilla, method, args.top),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1) + "\n")
-    args.out.with_suffix(".md").write_text(table(results) + "\n")
-    print(table(results))
+    write_results(args.out, results, table(results))
 
 
 if __name__ == "__main__":

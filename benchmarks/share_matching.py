@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
 from pathlib import Path
 
 import torch
 
 import agentsd
+from agentsd.bench import write_results
 from agentsd.bench.speed import _inputs, machine, random_unet, time_forward
 
 PROGRESS = (0.25, 0.75)  # one point in each phase of fast (agents until 0.5, then ToMe)
@@ -82,10 +82,7 @@ def main(argv=None) -> None:
         "repeats": args.repeats,
         "progress": {str(p): measure(unet, inputs, p, args.repeats) for p in PROGRESS},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1) + "\n")
-    args.out.with_suffix(".md").write_text(table(results) + "\n")
-    print(table(results))
+    write_results(args.out, results, table(results))
 
 
 if __name__ == "__main__":

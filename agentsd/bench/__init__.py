@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 
@@ -28,3 +29,11 @@ def write_report(path: Path, table: str, figure) -> None:
     figure.savefig(path.with_suffix(".png"), dpi=120)
     pyplot().close(figure)
     print(f"plot: {path.with_suffix('.png')}")
+
+
+def write_results(path: Path, results: dict, table: str) -> None:
+    """Write ``results`` as JSON at ``path`` (folders made) and ``table`` beside it (``.md``), and print the table."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1) + "\n")
+    path.with_suffix(".md").write_text(table + "\n")
+    print(table)

@@ -1,0 +1,63 @@
+"""benchmarks/heap_breakdown.py: glibc's heap read correctly, each method in new processes, a table from the JSON."""
+
+import json
+
+import pytest
+import torch
+from conftest import load_script
+
+
+def _script():
+    return load_script("heap_breakdown")
+
+
+needs_mallinfo2 = pytest.mark.skipif(_script()._mallinfo2() is None, reason="needs glibc's mallinfo2")
+
+
+@needs_mallinfo2
+def test_live_memory_follows_a_tensor_held_and_freed():
+    script = _script()
+    mallinfo2 = script._mallinfo2()
+    before = script.sample(mallinfo2)
+    held = torch.ones(16 * 2**20 // 4)  # 16 MiB, filled so that its pages are resident
+    during = script.sample(mallinfo2)
+    del held
+    after = script.sample(mallinfo2)
+    assert during["live"] - before["live"] >= 16 * 2**20
+    assert during["live"] - after["live"] >= 16 * 2**20
+    assert during["rss"] - before["rss"] >= 15 * 2**20
+
+
+@needs_mallinfo2
+def test_heap_breakdown_measures_each_method_in_its_own_processes(tmp_path):
+    out = tmp_path / "heap.json"
+    _script().main(["--model", "demo", "--size", "64", "--methods", "vanilla", "fast", "--processes", "2",
+                    "--out", str(out)])  # fmt: skip
+    results = json.loads(out.read_text())
+    assert results["processes"] == 2 and set(results["records"]) == {"vanilla", "fast"}
+    for records in results["records"].values():
+        assert len(records) == 2
+        for r in records:
+            assert r["samples"] > 100  # entry and exit of every module, two forwards
+            assert 0 < r["live_at_rss_peak_mib"] <= r["live_peak_mib"]
+            assert r["free_in_heap_at_rss_peak_mib"] >= 0
+    for method, median in results["median"].items():
+        values = sorted(r["live_peak_mib"] for r in results["records"][method])
+        assert median["live_peak_mib"] == pytest.approx(sum(values) / 2)
+    table = out.with_suffix(".md").read_text()
+    assert "| vanilla |" in table and "| fast |" in table and "median of 2 new processes" in table
+
+
+def test_heap_breakdown_refuses_unknown_methods_and_no_processes(tmp_path):
+    script = _script()
+    if script._mallinfo2() is None:
+        with pytest.raises(SystemExit):  # a clear refusal before anything else
+            script.main(["--out", str(tmp_path / "x.json")])
+        return
+    with pytest.raises(SystemExit):
+        script.main(["--methods", "vanilla", "fastest", "--out", str(tmp_path / "x.json")])
+    with pytest.raises(SystemExit):
+        script.main(["--processes", "0", "--out", str(tmp_path / "x.json")])
+    with pytest.raises(SystemExit):
+        script.main(["--methods", "vanilla"])  # no --out
+    assert not (tmp_path / "x.json").exists()
