@@ -119,10 +119,12 @@ def summarize(records: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
 
 def table(results: dict) -> str:
     heap = ", ".join(f"{k}={v}" for k, v in results["heap"].items()) or "glibc defaults"
+    n = results["processes"]
+    per_method = f"median of {n} new processes per method" if n > 1 else "one new process per method"
     lines = [
         f"UNet forwards ({results['model']}) at progress {', '.join(map(str, PROGRESS))}, {results['size']}², batch "
         f"{results['batch']}, {results['dtype']}, {results['device']} ({results['threads']} threads), heap: {heap}; "
-        f"median of {results['processes']} new processes per method, MiB above the level before the forwards "
+        f"{per_method}, MiB above the level before the forwards "
         "(freed memory kept in glibc's heap: in total)",
         "",
         "| method | peak resident | peak live (allocated, not freed) | at resident peak: live | freed, kept in heap |",
