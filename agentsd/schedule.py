@@ -84,7 +84,7 @@ Phases = tuple[Phase, ...]
 Schedule = Union[str, Phase, Sequence[Phase], Mapping[int, Sequence[Phase]]]
 
 # Fewest tokens at which merging a block pays, per device type (``Phase(min_tokens=None)``), as measured
-# in whole runs (benchmarks/results/speed_runs_cpu.json, benchmarks/results/gpu/). On a CPU the attention's
+# in whole runs (benchmarks/results/speed_runs_cpu.json, benchmarks/results/gpu/<card>/). On a CPU the attention's
 # O(N²) part outweighs the merge's small ops from about 1,024 tokens. On a GPU fused attention is so cheap
 # and every small op's launch so costly in comparison that, on an H200, merging 16,384-token levels made
 # SD 1.5 at 1024² slower while the 65,536-token level at 2048² ran twice as fast: other devices take 32,768.

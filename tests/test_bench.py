@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -188,6 +189,17 @@ def test_gpu_suite_leaves_out_what_its_budget_does_not_allow(tmp_path, capsys):
     log = json.loads((out / "suite.json").read_text())
     assert [p["status"] for p in log["parts"]] == ["left out: time budget spent"] * 3
     assert not (out / "tiny_forward.json").exists() and "left out" in (out / "suite.md").read_text()
+
+
+def test_gpu_suite_writes_into_a_folder_of_its_card_by_default(tmp_path, monkeypatch, capsys):
+    from agentsd.bench import suite
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    assert suite.card_folder("cuda") == Path("benchmarks/results/gpu/nvidia-h100-80gb-hbm3")
+    assert suite.card_folder("cpu") == Path("benchmarks/results/gpu/cpu")
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "suite", "--tiny", "--device", "cpu", "--budget", "0"]) == 0
+    assert (tmp_path / "benchmarks/results/gpu/cpu/suite.json").exists()
 
 
 def test_rounds_cut_repeats_to_the_deadline_but_keep_one(monkeypatch):

@@ -11,7 +11,7 @@ measured there is skipped, so an interrupted or cut suite resumes. A part that f
 reported and the rest still run. ``--tiny`` runs the same parts on a tiny UNet at small
 sizes: the CPU check that the suite works end to end.
 
-    benchmarks/gpu.sh                                # = agentsd bench suite --device cuda --dtype float16
+    benchmarks/gpu.sh      # = agentsd bench suite --device cuda --dtype float16 (into benchmarks/results/gpu/<card>)
     agentsd bench suite --tiny --device cpu --out /tmp/suite
 """
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import tempfile
 import time
 import traceback
@@ -57,7 +58,9 @@ TINY_UNET = dict(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float16", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/gpu"))
+    parser.add_argument(
+        "--out", type=Path, default=None, help="default: benchmarks/results/gpu/<card> (e.g. nvidia-h100-80gb-hbm3)"
+    )
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--budget", type=float, default=480.0, help="seconds the whole suite may take (default 480)")
@@ -89,7 +92,17 @@ def parts(args: argparse.Namespace, tiny_folder: Path | None) -> list[argparse.N
     return out
 
 
+def card_folder(device: str) -> Path:
+    """Where a card's results go by default: one folder per card, so that a run on another card measures afresh
+    (a folder's measured sizes are skipped) and never mixes with what is there."""
+    device = torch.device(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return Path("benchmarks/results/gpu") / re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
 def bench(args: argparse.Namespace) -> int:
+    if args.out is None:
+        args.out = card_folder(args.device)
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
     deadline = start + args.budget
