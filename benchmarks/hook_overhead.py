@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -23,35 +22,18 @@ from diffusers import UNet2DConditionModel
 
 import agentsd
 from agentsd.bench import write_results
-from agentsd.bench.speed import machine
+from agentsd.bench.speed import machine, time_forward
+from agentsd.bench.suite import TINY_UNET
 
+# the suite's tiny UNet, with attention on both levels and two layers per block: 11 transformer blocks
 UNET = dict(
+    TINY_UNET,
     sample_size=8,
-    in_channels=4,
-    out_channels=4,
     layers_per_block=2,
     block_out_channels=(32, 32),
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=32,
-    attention_head_dim=8,
-    norm_num_groups=8,
 )
-
-
-def forward_seconds(unet, inputs: dict, forwards: int, device: torch.device) -> float:
-    """Median seconds of one forward over ``forwards`` forwards (the device synchronised around each)."""
-    times = []
-    with torch.no_grad():
-        for _ in range(forwards):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            unet(**inputs)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def measure(method: str, rounds: int, forwards: int, device: torch.device, threads: int | None) -> dict:
@@ -77,7 +59,7 @@ def measure(method: str, rounds: int, forwards: int, device: torch.device, threa
         for name in times:
             if name != "vanilla":
                 agentsd.apply(unet, method, seed=0)
-            seconds = forward_seconds(unet, inputs, forwards, device)
+            seconds = statistics.median(time_forward(unet, inputs) for _ in range(forwards))
             agentsd.remove(unet)
             if rnd:
                 times[name].append(seconds)
