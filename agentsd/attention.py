@@ -6,6 +6,7 @@ Knows diffusers' attention-processor signature only; the hooks that feed
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from .merge import Merge, match, merge_rows, partition, random_windows
+from .merge import Groups, Merge, assign, dst_grid, match, merge_rows, partition, random_windows, window_draws
 from .schedule import Phase, min_tokens_on, phase_at
 
 __all__ = ["AgentAttnProcessor", "AgentConfig", "AgentState", "Band", "BlockMerge", "MergedAttnProcessor"]
@@ -33,6 +34,7 @@ class AgentConfig:
     """Settings shared by every patched block of one model (see :func:`agentsd.apply`)."""
 
     bands: tuple[Band, ...]
+    levels: tuple[int, ...] = ()  # downsampling factors of the model's levels with self-attention
     use_rand: bool = True
     k_scale2: float = 0.3
     k_shortcut: float = 0.075
@@ -50,6 +52,9 @@ class AgentConfig:
         return None
 
 
+DRAW_BANK = 128  # dst draws made at once for a tokens="all" level; call c takes draw c mod DRAW_BANK
+
+
 class AgentState:
     """Mutable per-model state: written by the UNet pre-hook once per call, read by every processor."""
 
@@ -62,18 +67,52 @@ class AgentState:
         self.decided = False  # the next UNet call's phases are already picked (by the scheduler, eagerly)
         # this call's merges of each (h, w) level whose phase has share_matching: (tokens, agents or None)
         self.shared: dict[tuple[int, int], tuple[Merge, Merge | None]] = {}
+        self.calls = 0  # UNet calls begun: picks the draw of the tokens="all" levels
+        # dst positions of the tokens="all" levels by (h, w, sx, sy): every draw, made once (DRAW_BANK, Nd)
+        self._dst_banks: dict[tuple[int, int, int, int], torch.Tensor] = {}
+        # this call's dst positions by (h, w, sx, sy): (random draw or None, top-left), set before the UNet runs
+        self.dst: dict[tuple[int, int, int, int], tuple[torch.Tensor | None, torch.Tensor]] = {}
+        # this call's agent groups of each tokens="all" level by (h, w)
+        self.groups: dict[tuple[int, int], Groups] = {}
 
-    def begin_call(self, height: int, width: int, p: float) -> None:
+    def begin_call(self, height: int, width: int, p: float, device: torch.device | None = None) -> None:
         """Record the latent size and pick every band's phase at sampling progress ``p``.
 
         Unchanged values keep their objects: torch.compile guards on them, and a new but equal
-        tuple would cost a recompilation.
+        tuple would cost a recompilation. The dst positions of the lean (``tokens="all"``) levels are
+        drawn here, outside the UNet: a compiled UNet reads them as inputs and mutates no state.
         """
         if self.size != (height, width):
             self.size = (height, width)
         phases = tuple(phase_at(band.phases, p) for band in self.config.bands)
         if self.phases != phases:
             self.phases = phases
+        self.dst = self._lean_dst(height, width, device)
+        self.calls += 1
+
+    def _lean_dst(self, height: int, width: int, device) -> dict:
+        dst = {}
+        for band, phase in zip(self.config.bands, self.phases):
+            if phase.tokens != "all" or phase.agents != "merged":
+                continue
+            for factor in self.config.levels:
+                if not band.low < factor <= band.high:
+                    continue
+                h, w = math.ceil(height / factor), math.ceil(width / factor)
+                if h < phase.sy or w < phase.sx:
+                    continue
+                key = (h, w, phase.sx, phase.sy)
+                fixed = dst_grid(h, w, phase.sx, phase.sy, device=device)
+                drawn = None
+                if self.config.use_rand:
+                    bank = self._dst_banks.get(key)
+                    if bank is None or bank.device != fixed.device:
+                        counters = torch.arange(DRAW_BANK, device=device)
+                        draws = window_draws(h, w, phase.sx, phase.sy, self.seed, counters)
+                        bank = self._dst_banks[key] = dst_grid(h, w, phase.sx, phase.sy, draws, device=device)
+                    drawn = bank[self.calls % DRAW_BANK]
+                dst[key] = (drawn, fixed)
+        return dst
 
     @property
     def phase(self) -> Phase | None:
@@ -121,6 +160,11 @@ class AgentAttnProcessor:
             )
         h, w, phase, r = plan
         config = self.state.config
+        if phase.tokens == "all":
+            out = self._all_tokens(attn, hidden_states, metric, h, w, phase)
+            if attn.residual_connection:
+                out = out + hidden_states
+            return out / attn.rescale_output_factor
         shared = self.state.shared.get((h, w)) if phase.share_matching else None
         if shared is not None and shared[0].shape == hidden_states.shape[:2]:
             tokens, agent_merge = shared
@@ -143,6 +187,43 @@ class AgentAttnProcessor:
         if attn.residual_connection:
             out = out + hidden_states
         return out / attn.rescale_output_factor
+
+    def _all_tokens(self, attn, hidden_states, metric, h: int, w: int, phase: Phase) -> torch.Tensor:
+        """``tokens="all"``: agent attention of every token; the agents are the merged (or pooled) queries."""
+        config = self.state.config
+        B, N, _ = hidden_states.shape
+        if phase.agents == "pooled":
+            agents_of = functools.partial(_pool_windows, h=h, w=w, sx=phase.sx, sy=phase.sy)
+        else:
+            agents_of = self.state.groups.get((h, w)) if phase.share_matching else None
+            if agents_of is None or agents_of.shape != (B, N):
+                agents_of = self._agent_groups(metric, h, w, phase)
+                if phase.share_matching:
+                    self.state.groups[(h, w)] = agents_of
+        return agent_attention(
+            attn,
+            hidden_states,
+            agents_of,
+            k_scale2=config.k_scale2,
+            k_shortcut=config.k_shortcut,
+            upcast=config.attn_precision == "fp32",
+        )
+
+    def _agent_groups(self, metric, h: int, w: int, phase: Phase):
+        """The groups of tokens merged into agents: each src token into its most similar dst."""
+        B, N, _ = metric.shape
+        key = (h, w, phase.sx, phase.sy)
+        drawn, fixed = self.state.dst.get(key) or (None, dst_grid(h, w, phase.sx, phase.sy, device=metric.device))
+        random = self.state.config.use_rand and B % 2 == 0 and drawn is not None
+        dst = drawn if random else fixed
+        num_dst = dst.shape[0]
+        agent_r = int(N * phase.agent_ratio)
+        if agent_r >= N - num_dst:  # every src token merges: no ranking needed
+            return Groups(assign(metric, dst), num_dst)
+        # Fewer agents merge than there are src tokens: rank them as AgentSD does.
+        windows = None if not random else _offsets(dst, h, w, phase.sx, phase.sy)
+        order = partition(h, w, phase.sx, phase.sy, windows, device=metric.device)
+        return Merge(merge_rows(match(metric, order, num_dst), agent_r), N - agent_r)
 
     def _merges(self, hidden_states, metric, h: int, w: int, phase: Phase, r: int) -> tuple[Merge, Merge | None]:
         """Match ``metric``: the ToMe merge of the tokens and the merge that makes the agents (or ``None``)."""
@@ -189,9 +270,33 @@ class AgentAttnProcessor:
         h, w = math.ceil(height / downsample), math.ceil(width / downsample)
         phase = state.phases[band]
         r = int(N * phase.ratio)
-        if h * w != N or r == 0 or h < phase.sy or w < phase.sx or N < min_tokens_on(phase, hidden_states.device.type):
+        too_small = h < phase.sy or w < phase.sx or N < min_tokens_on(phase, hidden_states.device.type)
+        if h * w != N or not phase.merges or too_small:
             return None
+        if phase.tokens == "all" and 2 * _num_agents(h, w, phase) >= N:
+            return None  # as many agents as half the tokens: plain attention, which is what runs
         return h, w, phase, r
+
+
+def _num_agents(h: int, w: int, phase: Phase) -> int:
+    """How many agents a ``tokens="all"`` phase makes on an h×w grid."""
+    windows = (h // phase.sy) * (w // phase.sx)
+    if phase.agents == "pooled":
+        return windows
+    return h * w - min(int(h * w * phase.agent_ratio), h * w - windows)
+
+
+def _pool_windows(x: torch.Tensor, *, h: int, w: int, sx: int, sy: int) -> torch.Tensor:
+    """The mean of ``x`` (B×h·w×C) over each whole sx×sy window (a ragged border is left out): ``(B, n, C)``."""
+    B, _, C = x.shape
+    hsy, wsx = h // sy, w // sx
+    grid = x.view(B, h, w, C)[:, : hsy * sy, : wsx * sx]
+    return grid.reshape(B, hsy, sy, wsx, sx, C).mean(dim=(2, 4)).reshape(B, hsy * wsx, C)
+
+
+def _offsets(dst: torch.Tensor, h: int, w: int, sx: int, sy: int) -> torch.Tensor:
+    """The window offsets ``dy·sx + dx`` of dst positions from :func:`~agentsd.merge.dst_grid`."""
+    return ((dst // w % sy) * sx + dst % w % sx).view(h // sy, w // sx)
 
 
 class BlockMerge:
@@ -255,7 +360,7 @@ class MergedAttnProcessor:
 def agent_attention(
     attn,
     tokens: torch.Tensor,
-    agents: torch.Tensor | None,
+    agents,
     *,
     k_scale2: float,
     k_shortcut: float,
@@ -266,6 +371,10 @@ def agent_attention(
     With agents A (projected by ``to_q``, like the queries), per head with ``s = attn.scale``:
     ``V_A = softmax(A Kᵀ s) V`` then ``O = softmax(Q Aᵀ s^k_scale2) V_A + k_shortcut · V``.
     Without agents: plain softmax attention ``softmax(Q Kᵀ s) V``.
+
+    ``agents``: ``None``, the agent tokens ``(B, n, C)``, or a function that averages groups of tokens
+    (``(B, N, C) -> (B, n, C)``). A function is applied to the projected queries: ``to_q`` is affine, so the
+    projection of a mean is the mean of the projections, and no second projection runs.
     """
     B, num_tokens, _ = tokens.shape
     heads = attn.heads
@@ -275,8 +384,13 @@ def agent_attention(
     def split_heads(t):
         return t.reshape(B, -1, heads, head_dim).transpose(1, 2)
 
+    if agents is None:
+        agent = None
+    elif isinstance(agents, torch.Tensor):
+        agent = split_heads(attn.to_q(agents))
+    else:
+        agent = split_heads(agents(query))
     query, key, value = split_heads(query), split_heads(key), split_heads(value)
-    agent = None if agents is None else split_heads(attn.to_q(agents))
     if attn.norm_q is not None:
         query = attn.norm_q(query)
         agent = None if agent is None else attn.norm_q(agent)
@@ -293,7 +407,7 @@ def agent_attention(
     else:
         agent_value = F.scaled_dot_product_attention(agent, key, value, scale=scale)
         out = F.scaled_dot_product_attention(query, agent, agent_value, scale=scale**k_scale2)
-        out = out + k_shortcut * value
+        out = torch.add(out, value, alpha=k_shortcut)
 
     out = out.to(dtype).transpose(1, 2).reshape(B, num_tokens, heads * head_dim)
     return attn.to_out[1](attn.to_out[0](out))

@@ -17,7 +17,20 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["Matching", "Merge", "match", "merge", "merge_rows", "partition", "random_windows", "unmerge"]
+__all__ = [
+    "Groups",
+    "Matching",
+    "Merge",
+    "assign",
+    "dst_grid",
+    "match",
+    "merge",
+    "merge_rows",
+    "partition",
+    "random_windows",
+    "unmerge",
+    "window_draws",
+]
 
 
 class Matching(NamedTuple):
@@ -45,11 +58,21 @@ def random_windows(h: int, w: int, sx: int, sy: int, seed: int, counter: torch.T
     generators break ``torch.compile`` graphs, and this keeps the draws private (the
     global RNG that samples the user's noise is left alone) and reproducible.
     """
-    num = (h // sy) * (w // sx)
-    key = ((seed * 0x9E3779B1) & 0xFFFFFFFF) + (((counter & 0xFFFFFFFF) * 0x7FEB352D) & 0xFFFFFFFF)
-    draws = _hash32(_hash32(key + torch.arange(num, device=counter.device)))
+    draws = window_draws(h, w, sx, sy, seed, counter.view(1))[0]
     counter.add_(1)
-    return (draws % (sx * sy)).view(h // sy, w // sx)
+    return draws
+
+
+def window_draws(h: int, w: int, sx: int, sy: int, seed: int, counters: torch.Tensor) -> torch.Tensor:
+    """The dst offsets :func:`random_windows` draws at each of ``counters`` (K,): ``(K, h // sy, w // sx)``.
+
+    Draw ``c`` of window ``i`` is ``hash(hash(key(seed, c) + i)) mod sx·sy`` with ``key(seed, c) =
+    (seed·0x9E3779B1 mod 2³²) + (c·0x7FEB352D mod 2³²)`` and the hash of :func:`_hash32`.
+    """
+    num = (h // sy) * (w // sx)
+    key = ((seed * 0x9E3779B1) & 0xFFFFFFFF) + (((counters & 0xFFFFFFFF) * 0x7FEB352D) & 0xFFFFFFFF)
+    draws = _hash32(_hash32(key[:, None] + torch.arange(num, device=counters.device)))
+    return (draws % (sx * sy)).view(-1, h // sy, w // sx)
 
 
 def _hash32(x: torch.Tensor) -> torch.Tensor:
@@ -83,6 +106,24 @@ def partition(h: int, w: int, sx: int, sy: int, windows: torch.Tensor | None = N
     return torch.argsort(is_src, stable=True)
 
 
+def dst_grid(h: int, w: int, sx: int, sy: int, windows: torch.Tensor | None = None, device=None) -> torch.Tensor:
+    """Token positions of the dst tokens, one per window in row-major window order, without sorting.
+
+    Args:
+        windows: dst offsets ``dy·sx + dx`` inside each window, ``(..., h // sy, w // sx)``; ``None`` takes
+            the top-left token of every window.
+
+    Returns:
+        ``(..., (h // sy)·(w // sx))`` long tensor.
+    """
+    hsy, wsx = h // sy, w // sx
+    corner = torch.arange(hsy, device=device)[:, None] * (sy * w) + torch.arange(wsx, device=device) * sx
+    if windows is None:
+        return corner.flatten()
+    offset = windows.to(device=device, dtype=torch.long)
+    return (corner + (offset // sx) * w + offset % sx).flatten(-2)
+
+
 MATCH_CHUNK_ELEMENTS = 1 << 24  # similarity scores held at once, at least: 32 MiB in fp16
 
 
@@ -112,6 +153,74 @@ def match(metric: torch.Tensor, order: torch.Tensor, num_dst: int) -> Matching:
         best, best_dst = torch.cat([c.values for c in chunks], 1), torch.cat([c.indices for c in chunks], 1)
     rank = (best / norm.index_select(1, src)).argsort(dim=-1, descending=True)
     return Matching(dst, src[rank], best_dst.gather(1, rank))
+
+
+def assign(metric: torch.Tensor, dst: torch.Tensor, slots: torch.Tensor | None = None) -> torch.Tensor:
+    """The dst slot of every token when every src token is merged into its most similar dst: ``(B, N)``.
+
+    The full merge of ToMe's bipartite matching (``k`` = every src token), which needs no ranking: each
+    token takes the dst of largest cosine similarity, each dst token its own slot.
+
+    Args:
+        metric: ``(B, N, C)`` features to match on.
+        dst: ``(Nd,)`` token positions of the dst tokens (:func:`dst_grid`).
+        slots: ``torch.arange(Nd)`` on ``dst``'s device, if the caller keeps one.
+    """
+    dst_tokens = metric.index_select(1, dst)
+    dst_unit = dst_tokens / dst_tokens.norm(dim=-1, keepdim=True)
+    B, N, _ = metric.shape
+    step = max(1, max(metric.numel(), MATCH_CHUNK_ELEMENTS) // max(1, B * dst.shape[0]))
+    # The token's own norm is left out: it scales a row and leaves its argmax as it is.
+    if step >= N:
+        best = (metric @ dst_unit.transpose(1, 2)).argmax(dim=-1)
+    else:
+        best = torch.cat([(c @ dst_unit.transpose(1, 2)).argmax(dim=-1) for c in metric.split(step, dim=1)], 1)
+    slots = torch.arange(dst.shape[0], device=dst.device) if slots is None else slots
+    return best.index_copy_(1, dst, slots.expand(B, -1))
+
+
+DENSE_GROUP_ELEMENTS = 1 << 25  # largest B·Nd·N averaged by one batched matrix product instead of index_add
+
+
+class Groups:
+    """The mean of each group of tokens that share a slot (``slots`` from :func:`assign`), its index work done once.
+
+    Small merges (``B·size·N`` up to ``DENSE_GROUP_ELEMENTS``) are one batched product with a ``(B, size, N)``
+    averaging matrix; larger ones, where that matrix would outweigh the tokens, sum with ``index_add``.
+    """
+
+    def __init__(self, slots: torch.Tensor, size: int):
+        self.slots, self.size = slots, size
+        B, N = self.shape = slots.shape
+        self.dense = B * size * N <= DENSE_GROUP_ELEMENTS
+        self._weights: dict[torch.dtype, torch.Tensor] = {}
+        if self.dense:
+            members = slots[:, None, :] == torch.arange(size, device=slots.device)[:, None]
+            self._members = members
+        else:
+            self.flat = (slots + size * torch.arange(B, device=slots.device)[:, None]).flatten()
+            ones = torch.ones(B * N, device=slots.device)
+            counts = torch.zeros(B * size, device=slots.device).index_add_(0, self.flat, ones)
+            self._token_weight = counts.reciprocal().index_select(0, self.flat).view(B, N, 1)
+
+    def _weight(self, dtype: torch.dtype) -> torch.Tensor:
+        weight = self._weights.get(dtype)
+        if weight is None:
+            if self.dense:
+                members = self._members.float()
+                weight = (members / members.sum(dim=-1, keepdim=True)).to(dtype)
+            else:
+                weight = self._token_weight.to(dtype)
+            self._weights[dtype] = weight
+        return weight
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Average the tokens of ``x`` (B×N×C) that share a slot: ``(B, size, C)``."""
+        B, N, C = x.shape
+        if self.dense:
+            return self._weight(x.dtype) @ x
+        weighted = (x * self._weight(x.dtype)).reshape(B * N, C)
+        return x.new_zeros(B * self.size, C).index_add_(0, self.flat, weighted).view(B, self.size, C)
 
 
 def merge_rows(m: Matching, k: int) -> torch.Tensor:

@@ -95,6 +95,7 @@ def apply(
     configs = [
         AgentConfig(
             bands=_bands(unet, phases, max_downsample),
+            levels=tuple(attention_levels(unet)),
             use_rand=bool(use_rand),
             k_scale2=float(k_scale2),
             k_shortcut=float(k_shortcut),
@@ -143,7 +144,7 @@ def _watch_scheduler(scheduler, states: list[AgentState], num_train_timesteps: i
             t = timestep.reshape(-1)[0] if isinstance(timestep, torch.Tensor) else timestep
             p = progress(t, num_train_timesteps)
             for state in states:
-                state.begin_call(sample.shape[-2], sample.shape[-1], p)
+                state.begin_call(sample.shape[-2], sample.shape[-1], p, sample.device)
                 state.decided = True
         return out
 
@@ -257,6 +258,7 @@ def _patch(unet: torch.nn.Module, patch: _Patch) -> None:
     def unet_pre_hook(module, args, kwargs):
         _wrap(patch)
         state.shared.clear()  # matchings shared within a call (Phase.share_matching) never outlive it
+        state.groups.clear()
         if state.decided:  # the scheduler saw this call's timestep (outside any compiled graph)
             state.decided = False
             return
@@ -264,7 +266,8 @@ def _patch(unet: torch.nn.Module, patch: _Patch) -> None:
         timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
         if isinstance(timestep, torch.Tensor):
             timestep = timestep.reshape(-1)[0]
-        state.begin_call(sample.shape[-2], sample.shape[-1], progress(timestep, patch.num_train_timesteps))
+        p = progress(timestep, patch.num_train_timesteps)
+        state.begin_call(sample.shape[-2], sample.shape[-1], p, sample.device)
 
     phases = [phase for band in state.config.bands for phase in band.phases]
     patch.merge_crossattn = any(phase.merge_crossattn for phase in phases)

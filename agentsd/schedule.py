@@ -42,6 +42,13 @@ class Phase:
             (42.8 dB against vanilla where the per-block matching reads 40.6 dB).
         min_tokens: leave a block alone when it has fewer tokens: there merging costs more than it saves.
             ``None``: the default of the device the model runs on (``DEVICE_MIN_TOKENS``).
+        tokens: ``"merged"`` (AgentSD's): queries, keys and values come from the ToMe-merged tokens, and the
+            output is unmerged. ``"all"``: they come from every token and only the agents are merged: no
+            merge, sort or unmerge of the tokens, the lean path for GPUs. ``ratio`` must then be 0.
+        agents: ``"merged"`` (AgentSD's): agents are ToMe-merged tokens (``agent_ratio``). ``"pooled"``: the mean
+            of each sx×sy window (Agent Attention's backbones), one op; needs ``tokens="all"`` and no
+            ``agent_ratio``. With ``tokens="all"`` merged agents whose ``agent_ratio`` merges every src token
+            (``agent_ratio >= 1 - 1/(sx·sy)`` on grids the windows tile) need no ranking either.
     """
 
     end: float = 1.0
@@ -53,6 +60,8 @@ class Phase:
     merge_mlp: bool = False
     share_matching: bool = False
     min_tokens: int | None = 0
+    tokens: str = "merged"
+    agents: str = "merged"
 
     def __post_init__(self):
         for name in ("sx", "sy", "min_tokens"):
@@ -76,6 +85,27 @@ class Phase:
             raise ValueError(f"Phase.agent_ratio must be None or in [0, 1), got {self.agent_ratio}")
         if not 0.0 < self.end <= 1.0:
             raise ValueError(f"Phase.end must be in (0, 1], got {self.end}")
+        if self.tokens not in ("merged", "all"):
+            raise ValueError(f"Phase.tokens must be 'merged' or 'all', got {self.tokens!r}")
+        if self.agents not in ("merged", "pooled"):
+            raise ValueError(f"Phase.agents must be 'merged' or 'pooled', got {self.agents!r}")
+        if self.tokens == "all":
+            if self.ratio != 0.0:
+                raise ValueError(f"Phase(tokens='all') merges no tokens: ratio must be 0.0, got {self.ratio}")
+            if self.merge_crossattn or self.merge_mlp:
+                raise ValueError("Phase(tokens='all') merges no tokens: merge_crossattn and merge_mlp must be off")
+            if self.agents == "merged" and self.agent_ratio is None:
+                raise ValueError("Phase(tokens='all', agents='merged') needs an agent_ratio")
+        if self.agents == "pooled":
+            if self.tokens != "all":
+                raise ValueError("Phase(agents='pooled') needs tokens='all'")
+            if self.agent_ratio is not None:
+                raise ValueError("Phase(agents='pooled') makes one agent per window: agent_ratio must be None")
+
+    @property
+    def merges(self) -> bool:
+        """Whether this phase changes a block at all (it merges tokens or makes agents)."""
+        return self.tokens == "all" or self.ratio > 0
 
 
 Phases = tuple[Phase, ...]
@@ -100,6 +130,7 @@ def min_tokens_on(phase: Phase, device_type: str) -> int:
 
 
 _FAST = dict(merge_crossattn=True, share_matching=True, min_tokens=None)
+_LEAN = dict(ratio=0.0, tokens="all", share_matching=True, min_tokens=None)
 
 PRESETS: dict[str, Phases | dict[int, Phases]] = {
     # AgentSD's published SD 1.5 setting: agents early, plain ToMe once the layout is set.
@@ -116,6 +147,15 @@ PRESETS: dict[str, Phases | dict[int, Phases]] = {
             Phase(end=1.0, sx=2, sy=2, ratio=late_ratio, **_FAST),
         )
         for level, ratio, late_ratio in ((0, 0.5, 0.75), (1, 0.4, 0.5))
+    },
+    # The lean path for GPUs: every token attends through agents, the agents ToMe-merged tokens (each src token
+    # of a window grid merged into its most similar dst, one matching per level and UNet call): no sort, no
+    # unmerge, a few dense ops per block. One agent per 4x4 window while the layout forms, per 2x2 window after.
+    "lean": {
+        0: (
+            Phase(end=0.5, sx=4, sy=4, agent_ratio=0.95, **_LEAN),
+            Phase(end=1.0, sx=2, sy=2, agent_ratio=0.75, **_LEAN),
+        )
     },
 }
 

@@ -52,9 +52,12 @@ def block_attention(attn, x, y, H, W, phase_of, k_scale2, k_shortcut, windows_fn
     downsample = math.ceil(math.sqrt(H * W // N))
     phase = phase_of(downsample)
     r = 0 if phase is None else int(N * phase.ratio)
-    if r == 0 or N < min_tokens_on(phase, y.device.type):  # the device's default where None
+    lean = phase is not None and phase.tokens == "all"
+    if (r == 0 and not lean) or N < min_tokens_on(phase, y.device.type):  # the device's default where None
         return torch.stack([attention(attn, y[b], None, k_scale2, k_shortcut) for b in range(B)]), None
     h, w = math.ceil(H / downsample), math.ceil(W / downsample)
+    if lean:
+        return all_tokens_attention(attn, x, y, h, w, phase, k_scale2, k_shortcut, windows_fn, matchings), None
     shared = matchings is not None and phase.share_matching
     if shared and downsample in matchings:
         per_batch = matchings[downsample]
@@ -99,6 +102,51 @@ def block_attention(attn, x, y, H, W, phase_of, k_scale2, k_shortcut, windows_fn
                 out[p] = merged_out[row]
         outputs.append(out)
     return torch.stack(outputs), all_groups
+
+
+def all_tokens_attention(attn, x, y, h, w, phase, k_scale2, k_shortcut, windows_fn, matchings):
+    """``Phase(tokens="all")``: every token attends through agents, the mean of ``y`` over each agent group.
+
+    Merged agents: each src token picks its most similar dst (cosine of ``x``), the top-``agent_r`` ranked
+    src tokens merge into their dst, the others stay agents of their own. The dst draw is the UNet call's
+    (``windows_fn(h, w, sx, sy, "call")``), shared by the level's blocks. Pooled agents: each whole window.
+    """
+    B, N, C = y.shape
+    if phase.agents == "pooled":
+        groups = [
+            [(i * phase.sy + dy) * w + j * phase.sx + dx for dy in range(phase.sy) for dx in range(phase.sx)]
+            for i in range(h // phase.sy)
+            for j in range(w // phase.sx)
+        ]
+        per_batch = [groups] * B
+    else:
+        key = ("all", h, w)
+        if phase.share_matching and key in matchings:
+            per_batch = matchings[key]
+        else:
+            windows = windows_fn(h, w, phase.sx, phase.sy, "call") if B % 2 == 0 else None
+            dst = dst_positions(h, w, phase.sx, phase.sy, windows)
+            src = [p for p in range(N) if p not in set(dst)]
+            agent_r = min(int(N * phase.agent_ratio), len(src))
+            per_batch = []
+            for b in range(B):
+                metric = x[b] / x[b].norm(dim=-1, keepdim=True)
+                sims = metric[src] @ metric[dst].T
+                best, choice = sims.max(dim=-1)
+                ranked = sorted(range(len(src)), key=lambda i: -float(best[i]))
+                members = {d: [d] for d in dst}
+                for i in ranked[:agent_r]:
+                    members[dst[int(choice[i])]].append(src[i])
+                per_batch.append([[src[i]] for i in ranked[agent_r:]] + list(members.values()))
+            if phase.share_matching:
+                matchings[key] = per_batch
+    if 2 * len(per_batch[0]) >= N:  # as many agents as half the tokens: plain attention
+        return torch.stack([attention(attn, y[b], None, k_scale2, k_shortcut) for b in range(B)])
+    outputs = []
+    for b in range(B):
+        agents = torch.stack([y[b, g].mean(dim=0) for g in per_batch[b]])
+        outputs.append(attention(attn, y[b], agents, k_scale2, k_shortcut))
+    return torch.stack(outputs)
 
 
 def per_group(fn, tokens, groups):
@@ -174,9 +222,14 @@ def reference_unet(unet, phase, *, max_downsample=1, k_scale2=0.3, k_shortcut=0.
 
     ref = copy.deepcopy(unet).double()
     counter = torch.zeros((), dtype=torch.long)
+    calls = [-1]
 
-    def windows_fn(h, w, sx, sy):
-        return None if seed is None else random_windows(h, w, sx, sy, seed, counter)
+    def windows_fn(h, w, sx, sy, draw=None):
+        if seed is None:
+            return None
+        if draw == "call":  # tokens="all": the draw of this UNet call (the call's number, cycling every 128)
+            return random_windows(h, w, sx, sy, seed, torch.tensor(calls[0] % 128))
+        return random_windows(h, w, sx, sy, seed, counter)
 
     def phase_of(downsample):
         if isinstance(phase, dict):
@@ -199,6 +252,7 @@ def reference_unet(unet, phase, *, max_downsample=1, k_scale2=0.3, k_shortcut=0.
     def call(sample, timestep, context):
         run["size"] = tuple(sample.shape[-2:])
         run["matchings"] = {}
+        calls[0] += 1
         with torch.no_grad():
             return ref(sample.double(), timestep, context.double()).sample
 

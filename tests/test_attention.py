@@ -263,3 +263,50 @@ def test_shared_matching_matches_once_per_level_and_call(monkeypatch):
         assert calls == [256, 64]
         assert (ours.double() - reference(sample, 500, context)).abs().max() < TOL
     assert (ours - unshared).abs().max() > 100 * TOL
+
+
+LEAN = dict(ratio=0.0, tokens="all", share_matching=True)
+ALL_TOKEN_SETTINGS = [
+    # every src token merges (no ranking): one agent per window, random dst drawn per call
+    dict(phase=Phase(sx=4, sy=4, agent_ratio=0.95, **LEAN), size=(16, 16), seed=7),
+    dict(phase=Phase(sx=2, sy=2, agent_ratio=0.75, **LEAN), size=(16, 16), seed=2),
+    # ragged border: some src tokens stay agents of their own (ranked as AgentSD does); fixed dst
+    dict(phase=Phase(sx=4, sy=4, agent_ratio=0.9, **LEAN), size=(18, 22)),
+    # non-square windows, a matching per block, other constants
+    dict(
+        phase=Phase(sx=3, sy=2, agent_ratio=0.9, ratio=0.0, tokens="all"),
+        size=(14, 20),
+        seed=4,
+        k_scale2=0.5,
+        k_shortcut=0.2,
+    ),
+    # pooled agents, ragged border left out of them
+    dict(phase=Phase(sx=4, sy=4, agents="pooled", **LEAN), size=(18, 22)),
+    # as many agents as half the tokens: plain attention
+    dict(phase=Phase(sx=1, sy=2, agent_ratio=0.5, **LEAN), size=(16, 16), exact=True),
+]
+
+
+@pytest.mark.parametrize("setting", ALL_TOKEN_SETTINGS, ids=range(len(ALL_TOKEN_SETTINGS)))
+def test_all_tokens_path_matches_reference(setting):
+    """Phase(tokens="all") against the reference over two calls (each call draws its own dst)."""
+    unet = tiny_unet("sd", seed=21)
+    height, width = setting["size"]
+    sample, context = unet_inputs(height=height, width=width, seed=22)
+    constants = {k: setting[k] for k in ("k_scale2", "k_shortcut") if k in setting}
+    seed = setting.get("seed")
+    vanilla = run(unet, sample, context, 700)
+    reference = reference_unet(unet, setting["phase"], seed=seed, **constants)
+    agentsd.apply(unet, [setting["phase"]], use_rand=seed is not None, seed=seed, **constants)
+    outputs = []
+    for timestep in (700, 300):
+        ours = run(unet, sample, context, timestep)
+        assert (ours.double() - reference(sample, timestep, context)).abs().max() < TOL
+        outputs.append(ours)
+    if setting.get("exact"):
+        assert torch.equal(outputs[0], vanilla)
+    else:
+        assert (outputs[0] - vanilla).abs().max() > 100 * TOL
+    if seed is not None:  # another seed draws other dst
+        agentsd.apply(unet, [setting["phase"]], seed=seed + 1, **constants)
+        assert (run(unet, sample, context, 700) - outputs[0]).abs().max() > 10 * TOL
