@@ -270,7 +270,8 @@ class AgentAttnProcessor:
         h, w = math.ceil(height / downsample), math.ceil(width / downsample)
         phase = state.phases[band]
         r = int(N * phase.ratio)
-        too_small = h < phase.sy or w < phase.sx or N < min_tokens_on(phase, hidden_states.device.type)
+        min_tokens = min_tokens_on(phase, hidden_states.device.type, hidden_states.dtype, torch.compiler.is_compiling())
+        too_small = h < phase.sy or w < phase.sx or N < min_tokens
         if h * w != N or not phase.merges or too_small:
             return None
         if phase.tokens == "all" and 2 * _num_agents(h, w, phase) >= N:

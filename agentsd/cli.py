@@ -61,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--compare", help="comma-separated methods rendered from the same seed into one grid")
     gen.add_argument(
         "--schedule",
-        help="for --method agent: paper (default), fast, tome, or a JSON file of phases ([...] or {level: [...]})",
+        help="for --method agent: lean (default), paper, fast, tome, or a JSON file of phases ([...] or {level: ...})",
     )
     gen.add_argument("--steps", type=int, default=50)
     gen.add_argument("--guidance", type=float, help="guidance scale (default: 7.5, or the demo model's own)")
@@ -80,6 +80,9 @@ def _parser() -> argparse.ArgumentParser:
     quality.set_defaults(run=_bench_quality)
     suite = bench.add_parser("suite", help="the GPU suite: SD 1.5 and SDXL, forwards and whole runs, compile")
     suite.set_defaults(run=_bench_suite)
+    ops = bench.add_parser("ops", help="count the kernel ops of one UNet call per preset and phase")
+    ops.set_defaults(run=_bench_ops)
+    from .bench import ops as ops_bench
     from .bench import quality as quality_bench
     from .bench import speed as speed_bench
     from .bench import suite as suite_bench
@@ -87,7 +90,53 @@ def _parser() -> argparse.ArgumentParser:
     speed_bench.add_arguments(speed)
     quality_bench.add_arguments(quality)
     suite_bench.add_arguments(suite)
+    ops_bench.add_arguments(ops)
+
+    cal = commands.add_parser(
+        "calibrate", help="measure from how many tokens the lean path pays on this device, and remember it"
+    )
+    cal.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps")
+    cal.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA, else fp32), fp32, fp16, bf16")
+    cal.add_argument("--compile", action="store_true", help="measure under torch.compile (one graph per size)")
+    cal.add_argument("--model", default="sd15", help="sd15, sdxl, demo or a diffusers folder (random weights)")
+    cal.add_argument("--sizes", type=int, nargs="+", help="image sides to time (default: by device)")
+    cal.add_argument("--repeats", type=int, default=5)
+    cal.set_defaults(run=_calibrate)
     return parser
+
+
+def _calibrate(args) -> int:
+    from . import calibrate
+    from .bench import speed
+
+    if args.repeats < 1 or (args.sizes and min(args.sizes) < 8):
+        raise UsageError("--repeats must be >= 1 and --sizes at least 8 pixels")
+    try:
+        speed.model_folder(args.model)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    device = _device(args.device)
+    result = calibrate.calibrate(
+        device,
+        _dtype(args.dtype, device),
+        model=args.model,
+        sizes=tuple(args.sizes) if args.sizes else None,
+        compiled=args.compile,
+        repeats=args.repeats,
+    )
+    print(f"{result['key']}: the lean path from {result['min_tokens']} tokens (saved to {calibrate.cache_path()})")
+    return 0
+
+
+def _bench_ops(args) -> int:
+    from .bench import ops, speed
+
+    try:
+        speed.model_folder(args.model)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    _device(args.device)
+    return ops.bench(args)
 
 
 def _bench_suite(args) -> int:
@@ -234,10 +283,10 @@ def _size(text: str | None) -> tuple[int, int] | None:
 
 
 def _schedule(text: str | None):
-    from .schedule import PRESETS, Phase, resolve_schedule
+    from .schedule import DEFAULT, PRESETS, Phase, resolve_schedule
 
     if text is None or text in PRESETS:
-        return text or "paper"
+        return text or DEFAULT
     path = Path(text)
     if path.suffix != ".json":
         raise UsageError(f"--schedule must be one of {', '.join(PRESETS)} or a .json file, got {text!r}")

@@ -27,8 +27,9 @@ from dataclasses import dataclass, field
 import torch
 from diffusers.models.attention import BasicTransformerBlock
 
+from . import calibrate as calibration
 from .attention import AgentAttnProcessor, AgentConfig, AgentState, Band, BlockMerge, MergedAttnProcessor
-from .schedule import Schedule, progress, resolve_schedule
+from .schedule import DEFAULT, Schedule, progress, resolve_schedule
 
 __all__ = ["apply", "attention_levels", "auto_max_downsample", "patched", "remove", "state_of"]
 
@@ -48,7 +49,7 @@ class _Patch:
 
 def apply(
     model,
-    schedule: Schedule = "paper",
+    schedule: Schedule = DEFAULT,
     *,
     max_downsample: int | str = "auto",
     use_rand: bool = True,
@@ -61,10 +62,12 @@ def apply(
 
     Important args:
         model: a pipeline with a ``unet`` or a ``UNet2DConditionModel`` (also a ``ControlNetModel``).
-        schedule: ``"paper"`` (agents early, then ToMe), ``"tome"`` (ToMeSD's default), ``"fast"``
-            (beyond the paper: two levels, whole blocks merged), a sequence of :class:`~agentsd.Phase`
-            ordered by ``end``, or ``{level: phases}`` with level 0 the highest-resolution level that
-            has self-attention, 1 the next, and so on.
+        schedule: ``"lean"`` (the default: every token attends through ToMe-merged agents, a few dense ops per
+            block, each level only where it has enough tokens to pay on its device), ``"paper"`` (AgentSD's
+            published setting: agents early, then ToMe, at every size), ``"tome"`` (ToMeSD's default),
+            ``"fast"`` (two levels, cross-attention merged too, where it pays), a sequence of
+            :class:`~agentsd.Phase` ordered by ``end``, or ``{level: phases}`` with level 0 the highest-resolution
+            level that has self-attention, 1 the next, and so on.
 
     Args to tinker with:
         max_downsample: deepest level a sequence of phases patches, as a downsampling factor;
@@ -81,6 +84,7 @@ def apply(
     """
     unets, num_train_timesteps = _find_unets(model)
     phases = resolve_schedule(schedule)
+    calibration.load()  # thresholds `agentsd calibrate` measured on this machine, if any
     if isinstance(phases, dict) and max_downsample != "auto":
         raise ValueError("max_downsample applies to a sequence of phases; a {level: phases} schedule names its levels")
     options = dict(
@@ -153,7 +157,7 @@ def _watch_scheduler(scheduler, states: list[AgentState], num_train_timesteps: i
 
 
 @contextlib.contextmanager
-def patched(model, schedule: Schedule = "paper", **kwargs) -> Iterator:
+def patched(model, schedule: Schedule = DEFAULT, **kwargs) -> Iterator:
     """Context manager around :func:`apply`; on exit restores the model's previous patch (or none)."""
     unets, _ = _find_unets(model)
     previous = _inner(unets[0]).__dict__.get(_ATTR)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Union
 
 __all__ = [
+    "DEFAULT",
     "DEVICE_MIN_TOKENS",
     "PRESETS",
     "Phase",
@@ -120,12 +121,28 @@ Schedule = Union[str, Phase, Sequence[Phase], Mapping[int, Sequence[Phase]]]
 # SD 1.5 at 1024² slower while the 65,536-token level at 2048² ran twice as fast: other devices take 32,768.
 DEVICE_MIN_TOKENS = {"cpu": 1024}
 ACCELERATOR_MIN_TOKENS = 32768
+# The same for the lean path (``tokens="all"``), which adds a few dense ops per block where the merged-token
+# paths add dozens: on a CPU it pays where they do; on accelerators 16,384 tokens (SD 1.5 at 1024², SDXL at
+# 2048²) is an estimate from the op count and attention's share, until `agentsd calibrate` measures the card.
+LEAN_DEVICE_MIN_TOKENS = {"cpu": 1024}
+LEAN_ACCELERATOR_MIN_TOKENS = 16384
+# Lean thresholds measured on this machine's devices by `agentsd calibrate`, by (device type, dtype, "eager" or
+# "compiled"), loaded by agentsd.calibrate.load(): they take precedence over the two lines above.
+CALIBRATED_MIN_TOKENS: dict[tuple[str, str, str], int] = {}
 
 
-def min_tokens_on(phase: Phase, device_type: str) -> int:
-    """The fewest tokens a block needs for ``phase`` to merge it on a device of ``device_type``."""
+def min_tokens_on(phase: Phase, device_type: str, dtype=None, compiled: bool = False) -> int:
+    """The fewest tokens a block needs for ``phase`` to merge it on a device of ``device_type``.
+
+    ``dtype`` and ``compiled`` (whether the UNet runs under torch.compile) pick a calibrated lean threshold.
+    """
     if phase.min_tokens is not None:
         return phase.min_tokens
+    if phase.tokens == "all":
+        key = (device_type, str(dtype).removeprefix("torch."), "compiled" if compiled else "eager")
+        if key in CALIBRATED_MIN_TOKENS:
+            return CALIBRATED_MIN_TOKENS[key]
+        return LEAN_DEVICE_MIN_TOKENS.get(device_type, LEAN_ACCELERATOR_MIN_TOKENS)
     return DEVICE_MIN_TOKENS.get(device_type, ACCELERATOR_MIN_TOKENS)
 
 
@@ -148,16 +165,21 @@ PRESETS: dict[str, Phases | dict[int, Phases]] = {
         )
         for level, ratio, late_ratio in ((0, 0.5, 0.75), (1, 0.4, 0.5))
     },
-    # The lean path for GPUs: every token attends through agents, the agents ToMe-merged tokens (each src token
-    # of a window grid merged into its most similar dst, one matching per level and UNet call): no sort, no
-    # unmerge, a few dense ops per block. One agent per 4x4 window while the layout forms, per 2x2 window after.
+    # The lean path, and the default: every token attends through agents, the agents ToMe-merged tokens (each
+    # src token of a window grid merged into its most similar dst; one matching per level and UNet call): no
+    # sort, no unmerge, a few dense ops per block. One agent per 4x4 window while the layout forms, per 2x2
+    # window after; the two highest-resolution levels, each where it has enough tokens to pay on its device.
     "lean": {
-        0: (
+        level: (
             Phase(end=0.5, sx=4, sy=4, agent_ratio=0.95, **_LEAN),
             Phase(end=1.0, sx=2, sy=2, agent_ratio=0.75, **_LEAN),
         )
+        for level in (0, 1)
     },
 }
+
+
+DEFAULT = "lean"  # what agentsd.apply(pipe) runs
 
 
 def resolve_schedule(schedule: Schedule) -> Phases | dict[int, Phases]:

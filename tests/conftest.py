@@ -1,4 +1,6 @@
 import importlib.util
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,9 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from agentsd.bench.runs import letter_tokenizer
+
+# `agentsd calibrate` results of the machine running the tests must not change what the tests see
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="agentsd-test-cache-")
 
 CROSS_DIM = 32
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"

@@ -1,5 +1,7 @@
 """agentsd beside what diffusers users already do: fused QKV, processor swaps, default processors."""
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import tiny_pipeline, tiny_sdxl_pipeline, tiny_sdxl_refiner, tiny_unet, unet_inputs
@@ -98,8 +100,16 @@ def test_set_default_attn_processor_raises_what_vanilla_raises(setup):
     assert agent_processors(unet)  # still patched after the refusal
 
 
-@pytest.mark.parametrize("compile_first", [True, False], ids=["compile-then-apply", "apply-then-compile"])
-def test_compiled_unet_in_a_pipeline_run(tmp_path, compile_first):
+# lean with merging forced at the tiny pipeline's 64 tokens (its default skips levels that small on a CPU)
+LEAN_FORCED = {0: tuple(dataclasses.replace(p, min_tokens=0) for p in agentsd.PRESETS["lean"][0])}
+
+
+@pytest.mark.parametrize(
+    "schedule, compile_first",
+    [("paper", True), ("paper", False), (LEAN_FORCED, False)],
+    ids=["compile-then-apply", "apply-then-compile", "lean"],
+)
+def test_compiled_unet_in_a_pipeline_run(tmp_path, schedule, compile_first):
     from torch._dynamo.utils import counters
 
     pipe = tiny_pipeline(tmp_path)
@@ -109,7 +119,7 @@ def test_compiled_unet_in_a_pipeline_run(tmp_path, compile_first):
         generator = torch.Generator().manual_seed(0)
         return pipe("a cat", num_inference_steps=6, height=64, width=64, output_type="latent", generator=generator)
 
-    agentsd.apply(pipe, "paper", seed=0)
+    agentsd.apply(pipe, schedule, seed=0)
     eager = generate().images
     agentsd.remove(pipe)
     unet = pipe.unet
@@ -117,15 +127,22 @@ def test_compiled_unet_in_a_pipeline_run(tmp_path, compile_first):
     counters.clear()
     if compile_first:
         pipe.unet = torch.compile(unet)
-        agentsd.apply(pipe, "paper", seed=0)
+        agentsd.apply(pipe, schedule, seed=0)
     else:
-        agentsd.apply(pipe, "paper", seed=0)
+        agentsd.apply(pipe, schedule, seed=0)
         pipe.unet = torch.compile(unet)
     compiled = generate().images  # the pipeline passes tensor timesteps
     assert not counters["graph_break"], dict(counters["graph_break"])
-    assert counters["stats"]["unique_graphs"] <= len(agentsd.PRESETS["paper"])  # one graph per phase
+    phases = agentsd.schedule.resolve_schedule(schedule)
+    num_phases = len(phases[0] if isinstance(phases, dict) else phases)
+    assert counters["stats"]["unique_graphs"] <= num_phases  # one graph per phase
     # latents of an untrained tiny pipeline reach ~100: compare relative to their scale
     assert (compiled - eager).abs().max() < TOL * eager.abs().max()
+    again = generate().images  # a second run draws other dst tokens: no new graph
+    assert counters["stats"]["unique_graphs"] <= num_phases
+    assert not torch.equal(again, compiled)
+    if schedule != "paper":
+        return
 
     # explain() on one call of the UNet, its timestep seen by the scheduler first as in the pipeline
     sample, context = torch.randn(2, 4, 8, 8), torch.randn(2, 7, unet.config.cross_attention_dim)

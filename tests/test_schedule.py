@@ -88,3 +88,48 @@ def test_min_tokens_none_is_the_device_default():
 def test_fast_preset_merges_cross_attention_and_shares_matchings_but_never_the_feed_forward():
     phases = [p for level in PRESETS["fast"].values() for p in level]
     assert all(p.merge_crossattn and p.share_matching and not p.merge_mlp for p in phases)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(tokens="some"), "tokens must be"),
+        (dict(agents="random"), "agents must be"),
+        (dict(tokens="all", agent_ratio=0.9), "ratio must be 0.0"),
+        (dict(tokens="all", ratio=0.0), "needs an agent_ratio"),
+        (dict(tokens="all", ratio=0.0, agent_ratio=0.9, merge_crossattn=True), "merge_crossattn"),
+        (dict(agents="pooled", ratio=0.0), "needs tokens='all'"),
+        (dict(agents="pooled", tokens="all", ratio=0.0, agent_ratio=0.9), "agent_ratio must be None"),
+    ],
+)
+def test_lean_phase_checks(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Phase(**kwargs)
+
+
+def test_default_is_the_lean_preset_of_merged_agents():
+    import inspect
+
+    import agentsd
+    from agentsd.schedule import DEFAULT
+
+    assert inspect.signature(agentsd.apply).parameters["schedule"].default == DEFAULT == "lean"
+    for phases in PRESETS["lean"].values():
+        for phase in phases:  # agents are ToMe-merged tokens, every token attends, one matching per level
+            assert phase.tokens == "all" and phase.agents == "merged" and phase.share_matching
+            assert phase.agent_ratio >= 1 - 1 / (phase.sx * phase.sy)  # every src merged: no ranking
+            assert phase.min_tokens is None  # only where it pays on the device
+
+
+def test_lean_thresholds_by_device_then_calibrated(monkeypatch):
+    from agentsd import schedule
+
+    lean, merged = Phase(tokens="all", ratio=0.0, agent_ratio=0.95, min_tokens=None), Phase(min_tokens=None)
+    assert schedule.min_tokens_on(lean, "cpu") == schedule.LEAN_DEVICE_MIN_TOKENS["cpu"]
+    assert schedule.min_tokens_on(lean, "cuda") == schedule.LEAN_ACCELERATOR_MIN_TOKENS
+    assert schedule.min_tokens_on(merged, "cuda") == schedule.ACCELERATOR_MIN_TOKENS
+    monkeypatch.setitem(schedule.CALIBRATED_MIN_TOKENS, ("cuda", "float16", "compiled"), 4096)
+    assert schedule.min_tokens_on(lean, "cuda", "torch.float16", compiled=True) == 4096
+    assert schedule.min_tokens_on(lean, "cuda", "torch.float16") == schedule.LEAN_ACCELERATOR_MIN_TOKENS
+    assert schedule.min_tokens_on(merged, "cuda", "torch.float16", compiled=True) == schedule.ACCELERATOR_MIN_TOKENS
+    assert schedule.min_tokens_on(Phase(tokens="all", ratio=0.0, agent_ratio=0.95, min_tokens=7), "cuda") == 7

@@ -27,7 +27,7 @@ import agentsd
 from agentsd import PRESETS
 from agentsd.attention import AgentAttnProcessor
 from agentsd.bench import write_results
-from agentsd.bench.speed import ARCHITECTURES, _inputs, random_unet
+from agentsd.bench.speed import _inputs, random_unet
 from agentsd.schedule import resolve_schedule
 
 ALLOCATIONS = {"empty.memory_format", "empty_strided.default", "new_empty.default", "new_empty_strided.default"}
@@ -155,7 +155,7 @@ def table(results: dict) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", choices=sorted(ARCHITECTURES), default="sd15")
+    parser.add_argument("--model", default="sd15", help="sd15, sdxl, demo or a diffusers folder (random weights)")
     parser.add_argument("--size", type=int, default=256, help="image side in pixels (the count does not depend on it)")
     parser.add_argument("--presets", nargs="+", default=sorted(PRESETS), choices=sorted(PRESETS))
     parser.add_argument("--device", default="cpu")
@@ -165,7 +165,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def bench(args: argparse.Namespace) -> int:
     results = run(args.model, args.size, args.presets, torch.device(args.device), getattr(torch, args.dtype))
-    out = args.out or Path(str(DEFAULT_OUT).format(model=args.model))
+    out = args.out or Path(str(DEFAULT_OUT).format(model=Path(args.model).name))
     write_results(out, results, table(results))
     return 0
 
