@@ -561,6 +561,20 @@ def export(model_dir: Path, vae, text_encoder, tokenizer, unet) -> None:
         path.write_text(json.dumps(config, indent=2) + "\n")
 
 
+def export_now(run: Run, tokenizer) -> None:
+    """``--export``: the model as the UNet's checkpoint holds it (EMA weights), mid-training; for ``--init`` runs."""
+    if not run.config["init"] or not (run.folder / "unet.pt").exists():
+        raise SystemExit("--export needs a run that continues a model (--init) and has a UNet checkpoint")
+    vae, text_encoder = reuse(run)
+    unet = UNet2DConditionModel(**UNET_CONFIG)
+    saved = torch.load(run.folder / "unet.pt", weights_only=False)
+    with torch.no_grad():
+        for p, s in zip(unet.parameters(), saved["ema"]["shadow"]):
+            p.copy_(s)
+    export(run.model_dir, vae, text_encoder, tokenizer, unet.eval())
+    run.log("export", saved["step"], folder=str(run.model_dir))
+
+
 def _setting(text: str) -> tuple[str, object]:
     key, sep, value = text.partition("=")
     if not sep or key not in DEFAULTS:
@@ -583,13 +597,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--set", type=_setting, action="append", default=[], metavar="KEY=VALUE", help="any other config value"
     )
+    parser.add_argument(
+        "--export", action="store_true", help="write the UNet's EMA weights as they are now into --out, and stop"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     overrides = {**dict(args.set), "seed": args.seed, "minutes": args.minutes, "unet_steps": args.unet_steps}
     overrides["init"] = None if args.init is None else str(args.init)
     run = Run(args.run, overrides, args.out)
-    run.log("start", 0, config=run.config, threads=args.threads)
     tokenizer = make_tokenizer()
+    if args.export:
+        export_now(run, tokenizer)
+        return
+    run.log("start", 0, config=run.config, threads=args.threads)
     if run.config["init"]:
         vae, text_encoder = reuse(run)
         latents, ids = build_cache(run, vae, tokenizer)

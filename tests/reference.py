@@ -4,8 +4,22 @@ import math
 
 import torch
 
-from agentsd.merge import random_windows
-from agentsd.schedule import min_tokens_on
+_M32 = 0xFFFFFFFF
+
+
+def _hash32(x):
+    x &= _M32
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & _M32
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & _M32
+    return x ^ (x >> 16)
+
+
+def random_windows(h, w, sx, sy, seed, draw):
+    """Draw ``draw`` of the dst offsets: window i (row-major) takes ``hash(hash(key + i)) mod sx·sy`` with
+    ``key = (seed·0x9E3779B1 mod 2³²) + (draw·0x7FEB352D mod 2³²)`` (agentsd.merge.window_draws' docstring)."""
+    key = ((seed * 0x9E3779B1) & _M32) + (((draw & _M32) * 0x7FEB352D) & _M32)
+    columns = w // sx
+    return [[_hash32(_hash32(key + i * columns + j)) % (sx * sy) for j in range(columns)] for i in range(h // sy)]
 
 
 def softmax_attention(q, k, v, scale):
@@ -37,7 +51,7 @@ def dst_positions(h, w, sx, sy, windows):
     dst = []
     for i in range(h // sy):
         for j in range(w // sx):
-            offset = 0 if windows is None else int(windows[i, j])
+            offset = 0 if windows is None else windows[i][j]
             dst.append((i * sy + offset // sx) * w + j * sx + offset % sx)
     return dst
 
@@ -53,7 +67,9 @@ def block_attention(attn, x, y, H, W, phase_of, k_scale2, k_shortcut, windows_fn
     phase = phase_of(downsample)
     r = 0 if phase is None else int(N * phase.ratio)
     lean = phase is not None and phase.tokens == "all"
-    if (r == 0 and not lean) or N < min_tokens_on(phase, y.device.type):  # the device's default where None
+    if phase is not None and phase.min_tokens is None:
+        raise ValueError("the reference takes explicit thresholds: give the phase min_tokens")
+    if (r == 0 and not lean) or N < phase.min_tokens:
         return torch.stack([attention(attn, y[b], None, k_scale2, k_shortcut) for b in range(B)]), None
     h, w = math.ceil(H / downsample), math.ceil(W / downsample)
     if lean:
@@ -221,15 +237,16 @@ def reference_unet(unet, phase, *, max_downsample=1, k_scale2=0.3, k_shortcut=0.
     from diffusers.models.attention import BasicTransformerBlock
 
     ref = copy.deepcopy(unet).double()
-    counter = torch.zeros((), dtype=torch.long)
+    draws = [0]  # the merged-token paths draw anew at every matching
     calls = [-1]
 
     def windows_fn(h, w, sx, sy, draw=None):
         if seed is None:
             return None
         if draw == "call":  # tokens="all": the draw of this UNet call (the call's number, cycling every 128)
-            return random_windows(h, w, sx, sy, seed, torch.tensor(calls[0] % 128))
-        return random_windows(h, w, sx, sy, seed, counter)
+            return random_windows(h, w, sx, sy, seed, calls[0] % 128)
+        draws[0] += 1
+        return random_windows(h, w, sx, sy, seed, draws[0] - 1)
 
     def phase_of(downsample):
         if isinstance(phase, dict):

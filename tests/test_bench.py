@@ -173,21 +173,25 @@ def test_gpu_suite_runs_end_to_end_on_cpu_at_a_tiny_size(tmp_path, capsys):
     whole = json.loads((out / "tiny_runs.json").read_text())
     compiled = json.loads((out / "tiny_compile.json").read_text())
     assert set(forward["sizes"]) == set(whole["sizes"]) == set(compiled["sizes"]) == {"64", "128"}
-    assert {"deepcache+fast", "ceiling-blocks-top"} <= set(whole["sizes"]["128"]["times"])
-    assert set(compiled["sizes"]["128"]["times"]) == {"vanilla", "vanilla+compile", "fast", "fast+compile"}
-    assert (out / "tiny_runs.png").stat().st_size > 1000 and "fast+compile" in (out / "suite.md").read_text()
+    assert {"deepcache+lean", "paper", "fast", "ceiling-attn1-levels12"} <= set(whole["sizes"]["128"]["times"])
+    assert set(compiled["sizes"]["128"]["times"]) == {"vanilla", "vanilla+compile", "lean", "lean+compile"}
+    assert (out / "tiny_runs.png").stat().st_size > 1000 and "lean+compile" in (out / "suite.md").read_text()
+    checks = json.loads((out / "checks.json").read_text())
+    assert checks["passed"] and checks["compile"]["default"]["graph_breaks"] == 0
+    assert checks["no_sync"] == {"tiny, lean forced": "not applicable: needs CUDA"}
     log = json.loads((out / "suite.json").read_text())
-    assert [p["status"] for p in log["parts"]] == ["measured"] * 3 and log["seconds"] < log["budget_s"]
+    assert [p["status"] for p in log["parts"]] == ["passed"] + ["measured"] * 3 and log["seconds"] < log["budget_s"]
     capsys.readouterr()
     assert main(args) == 0
-    assert capsys.readouterr().out.count("already measured, skipped") == 3  # resumes
+    out_text = capsys.readouterr().out
+    assert out_text.count("already measured, skipped") == 3 and "checks: already run" in out_text  # resumes
 
 
 def test_gpu_suite_leaves_out_what_its_budget_does_not_allow(tmp_path, capsys):
     out = tmp_path / "suite"
     assert main(["bench", "suite", "--tiny", "--device", "cpu", "--budget", "0", "--out", str(out)]) == 0
     log = json.loads((out / "suite.json").read_text())
-    assert [p["status"] for p in log["parts"]] == ["left out: time budget spent"] * 3
+    assert [p["status"] for p in log["parts"]] == ["left out: time budget spent"] * 4
     assert not (out / "tiny_forward.json").exists() and "left out" in (out / "suite.md").read_text()
 
 

@@ -93,5 +93,12 @@ def test_recipe_continues_from_a_trained_model(recipe, trained, tmp_path):
         before, after = (load_file(root / "model" / f"{part}.safetensors") for root in (init, tmp_path / "out"))
         assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before), part
     assert (tmp_path / "out" / "evaluator.safetensors").read_bytes() == (init / "evaluator.safetensors").read_bytes()
+    # --export: the model as the UNet checkpoint holds it (its EMA weights): here the finished run's
+    recipe.main(["--run", str(tmp_path / "run"), "--out", str(tmp_path / "now"), "--export"])
+    part = "unet/diffusion_pytorch_model.safetensors"
+    final, now = (load_file(root / "model" / part) for root in (tmp_path / "out", tmp_path / "now"))
+    assert final.keys() == now.keys() and all(torch.equal(final[k], now[k]) for k in final)
+    with pytest.raises(SystemExit, match="--export needs"):
+        recipe.main(["--run", str(trained / "run"), "--out", str(tmp_path / "x"), "--export"])
     with pytest.raises(FileNotFoundError, match="--init needs"):
         recipe.main(["--run", str(tmp_path / "run2"), "--init", str(tmp_path / "nowhere")])

@@ -19,6 +19,7 @@ be laid out; by up to a quarter for SD 1.5 at 512²), so a peak is the median ov
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -39,6 +40,11 @@ import agentsd
 from .speed import TOME_RATIO, build_unet, machine, past, resume, rounds
 
 SCHEDULERS = ("pndm", "ddim", "euler", "dpm")
+# The lean preset with pooled agents (the mean of each window, Agent Attention's backbones): the option beside it.
+POOLED = {
+    level: tuple(dataclasses.replace(p, agents="pooled", agent_ratio=None) for p in phases)
+    for level, phases in agentsd.PRESETS["lean"].items()
+}
 DEEPCACHE = dict(cache_interval=3, cache_branch_id=0)
 
 
@@ -106,13 +112,19 @@ def _ceiling(pipe, levels: set[int], whole_blocks: bool, size: int) -> Callable[
     return undo
 
 
-_COMPILED: dict[int, torch.nn.Module] = {}  # one compiled wrapper per UNet: repeats reuse its compiled graphs
+# one compiled wrapper per UNet and mode: repeats reuse its compiled graphs
+_COMPILED: dict[tuple[int, str | None], torch.nn.Module] = {}
+COMPILE_MODES = {"compile": None, "compile-cg": "reduce-overhead", "compile-max": "max-autotune-no-cudagraphs"}
 
 
-def _compile(pipe) -> Callable[[], None]:
-    """``pipe.unet = torch.compile(pipe.unet)``, as diffusers' docs do; agentsd applied after it hooks the wrapper."""
+def _compile(pipe, mode: str | None = None) -> Callable[[], None]:
+    """``pipe.unet = torch.compile(pipe.unet, mode=mode)``, as diffusers' docs do; agentsd applied after it hooks
+    the wrapper. ``"reduce-overhead"`` replays CUDA graphs."""
     unet = pipe.unet
-    pipe.unet = _COMPILED.setdefault(id(unet), torch.compile(unet))
+    key = (id(unet), mode)
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(unet, mode=mode)
+    pipe.unet = _COMPILED[key]
 
     def undo():
         pipe.unet = unet
@@ -129,8 +141,18 @@ METHODS: dict[str, Callable] = {
     "deepcache": lambda pipe, size: _deepcache(pipe),
     "deepcache+paper": lambda pipe, size: _chain(_deepcache(pipe), _agentsd(pipe, "paper")),
     "deepcache+fast": lambda pipe, size: _chain(_deepcache(pipe), _agentsd(pipe, "fast")),
-    "vanilla+compile": lambda pipe, size: _compile(pipe),
-    "fast+compile": lambda pipe, size: _chain(_compile(pipe), _agentsd(pipe, "fast")),
+    "lean": lambda pipe, size: _agentsd(pipe, "lean"),
+    "deepcache+lean": lambda pipe, size: _chain(_deepcache(pipe), _agentsd(pipe, "lean")),
+    "pooled": lambda pipe, size: _agentsd(pipe, POOLED),
+    **{
+        f"{base}+{suffix}": (
+            lambda pipe, size, base=base, mode=mode: _chain(
+                _compile(pipe, mode), *([] if base == "vanilla" else [_agentsd(pipe, base)])
+            )
+        )
+        for suffix, mode in COMPILE_MODES.items()
+        for base in ("vanilla", "fast", "lean")
+    },
     "ceiling-attn1-top": lambda pipe, size: _ceiling(pipe, {0}, False, size),
     "ceiling-attn1-levels12": lambda pipe, size: _ceiling(pipe, {0, 1}, False, size),
     "ceiling-blocks-top": lambda pipe, size: _ceiling(pipe, {0}, True, size),
@@ -191,9 +213,17 @@ def _scheduler(name: str):
     raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {name!r}")
 
 
-def build_pipeline(model: str, scheduler: str, folder: Path):
-    """A real SD (or SDXL) pipeline around a random-weight UNet of ``model``; minimal text encoders and VAE."""
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline
+def build_pipeline(model: str, scheduler: str, folder: Path, img2img: bool = False):
+    """A real SD (or SDXL) pipeline around a random-weight UNet of ``model``; minimal text encoders and VAE.
+
+    ``img2img``: the image-to-image pipeline of the same components (a hi-res pass starts from latents)."""
+    from diffusers import (
+        AutoencoderKL,
+        StableDiffusionImg2ImgPipeline,
+        StableDiffusionPipeline,
+        StableDiffusionXLImg2ImgPipeline,
+        StableDiffusionXLPipeline,
+    )
 
     unet, vae_factor, name = build_unet(model)
     levels = vae_factor.bit_length()  # a VAE with k levels downsamples by 2^(k-1)
@@ -210,7 +240,7 @@ def build_pipeline(model: str, scheduler: str, folder: Path):
     if unet.config.addition_embed_type == "text_time":
         pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
         first = width - pooled if width > pooled else width // 2
-        pipe = StableDiffusionXLPipeline(
+        pipe = (StableDiffusionXLImg2ImgPipeline if img2img else StableDiffusionXLPipeline)(
             vae=vae,
             text_encoder=_text_encoder(tokenizer, first),
             text_encoder_2=_text_encoder(tokenizer, width - first, projection=pooled),
@@ -220,7 +250,7 @@ def build_pipeline(model: str, scheduler: str, folder: Path):
             scheduler=_scheduler(scheduler),
         )
     else:
-        pipe = StableDiffusionPipeline(
+        pipe = (StableDiffusionImg2ImgPipeline if img2img else StableDiffusionPipeline)(
             vae=vae,
             text_encoder=_text_encoder(tokenizer, width),
             tokenizer=tokenizer,
@@ -282,19 +312,24 @@ def _rss() -> int:
     return pages * os.sysconf("SC_PAGE_SIZE")
 
 
-def time_run(pipe, size: int, steps: int, device) -> tuple[float, int]:
+def time_run(pipe, size: int, steps: int, device, strength: float | None = None) -> tuple[float, int]:
     """Seconds of one whole generation (batch of one prompt with guidance: the UNet sees batch 2) and its
-    peak memory above the start, bytes."""
+    peak memory above the start, bytes. ``strength``: image-to-image from random latents of ``size``."""
+    if strength is None:
+        task = dict(height=size, width=size)
+    else:
+        factor = pipe.vae_scale_factor
+        latents = torch.randn(1, pipe.unet.config.in_channels, size // factor, size // factor, generator=_seeded(0))
+        task = dict(image=latents.to(device=device, dtype=pipe.unet.dtype), strength=strength)
     with _PeakMemory(device) as memory, torch.no_grad():
         start = time.perf_counter()
         pipe(
             "a photo",
             num_inference_steps=steps,
             guidance_scale=7.5,
-            height=size,
-            width=size,
             output_type="latent",
-            generator=torch.Generator("cpu").manual_seed(0),
+            generator=_seeded(0),
+            **task,
         )
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -302,20 +337,26 @@ def time_run(pipe, size: int, steps: int, device) -> tuple[float, int]:
     return seconds, memory.extra
 
 
-DEFAULT_METHODS = [m for m in METHODS if not m.endswith("+compile")]  # compiling takes minutes on CPU
+def _seeded(seed: int) -> torch.Generator:
+    return torch.Generator("cpu").manual_seed(seed)
+
+
+DEFAULT_METHODS = [m for m in METHODS if "+compile" not in m]  # compiling takes minutes on CPU
 
 
 WARMUP_STEPS = 4  # a warm-up run goes through every phase of every preset (and compiles each) in this many steps
 
 
-def run(model, sizes, methods, repeats, warmup, steps, scheduler, dtype, device, out: Path, deadline=None) -> dict:
+def run(
+    model, sizes, methods, repeats, warmup, steps, scheduler, dtype, device, out: Path, deadline=None, strength=None
+) -> dict:
     """Measure every size (methods interleaved repeat by repeat); sizes already in ``out`` are kept.
 
     Warm-up runs take ``WARMUP_STEPS`` steps (enough to meet every phase and compile it); ``deadline`` as in
-    ``speed.run``."""
+    ``speed.run``; ``strength``: image-to-image runs (a hi-res pass) of that strength."""
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as folder, torch.device(device):
-        pipe, name = build_pipeline(model, scheduler, Path(folder))
+        pipe, name = build_pipeline(model, scheduler, Path(folder), img2img=strength is not None)
     pipe = pipe.to(device=device, dtype=dtype)
     setup = {
         "kind": "pipeline",
@@ -324,6 +365,7 @@ def run(model, sizes, methods, repeats, warmup, steps, scheduler, dtype, device,
         "pipeline": type(pipe).__name__,
         "scheduler": scheduler,
         "steps": steps,
+        **({} if strength is None else {"strength": strength}),
         "tome_ratio": TOME_RATIO,
         "deepcache": DEEPCACHE,
     }
@@ -341,7 +383,8 @@ def run(model, sizes, methods, repeats, warmup, steps, scheduler, dtype, device,
             for method in methods:
                 undo = METHODS[method](pipe, size)
                 try:
-                    seconds, extra = time_run(pipe, size, warmup_steps if which == "warm-up" else steps, device)
+                    run_steps = warmup_steps if which == "warm-up" else steps
+                    seconds, extra = time_run(pipe, size, run_steps, device, strength)
                 finally:
                     undo()
                 if which != "warm-up":
@@ -379,6 +422,8 @@ def fresh(args, out: Path) -> dict:
                     "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--dtype", args.dtype,
                     "--device", str(args.device), "--methods", method, "--out", str(path),
                 ]  # fmt: skip
+                if getattr(args, "strength", None) is not None:
+                    command += ["--strength", str(args.strength)]
                 print(f"{method}: a new process ({round_ + 1} of {args.fresh})", flush=True)
                 done = subprocess.run(command)
                 if done.returncode != 0:
@@ -406,7 +451,7 @@ def summarize(times: dict[str, list[float]], memory: dict[str, list[int]], per_p
     ``memory``: peaks above start, one per repeat of one process (the peak is their largest), or with
     ``per_process`` one per process (the peak is their median, ``peak_mib_range`` their smallest and largest)."""
     median = {name: statistics.median(ts) for name, ts in times.items()}
-    summary = {"times": times, "memory_bytes": memory, "median": median}
+    summary = {"times": times, "memory_bytes": memory, "median": median, "min": {n: min(ts) for n, ts in times.items()}}
     if per_process:
         summary["peak_mib"] = {name: statistics.median(ms) / 2**20 for name, ms in memory.items()}
         summary["peak_mib_range"] = {name: [min(ms) / 2**20, max(ms) / 2**20] for name, ms in memory.items()}
@@ -420,12 +465,13 @@ def summarize(times: dict[str, list[float]], memory: dict[str, list[int]], per_p
 def table(results: dict) -> str:
     lines = [
         f"Whole runs ({results['pipeline']}, {results['model']}), {results['steps']} {results['scheduler']} steps, "
-        f"guidance (UNet batch 2), {results['dtype']}, {results['device']} ({results['threads']} threads)"
+        + (f"image-to-image at strength {results['strength']}, " if "strength" in results else "")
+        + f"guidance (UNet batch 2), {results['dtype']}, {results['device']} ({results['threads']} threads)"
         + (", each method in a new process" if results.get("processes") == "one per method" else "")
         + "".join(f", {k}={v}" for k, v in results.get("heap", {}).items()),
         "",
-        "| size | method | median s | speed-up | peak memory above start (MiB) |",
-        "|---|---|---|---|---|",
+        "| size | method | median s | min s | speed-up (median) | peak memory above start (MiB) |",
+        "|---|---|---|---|---|---|",
     ]
     for size, summary in results["sizes"].items():
         for name, seconds in summary["median"].items():
@@ -435,7 +481,9 @@ def table(results: dict) -> str:
             spread = summary.get("peak_mib_range", {}).get(name)
             if spread and summary.get("processes_per_method", 1) > 1:
                 peak += f" ({spread[0]:.0f}–{spread[1]:.0f}, median of {summary['processes_per_method']} processes)"
-            lines.append(f"| {size}² | {name} | {seconds:.4g} | {cell} | {peak} |")
+            fastest = summary.get("min", {}).get(name)
+            low = "–" if fastest is None else f"{fastest:.4g}"
+            lines.append(f"| {size}² | {name} | {seconds:.4g} | {low} | {cell} | {peak} |")
     return "\n".join(lines)
 
 

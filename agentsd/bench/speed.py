@@ -14,6 +14,7 @@ the plot are made from the JSON.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import platform
@@ -66,6 +67,7 @@ TOME_RATIO = PRESETS["paper"][1].ratio
 AGENT_PHASE = Phase(end=1.0, **{k: getattr(PRESETS["paper"][0], k) for k in ("sx", "sy", "ratio", "agent_ratio")})
 TOME_PHASE = Phase(end=1.0, sx=2, sy=2, ratio=TOME_RATIO)
 AGENT_SHARE = PRESETS["paper"][0].end  # fraction of sampling the paper schedule spends in the agent phase
+LEAN_SHARE = PRESETS["lean"][0][0].end  # the same for the lean preset's 4x4 phase
 
 
 class _ZeroAttention:
@@ -101,9 +103,14 @@ def _tomesd(unet, ratio: float) -> Callable[[], None]:
     return lambda: tomesd.remove_patch(unet)
 
 
-def _agentsd(unet, phase: Phase) -> Callable[[], None]:
-    agentsd.apply(unet, [phase], seed=0)
+def _agentsd(unet, phase) -> Callable[[], None]:
+    agentsd.apply(unet, [phase] if isinstance(phase, Phase) else phase, seed=0)
     return lambda: agentsd.remove(unet)
+
+
+def _lean_phase(k: int) -> dict[int, tuple[Phase]]:
+    """Phase ``k`` of the lean preset (0: 4x4 agents, 1: 2x2 agents) on every level it patches, for a whole call."""
+    return {level: (dataclasses.replace(phases[k], end=1.0),) for level, phases in PRESETS["lean"].items()}
 
 
 # name -> patch(unet, latent_tokens), returning the function that undoes it
@@ -112,6 +119,8 @@ METHODS: dict[str, Callable] = {
     "tomesd": lambda unet, tokens: _tomesd(unet, TOME_RATIO),
     "agentsd-tome": lambda unet, tokens: _agentsd(unet, TOME_PHASE),
     "agentsd-agent": lambda unet, tokens: _agentsd(unet, AGENT_PHASE),
+    "lean-early": lambda unet, tokens: _agentsd(unet, _lean_phase(0)),
+    "lean-late": lambda unet, tokens: _agentsd(unet, _lean_phase(1)),
     "ceiling": _ceiling,
 }
 
@@ -192,6 +201,7 @@ def run(model, sizes, methods, repeats, warmup, batch, dtype, device, out: Path,
         "tome_ratio": TOME_RATIO,
         "agent_phase": AGENT_PHASE.__dict__,
         "paper_agent_share": AGENT_SHARE,
+        "lean_early_share": LEAN_SHARE,
     }
     results = resume(out, setup)
     for size in sizes:
@@ -271,6 +281,8 @@ def summarize(times: dict[str, list[float]]) -> dict:
             seconds["agentsd-paper"] = (
                 AGENT_SHARE * seconds["agentsd-agent"] + (1 - AGENT_SHARE) * seconds["agentsd-tome"]
             )
+        if "lean-early" in seconds and "lean-late" in seconds:
+            seconds["lean"] = LEAN_SHARE * seconds["lean-early"] + (1 - LEAN_SHARE) * seconds["lean-late"]
         summary[stat] = seconds
         if "vanilla" in seconds:
             vanilla = seconds["vanilla"]
@@ -349,6 +361,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--steps", type=int, default=20, help="--pipeline: sampling steps")
     parser.add_argument("--scheduler", default="pndm", help="--pipeline: pndm, ddim, euler or dpm")
+    parser.add_argument(
+        "--strength", type=float, help="--pipeline: image-to-image runs (a hi-res pass) at this strength, in (0, 1]"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--batch", type=int, default=2)
@@ -372,6 +387,9 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise ValueError("--fresh goes with --pipeline (whole runs)")
     if getattr(args, "fresh", 0) < 0:
         raise ValueError(f"--fresh takes a number of processes >= 1, got {args.fresh}")
+    strength = getattr(args, "strength", None)
+    if strength is not None and (not args.pipeline or not 0 < strength <= 1):
+        raise ValueError(f"--strength goes with --pipeline and lies in (0, 1], got {strength}")
     if args.pipeline and args.scheduler not in runs.SCHEDULERS:
         raise ValueError(f"--scheduler must be one of {', '.join(runs.SCHEDULERS)}, got {args.scheduler!r}")
     if min(args.steps, args.repeats, args.batch, *args.sizes) < 1 or args.warmup < 0:
@@ -406,7 +424,7 @@ def bench(args: argparse.Namespace) -> int:
         elif pipeline:
             results = runs.run(
                 args.model, args.sizes, args.methods, args.repeats, args.warmup, args.steps, args.scheduler,
-                dtype, device, args.out, deadline,
+                dtype, device, args.out, deadline, getattr(args, "strength", None),
             )  # fmt: skip
         else:
             results = run(

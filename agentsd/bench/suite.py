@@ -1,8 +1,9 @@
 """The GPU suite: one command that measures what the README quotes, on whatever card runs it.
 
-SD 1.5 at 512², 1024², 2048² and SDXL at 1024², fp16 on CUDA: UNet forwards (every method
-of ``bench speed``), whole 20-step runs (every ``--pipeline`` method), and torch.compile on
-and off for vanilla and ``fast``. The parts run in order of what they tell (cheap, broad
+Whole 20-step runs, fp16 on CUDA: SD 1.5 at 512², 1024², 2048²; SDXL at 1024² and 2048², and
+SDXL's hi-res pass (image-to-image at 2048², strength 0.5); vanilla, the ceilings, ``paper``,
+``fast``, ``lean`` (the default), DeepCache and DeepCache + ``lean``; torch.compile (default mode
+and CUDA graphs) for vanilla and ``lean``; UNet forwards last. The parts run in order of what they tell (cheap, broad
 ones first) under a time budget (``--budget``, 8 minutes by default): a part that would
 start after the budget is spent is left out, and a part under way takes fewer repeats
 (at least one) rather than run over; ``suite.json`` records what ran, how long and what
@@ -29,18 +30,39 @@ import torch
 
 from . import runs, speed
 
-# (model, mode, sizes, methods) in the order they run; methods None: all of the mode's (compile apart)
-PARTS = [
-    ("sd15", "forward", [512, 1024, 2048], None),
-    ("sdxl", "forward", [1024], None),
-    ("sd15", "runs", [512, 1024], None),
-    ("sdxl", "runs", [1024], None),
-    ("sd15", "runs", [2048], None),
-    # compiling fast takes minutes (one graph per phase and level: 171 s at 512² on an H200), so it comes last
-    ("sd15", "compile", [512], ["vanilla", "vanilla+compile", "fast", "fast+compile"]),
+# Whole runs of every method a user picks from, their ceilings (top level; levels 0 and 1: what lean can patch)
+RUNS = [
+    "vanilla",
+    "ceiling-attn1-top",
+    "ceiling-attn1-levels12",
+    "paper",
+    "fast",
+    "lean",
+    "deepcache",
+    "deepcache+lean",
 ]
-# the same modes on a tiny UNet at small sizes (the CPU check): SD 1.5's parts, its 2048² runs aside
-TINY_PARTS = [(m, mode, [64, 128], methods) for m, mode, sizes, methods in PARTS if m == "sd15" and sizes != [2048]]
+BIG = ["vanilla", "ceiling-attn1-levels12", "lean", "deepcache", "deepcache+lean"]  # 2048² SDXL: the essentials
+COMPILED = ["vanilla", "vanilla+compile", "lean", "lean+compile", "vanilla+compile-cg", "lean+compile-cg"]
+# (model, mode, sizes, methods) in the order they run; methods None: all of the mode's (compile apart).
+# "img2img" is SDXL's hi-res pass: image-to-image at strength 0.5.
+PARTS = [
+    ("sd15", "runs", [512, 1024], RUNS),
+    ("sdxl", "runs", [1024], RUNS),
+    ("sd15", "runs", [2048], RUNS),
+    ("sd15", "compile", [1024], COMPILED),
+    ("sdxl", "compile", [1024], COMPILED),
+    ("sdxl", "runs", [2048], BIG),
+    ("sdxl", "img2img", [2048], BIG),
+    ("sd15", "forward", [512, 1024, 2048], None),
+]
+IMG2IMG_STRENGTH = 0.5
+# the same modes on a tiny UNet at small sizes (the CPU check): SD 1.5's parts, its 2048² runs aside; CUDA graphs
+# need CUDA, so the CPU check compiles in the default mode only
+TINY_PARTS = [
+    (m, mode, [64, 128], [x for x in methods if not x.endswith("-cg")] if methods else None)
+    for m, mode, sizes, methods in PARTS
+    if m == "sd15" and sizes != [2048]
+]
 TINY_UNET = dict(
     sample_size=16,
     in_channels=4,
@@ -78,6 +100,7 @@ def parts(args: argparse.Namespace, tiny_folder: Path | None) -> list[argparse.N
                 sizes=sizes,
                 methods=methods or list(runs.DEFAULT_METHODS if pipeline else speed.METHODS),
                 pipeline=pipeline,
+                strength=IMG2IMG_STRENGTH if mode == "img2img" else None,
                 steps=2 if args.tiny else args.steps,
                 scheduler="pndm",
                 repeats=1 if args.tiny else args.repeats,
@@ -108,17 +131,37 @@ def bench(args: argparse.Namespace) -> int:
     deadline = start + args.budget
     log = []
     with tempfile.TemporaryDirectory() as folder:
-        tiny = None
-        if args.tiny:
-            from diffusers import UNet2DConditionModel
+        from diffusers import UNet2DConditionModel
 
-            tiny = Path(folder) / "tiny"
-            UNet2DConditionModel(**TINY_UNET).save_config(tiny / "unet")
+        UNet2DConditionModel(**TINY_UNET).save_config(Path(folder) / "tiny" / "unet")
+        tiny = Path(folder) / "tiny" if args.tiny else None
+        log.append(run_checks(args, tiny or Path(folder) / "tiny", deadline))
         for part in parts(args, tiny):
             log.append(run_part(part, deadline))
             summary = write_summary(args, log, time.monotonic() - start)  # after every part: a kill leaves a record
     print(f"suite: {summary} ({time.monotonic() - start:.0f} s)")
     return 0
+
+
+def run_checks(args: argparse.Namespace, tiny_folder: Path, deadline: float) -> dict:
+    """No host sync and torch.compile in every mode (:mod:`agentsd.bench.checks`), once per card: ``checks.json``."""
+    from . import checks
+
+    path = args.out / "checks.json"
+    if path.exists():
+        print("checks: already run, skipped")
+        return {"part": "checks", "status": "already run"}
+    if speed.past(deadline, "checks"):
+        return {"part": "checks", "status": "left out: time budget spent"}
+    began = time.monotonic()
+    try:
+        results = checks.run(args.device, getattr(torch, args.dtype), tiny_folder, None if args.tiny else "sd15")
+        path.write_text(json.dumps(results, indent=2) + "\n")
+        status = "passed" if results["passed"] else "FAILED (see checks.json)"
+    except Exception as error:  # noqa: BLE001 - the timings still run
+        traceback.print_exc()
+        status = f"failed: {type(error).__name__}: {error}"
+    return {"part": "checks", "status": status, "seconds": round(time.monotonic() - began, 1)}
 
 
 def run_part(part: argparse.Namespace, deadline: float) -> dict:
