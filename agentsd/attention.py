@@ -52,7 +52,9 @@ class AgentConfig:
         return None
 
 
-DRAW_BANK = 128  # dst draws made at once for a tokens="all" level; call c takes draw c mod DRAW_BANK
+# dst draws made at once for a level matched once per call (tokens="all" or share_matching); call c takes draw
+# c mod DRAW_BANK, drawn before the UNet runs
+DRAW_BANK = 128
 
 
 class AgentState:
@@ -67,8 +69,8 @@ class AgentState:
         self.decided = False  # the next UNet call's phases are already picked (by the scheduler, eagerly)
         # this call's merges of each (h, w) level whose phase has share_matching: (tokens, agents or None)
         self.shared: dict[tuple[int, int], tuple[Merge, Merge | None]] = {}
-        self.calls = 0  # UNet calls begun: picks the draw of the tokens="all" levels
-        # dst positions of the tokens="all" levels by (h, w, sx, sy): every draw, made once (DRAW_BANK, Nd)
+        self.calls = 0  # UNet calls begun: picks the draw of the levels matched once per call
+        # dst positions of the levels matched once per call by (h, w, sx, sy): every draw, made once (DRAW_BANK, Nd)
         self._dst_banks: dict[tuple[int, int, int, int], torch.Tensor] = {}
         # this call's dst positions by (h, w, sx, sy): (random draw or None, top-left), set before the UNet runs
         self.dst: dict[tuple[int, int, int, int], tuple[torch.Tensor | None, torch.Tensor]] = {}
@@ -79,21 +81,21 @@ class AgentState:
         """Record the latent size and pick every band's phase at sampling progress ``p``.
 
         Unchanged values keep their objects: torch.compile guards on them, and a new but equal
-        tuple would cost a recompilation. The dst positions of the lean (``tokens="all"``) levels are
-        drawn here, outside the UNet: a compiled UNet reads them as inputs and mutates no state.
+        tuple would cost a recompilation. The dst positions of the levels matched once per call (``tokens="all"``
+        or ``share_matching``) are drawn here, outside the UNet: a compiled UNet reads them as inputs.
         """
         if self.size != (height, width):
             self.size = (height, width)
         phases = tuple(phase_at(band.phases, p) for band in self.config.bands)
         if self.phases != phases:
             self.phases = phases
-        self.dst = self._lean_dst(height, width, device)
+        self.dst = self._draw_dst(height, width, device)
         self.calls += 1
 
-    def _lean_dst(self, height: int, width: int, device) -> dict:
+    def _draw_dst(self, height: int, width: int, device) -> dict:
         dst = {}
         for band, phase in zip(self.config.bands, self.phases):
-            if phase.tokens != "all" or phase.agents != "merged":
+            if phase.agents != "merged" or not (phase.tokens == "all" or phase.share_matching):
                 continue
             for factor in self.config.levels:
                 if not band.low < factor <= band.high:
@@ -189,41 +191,44 @@ class AgentAttnProcessor:
         return out / attn.rescale_output_factor
 
     def _all_tokens(self, attn, hidden_states, metric, h: int, w: int, phase: Phase) -> torch.Tensor:
-        """``tokens="all"``: agent attention of every token; the agents are the merged (or pooled) queries."""
+        """``tokens="all"``: attention of every token's query, through agents (the merged or pooled queries) or
+        over merged keys and values."""
         config = self.state.config
         B, N, _ = hidden_states.shape
         if phase.agents == "pooled":
-            agents_of = functools.partial(_pool_windows, h=h, w=w, sx=phase.sx, sy=phase.sy)
+            groups = functools.partial(_pool_windows, h=h, w=w, sx=phase.sx, sy=phase.sy)
         else:
-            agents_of = self.state.groups.get((h, w)) if phase.share_matching else None
-            if agents_of is None or agents_of.shape != (B, N):
-                agents_of = self._agent_groups(metric, h, w, phase)
+            groups = self.state.groups.get((h, w)) if phase.share_matching else None
+            if groups is None or groups.shape != (B, N):
+                k = int(N * (phase.ratio if phase.agent_ratio is None else phase.agent_ratio))
+                groups = self._groups(metric, h, w, phase, k)
                 if phase.share_matching:
-                    self.state.groups[(h, w)] = agents_of
+                    self.state.groups[(h, w)] = groups
+        agents = groups if phase.agent_ratio is not None or phase.agents == "pooled" else None
         return agent_attention(
             attn,
             hidden_states,
-            agents_of,
+            agents,
+            keys_of=None if agents is not None else groups,
             k_scale2=config.k_scale2,
             k_shortcut=config.k_shortcut,
             upcast=config.attn_precision == "fp32",
         )
 
-    def _agent_groups(self, metric, h: int, w: int, phase: Phase):
-        """The groups of tokens merged into agents: each src token into its most similar dst."""
+    def _groups(self, metric, h: int, w: int, phase: Phase, k: int):
+        """The groups of tokens that merge when the top-``k`` ranked src tokens merge into their dst."""
         B, N, _ = metric.shape
         key = (h, w, phase.sx, phase.sy)
         drawn, fixed = self.state.dst.get(key) or (None, dst_grid(h, w, phase.sx, phase.sy, device=metric.device))
         random = self.state.config.use_rand and B % 2 == 0 and drawn is not None
         dst = drawn if random else fixed
         num_dst = dst.shape[0]
-        agent_r = int(N * phase.agent_ratio)
-        if agent_r >= N - num_dst:  # every src token merges: no ranking needed
+        if k >= N - num_dst:  # every src token merges: no ranking needed
             return Groups(assign(metric, dst), num_dst)
-        # Fewer agents merge than there are src tokens: rank them as AgentSD does.
+        # Fewer merge than there are src tokens: rank them as ToMe does.
         windows = None if not random else _offsets(dst, h, w, phase.sx, phase.sy)
         order = partition(h, w, phase.sx, phase.sy, windows, device=metric.device)
-        return Merge(merge_rows(match(metric, order, num_dst), agent_r), N - agent_r)
+        return Merge(merge_rows(match(metric, order, num_dst), k), N - k)
 
     def _merges(self, hidden_states, metric, h: int, w: int, phase: Phase, r: int) -> tuple[Merge, Merge | None]:
         """Match ``metric``: the ToMe merge of the tokens and the merge that makes the agents (or ``None``)."""
@@ -231,9 +236,13 @@ class AgentAttnProcessor:
         B, N, _ = hidden_states.shape
         windows = None
         if config.use_rand and B % 2 == 0:  # odd batches hold unpaired cond/uncond images: keep dst fixed
-            windows = random_windows(
-                h, w, phase.sx, phase.sy, self.state.seed, self.state.draws_on(hidden_states.device)
-            )
+            drawn = self.state.dst.get((h, w, phase.sx, phase.sy), (None,))[0] if phase.share_matching else None
+            if drawn is not None:  # drawn for this call before the UNet ran
+                windows = _offsets(drawn, h, w, phase.sx, phase.sy)
+            else:
+                windows = random_windows(
+                    h, w, phase.sx, phase.sy, self.state.seed, self.state.draws_on(hidden_states.device)
+                )
         num_dst = (h // phase.sy) * (w // phase.sx)
         order = partition(h, w, phase.sx, phase.sy, windows, device=hidden_states.device)
         m = match(metric, order, num_dst)
@@ -274,7 +283,8 @@ class AgentAttnProcessor:
         too_small = h < phase.sy or w < phase.sx or N < min_tokens
         if h * w != N or not phase.merges or too_small:
             return None
-        if phase.tokens == "all" and 2 * _num_agents(h, w, phase) >= N:
+        agents = phase.agent_ratio is not None or phase.agents == "pooled"
+        if phase.tokens == "all" and agents and 2 * _num_agents(h, w, phase) >= N:
             return None  # as many agents as half the tokens: plain attention, which is what runs
         return h, w, phase, r
 
@@ -363,6 +373,7 @@ def agent_attention(
     tokens: torch.Tensor,
     agents,
     *,
+    keys_of=None,
     k_scale2: float,
     k_shortcut: float,
     upcast: bool = False,
@@ -375,7 +386,8 @@ def agent_attention(
 
     ``agents``: ``None``, the agent tokens ``(B, n, C)``, or a function that averages groups of tokens
     (``(B, N, C) -> (B, n, C)``). A function is applied to the projected queries: ``to_q`` is affine, so the
-    projection of a mean is the mean of the projections, and no second projection runs.
+    projection of a mean is the mean of the projections, and no second projection runs. ``keys_of``: such a
+    function applied to the keys and values alone (softmax attention of every query over merged tokens).
     """
     B, num_tokens, _ = tokens.shape
     heads = attn.heads
@@ -391,6 +403,8 @@ def agent_attention(
         agent = split_heads(attn.to_q(agents))
     else:
         agent = split_heads(agents(query))
+    if keys_of is not None:
+        key, value = keys_of(key), keys_of(value)
     query, key, value = split_heads(query), split_heads(key), split_heads(value)
     if attn.norm_q is not None:
         query = attn.norm_q(query)

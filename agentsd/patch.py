@@ -86,7 +86,10 @@ def apply(
     phases = resolve_schedule(schedule)
     calibration.load()  # thresholds `agentsd calibrate` measured on this machine, if any
     if isinstance(phases, dict) and max_downsample != "auto":
-        raise ValueError("max_downsample applies to a sequence of phases; a {level: phases} schedule names its levels")
+        raise ValueError(
+            "max_downsample applies to a sequence of phases; a {level: phases} schedule (such as the default, "
+            f"{DEFAULT!r}) names its levels: pass schedule='paper' or your own phases to choose max_downsample"
+        )
     options = dict(
         schedule=phases,
         max_downsample=max_downsample,

@@ -44,8 +44,11 @@ class Phase:
         min_tokens: leave a block alone when it has fewer tokens: there merging costs more than it saves.
             ``None``: the default of the device the model runs on (``DEVICE_MIN_TOKENS``).
         tokens: ``"merged"`` (AgentSD's): queries, keys and values come from the ToMe-merged tokens, and the
-            output is unmerged. ``"all"``: they come from every token and only the agents are merged: no
-            merge, sort or unmerge of the tokens, the lean path for GPUs. ``ratio`` must then be 0.
+            output is unmerged. ``"all"``, the lean path for GPUs: every token keeps its own query and output
+            (nothing unmerged), and either only the agents are merged (``agent_ratio``, ``ratio=0``: keys and
+            values from every token) or, without agents, only the keys and values are (``ratio > 0``: softmax
+            attention of every query over the ToMe-merged tokens). When the merge takes every src token
+            (``ratio`` or ``agent_ratio >= 1 - 1/(sx·sy)`` on grids the windows tile) nothing is sorted either.
         agents: ``"merged"`` (AgentSD's): agents are ToMe-merged tokens (``agent_ratio``). ``"pooled"``: the mean
             of each sx×sy window (Agent Attention's backbones), one op; needs ``tokens="all"`` and no
             ``agent_ratio``. With ``tokens="all"`` merged agents whose ``agent_ratio`` merges every src token
@@ -91,12 +94,15 @@ class Phase:
         if self.agents not in ("merged", "pooled"):
             raise ValueError(f"Phase.agents must be 'merged' or 'pooled', got {self.agents!r}")
         if self.tokens == "all":
-            if self.ratio != 0.0:
-                raise ValueError(f"Phase(tokens='all') merges no tokens: ratio must be 0.0, got {self.ratio}")
+            agents = self.agent_ratio is not None or self.agents == "pooled"
+            if agents and self.ratio != 0.0:
+                raise ValueError(
+                    f"Phase(tokens='all') with agents merges nothing else: ratio must be 0.0, got {self.ratio}"
+                )
+            if not agents and self.ratio == 0.0:
+                raise ValueError("Phase(tokens='all') needs agents (agent_ratio) or merged keys and values (ratio > 0)")
             if self.merge_crossattn or self.merge_mlp:
-                raise ValueError("Phase(tokens='all') merges no tokens: merge_crossattn and merge_mlp must be off")
-            if self.agents == "merged" and self.agent_ratio is None:
-                raise ValueError("Phase(tokens='all', agents='merged') needs an agent_ratio")
+                raise ValueError("Phase(tokens='all') unmerges nothing: merge_crossattn and merge_mlp must be off")
         if self.agents == "pooled":
             if self.tokens != "all":
                 raise ValueError("Phase(agents='pooled') needs tokens='all'")
@@ -106,7 +112,7 @@ class Phase:
     @property
     def merges(self) -> bool:
         """Whether this phase changes a block at all (it merges tokens or makes agents)."""
-        return self.tokens == "all" or self.ratio > 0
+        return self.ratio > 0 or (self.tokens == "all" and (self.agent_ratio is not None or self.agents == "pooled"))
 
 
 Phases = tuple[Phase, ...]

@@ -28,9 +28,11 @@ def softmax_attention(q, k, v, scale):
     return (weights / weights.sum(dim=-1, keepdim=True)) @ v
 
 
-def attention(attn, tokens, agents, k_scale2, k_shortcut):
-    """Per-head softmax attention of ``tokens`` (N'×C), through agents when given, then to_out."""
-    Q, K, V = attn.to_q(tokens), attn.to_k(tokens), attn.to_v(tokens)
+def attention(attn, tokens, agents, k_scale2, k_shortcut, kv_tokens=None):
+    """Per-head softmax attention of ``tokens`` (N'×C), through agents when given, then to_out; ``kv_tokens``:
+    the tokens keys and values come from, if not ``tokens``."""
+    kv_tokens = tokens if kv_tokens is None else kv_tokens
+    Q, K, V = attn.to_q(tokens), attn.to_k(kv_tokens), attn.to_v(kv_tokens)
     A = None if agents is None else attn.to_q(agents)
     d = K.shape[-1] // attn.heads
     s = d**-0.5
@@ -78,7 +80,9 @@ def block_attention(attn, x, y, H, W, phase_of, k_scale2, k_shortcut, windows_fn
     if shared and downsample in matchings:
         per_batch = matchings[downsample]
     else:
-        windows = windows_fn(h, w, phase.sx, phase.sy) if B % 2 == 0 else None
+        # a level matched once per call takes the call's draw, a block matched on its own the next draw
+        draw = "call" if phase.share_matching else None
+        windows = windows_fn(h, w, phase.sx, phase.sy, draw) if B % 2 == 0 else None
         dst = dst_positions(h, w, phase.sx, phase.sy, windows)
         src = [p for p in range(N) if p not in set(dst)]
         per_batch = []
@@ -108,7 +112,8 @@ def block_attention(attn, x, y, H, W, phase_of, k_scale2, k_shortcut, windows_fn
         tokens = torch.stack([y[b, g].mean(dim=0) for g in tome])
         agents = None
         if phase.agent_ratio is not None:
-            agent_r = min(int(N * phase.agent_ratio), len(src))
+            ratio = phase.ratio if phase.agent_ratio is None else phase.agent_ratio
+            agent_r = min(int(N * ratio), len(src))
             if 2 * (N - agent_r) < N - r:
                 agents = torch.stack([y[b, g].mean(dim=0) for g in groups(agent_r)])
         merged_out = attention(attn, tokens, agents, k_scale2, k_shortcut)
@@ -121,11 +126,13 @@ def block_attention(attn, x, y, H, W, phase_of, k_scale2, k_shortcut, windows_fn
 
 
 def all_tokens_attention(attn, x, y, h, w, phase, k_scale2, k_shortcut, windows_fn, matchings):
-    """``Phase(tokens="all")``: every token attends through agents, the mean of ``y`` over each agent group.
+    """``Phase(tokens="all")``: every token attends through agents, the mean of ``y`` over each agent group, or,
+    without agents, over keys and values from the mean of ``y`` over each ToMe group.
 
-    Merged agents: each src token picks its most similar dst (cosine of ``x``), the top-``agent_r`` ranked
-    src tokens merge into their dst, the others stay agents of their own. The dst draw is the UNet call's
-    (``windows_fn(h, w, sx, sy, "call")``), shared by the level's blocks. Pooled agents: each whole window.
+    Merged groups: each src token picks its most similar dst (cosine of ``x``), the top-``k`` ranked src tokens
+    (``agent_r``, or ``r`` without agents) merge into their dst, the others stay groups of their own. The dst
+    draw is the UNet call's (``windows_fn(h, w, sx, sy, "call")``), shared by the level's blocks. Pooled agents:
+    each whole window.
     """
     B, N, C = y.shape
     if phase.agents == "pooled":
@@ -143,7 +150,8 @@ def all_tokens_attention(attn, x, y, h, w, phase, k_scale2, k_shortcut, windows_
             windows = windows_fn(h, w, phase.sx, phase.sy, "call") if B % 2 == 0 else None
             dst = dst_positions(h, w, phase.sx, phase.sy, windows)
             src = [p for p in range(N) if p not in set(dst)]
-            agent_r = min(int(N * phase.agent_ratio), len(src))
+            ratio = phase.ratio if phase.agent_ratio is None else phase.agent_ratio
+            agent_r = min(int(N * ratio), len(src))
             per_batch = []
             for b in range(B):
                 metric = x[b] / x[b].norm(dim=-1, keepdim=True)
@@ -156,6 +164,13 @@ def all_tokens_attention(attn, x, y, h, w, phase, k_scale2, k_shortcut, windows_
                 per_batch.append([[src[i]] for i in ranked[agent_r:]] + list(members.values()))
             if phase.share_matching:
                 matchings[key] = per_batch
+    if phase.agent_ratio is None and phase.agents == "merged":  # merged keys and values
+        return torch.stack(
+            [
+                attention(attn, y[b], None, k_scale2, k_shortcut, torch.stack([y[b, g].mean(dim=0) for g in groups]))
+                for b, groups in enumerate(per_batch)
+            ]
+        )
     if 2 * len(per_batch[0]) >= N:  # as many agents as half the tokens: plain attention
         return torch.stack([attention(attn, y[b], None, k_scale2, k_shortcut) for b in range(B)])
     outputs = []

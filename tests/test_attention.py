@@ -284,6 +284,10 @@ ALL_TOKEN_SETTINGS = [
     dict(phase=Phase(sx=4, sy=4, agents="pooled", **LEAN), size=(18, 22)),
     # as many agents as half the tokens: plain attention
     dict(phase=Phase(sx=1, sy=2, agent_ratio=0.5, **LEAN), size=(16, 16), exact=True),
+    # no agents: softmax attention over merged keys and values, every src merged (no ranking) or the top-ranked
+    dict(phase=Phase(sx=2, sy=2, ratio=0.75, tokens="all", share_matching=True), size=(16, 16), seed=9),
+    dict(phase=Phase(sx=2, sy=2, ratio=0.5, tokens="all", share_matching=True), size=(18, 22), seed=5),
+    dict(phase=Phase(sx=3, sy=2, ratio=0.6, tokens="all"), size=(14, 20)),
 ]
 
 

@@ -127,9 +127,11 @@ def test_errors(unet):
     with pytest.raises(ValueError, match="attn_precision"):
         agentsd.apply(unet, attn_precision="fp16")
     with pytest.raises(ValueError, match="max_downsample"):
-        agentsd.apply(unet, max_downsample=0)
+        agentsd.apply(unet, "paper", max_downsample=0)
     with pytest.raises(TypeError, match="max_downsample"):
-        agentsd.apply(unet, max_downsample="deep")
+        agentsd.apply(unet, "paper", max_downsample="deep")
+    with pytest.raises(ValueError, match="the default, 'lean'"):  # the default names its levels
+        agentsd.apply(unet, max_downsample=1)
     assert hook_count(unet) == 0  # a refused apply leaves nothing behind
 
 

@@ -96,7 +96,7 @@ def test_fast_preset_merges_cross_attention_and_shares_matchings_but_never_the_f
         (dict(tokens="some"), "tokens must be"),
         (dict(agents="random"), "agents must be"),
         (dict(tokens="all", agent_ratio=0.9), "ratio must be 0.0"),
-        (dict(tokens="all", ratio=0.0), "needs an agent_ratio"),
+        (dict(tokens="all", ratio=0.0), "needs agents"),
         (dict(tokens="all", ratio=0.0, agent_ratio=0.9, merge_crossattn=True), "merge_crossattn"),
         (dict(agents="pooled", ratio=0.0), "needs tokens='all'"),
         (dict(agents="pooled", tokens="all", ratio=0.0, agent_ratio=0.9), "agent_ratio must be None"),
