@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-METHODS = ("none", "tome", "agent")
+DEEPCACHE = dict(cache_interval=3, cache_branch_id=0)  # as the benchmarks run it
 
 
 class UsageError(Exception):
@@ -57,8 +57,16 @@ def _parser() -> argparse.ArgumentParser:
     gen = commands.add_parser("generate", help="generate images, with or without token merging")
     gen.add_argument("prompt")
     gen.add_argument("--model", help="hub id or local diffusers folder (default: the shipped demo model)")
-    gen.add_argument("--method", default="agent", help="none | tome | agent (default: agent)")
+    gen.add_argument(
+        "--method",
+        default="agent",
+        help="none, agent (the --schedule; default), a preset (lean, paper, fast, tome), deepcache, or "
+        "deepcache+<agent or preset>",
+    )
     gen.add_argument("--compare", help="comma-separated methods rendered from the same seed into one grid")
+    gen.add_argument(
+        "--repeats", type=int, help="runs per method, interleaved; the fastest is printed (default 2 with --compare)"
+    )
     gen.add_argument(
         "--schedule",
         help="for --method agent: lean (default), paper, fast, tome, or a JSON file of phases ([...] or {level: ...})",
@@ -203,8 +211,16 @@ def generate(args) -> int:
     methods = _methods(args.compare if args.compare else args.method)
     if not args.compare and len(methods) > 1:
         raise UsageError(f"--method takes one method, got {args.method!r}; use --compare to render several")
-    if args.schedule is not None and "agent" not in methods:
+    if args.schedule is not None and not any(m.removeprefix("deepcache+") == "agent" for m in methods):
         raise UsageError("--schedule applies to --method agent")
+    repeats = args.repeats if args.repeats is not None else (2 if args.compare else 1)
+    if repeats < 1:
+        raise UsageError(f"--repeats must be >= 1, got {repeats}")
+    if any(m.startswith("deepcache") for m in methods):
+        try:
+            import DeepCache  # noqa: F401
+        except ImportError:
+            raise UsageError("the deepcache methods need the deepcache package: pip install deepcache") from None
     if args.steps < 1:
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
     if args.num_images < 1:
@@ -218,7 +234,14 @@ def generate(args) -> int:
     dtype = _dtype(args.dtype, device)
     pipe, model_name = _load(args.model, device, dtype)
 
-    renders = [_render(pipe, method, schedule, args, size) for method in methods]
+    renders = {}
+    for _ in range(repeats):  # interleaved, so that drift in the machine's load hits every method alike
+        for method in methods:
+            render = _render(pipe, method, schedule, args, size)
+            if method in renders and renders[method].seconds_per_image < render.seconds_per_image:
+                render.seconds_per_image = renders[method].seconds_per_image
+            renders[method] = render
+    renders = list(renders.values())
     args.output.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "prompt": args.prompt,
@@ -244,7 +267,8 @@ def generate(args) -> int:
         for image, path in zip(render.images, paths):
             image.save(path, pnginfo=_png_info({**meta, "method": render.method, "settings": render.settings}))
     for render in renders:
-        print(f"{render.method}: {render.seconds_per_image:.2f} s/image")
+        fastest = f" (fastest of {repeats} runs)" if repeats > 1 else ""
+        print(f"{render.method}: {render.seconds_per_image:.2f} s/image{fastest}")
     print("saved " + ", ".join(str(p) for p in paths))
     return 0
 
@@ -260,11 +284,23 @@ def _guidance(value: float | None, model: str | None) -> float:
     return value
 
 
+def methods_known() -> list[str]:
+    """What ``--method`` and ``--compare`` take: none, agent (the ``--schedule``), every preset, DeepCache alone
+    and DeepCache with each of them."""
+    from .schedule import PRESETS
+
+    agents = ["agent", *PRESETS]
+    return ["none", *agents, "deepcache", *(f"deepcache+{m}" for m in agents)]
+
+
 def _methods(text: str) -> list[str]:
     methods = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
+    known = methods_known()
+    unknown = [m for m in methods if m not in known]
     if unknown or not methods:
-        raise UsageError(f"unknown method {', '.join(unknown) or repr(text)}; choose from {', '.join(METHODS)}")
+        raise UsageError(f"unknown method {', '.join(unknown) or repr(text)}; choose from {', '.join(known)}")
+    if len(set(methods)) < len(methods):
+        raise UsageError(f"a method is named twice in {text!r}")
     return methods
 
 
@@ -368,10 +404,21 @@ def _render(pipe, method: str, schedule, args, size) -> Render:
     import agentsd
 
     settings = {}
-    if method != "none":
-        schedule = "tome" if method == "tome" else schedule
+    undo = []
+    base = method.removeprefix("deepcache+") if method != "deepcache" else "none"
+    if method.startswith("deepcache"):
+        from DeepCache import DeepCacheSDHelper
+
+        helper = DeepCacheSDHelper(pipe=pipe)
+        helper.set_params(**DEEPCACHE)
+        helper.enable()
+        undo.append(helper.disable)
+        settings["deepcache"] = DEEPCACHE
+    if base != "none":
+        schedule = schedule if base == "agent" else base
         agentsd.apply(pipe, schedule, seed=args.seed)
-        settings = {"schedule": _describe(schedule)}
+        undo.append(lambda: agentsd.remove(pipe))
+        settings["schedule"] = _describe(schedule)
     pipe.set_progress_bar_config(disable=False, desc=f"{method:5s}", leave=True)
     height, width = size if size else (None, None)
     try:
@@ -387,7 +434,8 @@ def _render(pipe, method: str, schedule, args, size) -> Render:
         ).images
         seconds = time.perf_counter() - start
     finally:
-        agentsd.remove(pipe)
+        for fn in reversed(undo):
+            fn()
     return Render(method, images, seconds / len(images), settings)
 
 
@@ -415,18 +463,27 @@ def _png_info(meta: dict):
     return info
 
 
+GRID_MIN_SIDE = 256  # small images are enlarged (nearest neighbour) to at least this many pixels in a grid
+
+
 def _grid(renders: list[Render]):
-    """Methods side by side (columns), images of a batch below each other, each column labelled with its time."""
+    """Methods side by side (columns), images of a batch below each other, each with its method and s/image under
+    it; images smaller than ``GRID_MIN_SIDE`` enlarged by a whole factor so that a person can see them."""
     from PIL import Image, ImageDraw
 
     width, height = renders[0].images[0].size
-    label = 14 + max(8, width // 32)
-    grid = Image.new("RGB", (width * len(renders), label + height * len(renders[0].images)), "white")
+    scale = max(1, math.ceil(GRID_MIN_SIDE / min(width, height)))
+    width, height = width * scale, height * scale
+    label = 16
+    rows = len(renders[0].images)
+    grid = Image.new("RGB", (width * len(renders), (height + label) * rows), "white")
     draw = ImageDraw.Draw(grid)
     for col, render in enumerate(renders):
-        draw.text((col * width + 3, 2), f"{render.method} {render.seconds_per_image:.2f}s", fill="black")
         for row, image in enumerate(render.images):
-            grid.paste(image, (col * width, label + row * height))
+            top = row * (height + label)
+            grid.paste(image.resize((width, height), Image.NEAREST), (col * width, top))
+            caption = f"{render.method}  {render.seconds_per_image:.2f} s/image"
+            draw.text((col * width + 4, top + height + 2), caption, fill="black")
     return grid
 
 

@@ -1,12 +1,13 @@
 """`agentsd generate` on the shipped demo model, few steps: happy paths and bad input."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from agentsd.cli import main
+from agentsd.cli import DEEPCACHE, GRID_MIN_SIDE, main
 from agentsd.demo import MODEL_DIR
 
 FAST = ["--steps", "2", "--seed", "3"]
@@ -55,7 +56,8 @@ def test_compare_grid_and_schedule_file(tmp_path):
     )
     assert code == 0
     grid = Image.open(out)
-    assert grid.size[0] == 3 * SIDE and grid.size[1] > SIDE
+    side = SIDE * math.ceil(GRID_MIN_SIDE / SIDE)  # small images enlarged, a caption under each
+    assert grid.size == (3 * side, side + 16)
     assert json.loads(grid.text["methods"]) == ["none", "tome", "agent"]
     assert json.loads(grid.text["settings"])["agent"]["schedule"][0]["agent_ratio"] == 0.9
 
@@ -75,10 +77,28 @@ def test_per_level_schedule_file_and_fast_preset(tmp_path):
             assert settings["schedule"]["0"][0]["merge_mlp"] is True and settings["schedule"]["1"][0]["ratio"] == 0.5
 
 
+def test_compare_takes_presets_and_deepcache(tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    methods = ["none", "lean", "fast", "deepcache", "deepcache+paper"]
+    assert main(["generate", "a green cross", "--compare", ",".join(methods), *FAST, "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert all(f"{m}: " in printed for m in methods) and "(fastest of 2 runs)" in printed
+    grid = Image.open(out)
+    settings = json.loads(grid.text["settings"])
+    assert json.loads(grid.text["methods"]) == methods and settings["none"] == {}
+    assert settings["lean"] == {"schedule": "lean"} and settings["deepcache"] == {"deepcache": DEEPCACHE}
+    assert settings["deepcache+paper"] == {"deepcache": DEEPCACHE, "schedule": "paper"}
+    columns = [grid.crop((i * grid.size[0] // 5, 0, (i + 1) * grid.size[0] // 5, grid.size[1] - 16)) for i in range(5)]
+    assert columns[0].tobytes() != columns[3].tobytes()  # DeepCache changes the image
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--method", "fast"], "unknown method fast"),
+        (["--method", "turbo"], "unknown method turbo"),
+        (["--compare", "none,lean,none"], "named twice"),
+        (["--repeats", "0"], "--repeats must be >= 1"),
+        (["--schedule", "paper", "--method", "deepcache+fast"], "--schedule applies to --method agent"),
         (["--method", "agent,none"], "--method takes one method"),
         (["--num-images", "0"], "--num-images"),
         (["--seed", "x"], "invalid int value"),

@@ -108,9 +108,9 @@ def _agentsd(unet, phase) -> Callable[[], None]:
     return lambda: agentsd.remove(unet)
 
 
-def _lean_phase(k: int) -> dict[int, tuple[Phase]]:
-    """Phase ``k`` of the lean preset (0: 4x4 agents, 1: 2x2 agents) on every level it patches, for a whole call."""
-    return {level: (dataclasses.replace(phases[k], end=1.0),) for level, phases in PRESETS["lean"].items()}
+def _lean_phase(k: int, **changes) -> dict[int, tuple[Phase]]:
+    """Phase ``k`` of the lean preset on every level it patches, for a whole call (``changes`` to its fields)."""
+    return {level: (dataclasses.replace(phases[k], end=1.0, **changes),) for level, phases in PRESETS["lean"].items()}
 
 
 # name -> patch(unet, latent_tokens), returning the function that undoes it
@@ -121,6 +121,7 @@ METHODS: dict[str, Callable] = {
     "agentsd-agent": lambda unet, tokens: _agentsd(unet, AGENT_PHASE),
     "lean-early": lambda unet, tokens: _agentsd(unet, _lean_phase(0)),
     "lean-late": lambda unet, tokens: _agentsd(unet, _lean_phase(1)),
+    "pooled-early": lambda unet, tokens: _agentsd(unet, _lean_phase(0, agents="pooled", agent_ratio=None)),
     "ceiling": _ceiling,
 }
 
