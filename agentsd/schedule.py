@@ -153,7 +153,7 @@ def min_tokens_on(phase: Phase, device_type: str, dtype=None, compiled: bool = F
 
 
 _FAST = dict(merge_crossattn=True, share_matching=True, min_tokens=None)
-_LEAN = dict(ratio=0.0, tokens="all", share_matching=True, min_tokens=None)
+_LEAN = dict(tokens="all", share_matching=True, min_tokens=None)
 
 PRESETS: dict[str, Phases | dict[int, Phases]] = {
     # AgentSD's published SD 1.5 setting: agents early, plain ToMe once the layout is set.
@@ -171,14 +171,23 @@ PRESETS: dict[str, Phases | dict[int, Phases]] = {
         )
         for level, ratio, late_ratio in ((0, 0.5, 0.75), (1, 0.4, 0.5))
     },
-    # The lean path, and the default: every token attends through agents, the agents ToMe-merged tokens (each
-    # src token of a window grid merged into its most similar dst; one matching per level and UNet call): no
-    # sort, no unmerge, a few dense ops per block. One agent per 4x4 window while the layout forms, per 2x2
-    # window after; the two highest-resolution levels, each where it has enough tokens to pay on its device.
+    # The lean path, and the default. While the layout forms (AgentSD's first 40%), agent attention of every token:
+    # the agents are ToMe-merged tokens, each src token of a 4x4 window grid merged into its most similar dst (one
+    # agent per window). After it, every query attends over ToMe-merged keys and values (2x2 windows, every src
+    # merged), which keeps an image closer to vanilla than agents do there. One matching per level and UNet call;
+    # no sort, no unmerge: a few dense ops per block. Levels 0 and 1, each where it has enough tokens to pay.
     "lean": {
         level: (
-            Phase(end=0.5, sx=4, sy=4, agent_ratio=0.95, **_LEAN),
-            Phase(end=1.0, sx=2, sy=2, agent_ratio=0.75, **_LEAN),
+            Phase(end=0.4, sx=4, sy=4, ratio=0.0, agent_ratio=0.95, **_LEAN),
+            Phase(end=1.0, sx=2, sy=2, ratio=0.75, **_LEAN),
+        )
+        for level in (0, 1)
+    },
+    # lean with pooled agents: the mean of each 4x4 window (Agent Attention's backbones), no matching for them.
+    "pooled": {
+        level: (
+            Phase(end=0.4, sx=4, sy=4, ratio=0.0, agents="pooled", **_LEAN),
+            Phase(end=1.0, sx=2, sy=2, ratio=0.75, **_LEAN),
         )
         for level in (0, 1)
     },

@@ -114,10 +114,13 @@ def test_default_is_the_lean_preset_of_merged_agents():
     from agentsd.schedule import DEFAULT
 
     assert inspect.signature(agentsd.apply).parameters["schedule"].default == DEFAULT == "lean"
-    for phases in PRESETS["lean"].values():
-        for phase in phases:  # agents are ToMe-merged tokens, every token attends, one matching per level
+    for early, late in PRESETS["lean"].values():
+        assert early.end == PRESETS["paper"][0].end  # agents while the layout forms, as published
+        assert early.agent_ratio is not None and late.agent_ratio is None and late.ratio > 0  # then merged K/V
+        for phase in (early, late):  # ToMe-merged tokens, every query attends, one matching per level
             assert phase.tokens == "all" and phase.agents == "merged" and phase.share_matching
-            assert phase.agent_ratio >= 1 - 1 / (phase.sx * phase.sy)  # every src merged: no ranking
+            merged = phase.ratio if phase.agent_ratio is None else phase.agent_ratio
+            assert merged >= 1 - 1 / (phase.sx * phase.sy)  # every src merged: no ranking
             assert phase.min_tokens is None  # only where it pays on the device
 
 

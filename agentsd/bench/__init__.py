@@ -3,7 +3,27 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
+
+
+def git_commit() -> str | None:
+    """The commit of the code being measured (``+changes`` when the work tree differs from it), or ``None`` outside
+    a git checkout: every result file names it."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        changed = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--", "agentsd"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("+changes" if changed else "")
 
 
 def pyplot():

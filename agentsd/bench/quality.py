@@ -27,17 +27,21 @@ from pathlib import Path
 
 import torch
 
-from agentsd.bench import pyplot, write_report
+from agentsd.bench import git_commit, pyplot, write_report
 
 # method -> agentsd schedule (None: unpatched); "deepcache" methods also enable DeepCache's step caching
 METHODS = {
     "none": None,
     "tome": "tome",
     "agent": "paper",
+    "paper": "paper",
     "fast": "fast",
+    "lean": "lean",
+    "pooled": "pooled",
     "deepcache": None,
     "deepcache+agent": "paper",
     "deepcache+fast": "fast",
+    "deepcache+lean": "lean",
 }
 DEFAULT_METHODS = ["none", "tome", "agent"]
 
@@ -331,6 +335,7 @@ def bench(args: argparse.Namespace, load) -> int:
         "guidance": args.guidance,
         "seed": args.seed,
         "processes": state.num_processes,
+        "commit": git_commit(),
         "metrics": measure(args, prompts, scenes, args.out),
     }
     path = args.out / "quality.json"

@@ -19,7 +19,6 @@ be laid out; by up to a quarter for SD 1.5 at 512²), so a peak is the median ov
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -40,11 +39,7 @@ import agentsd
 from .speed import TOME_RATIO, build_unet, machine, past, resume, rounds
 
 SCHEDULERS = ("pndm", "ddim", "euler", "dpm")
-# The lean preset with pooled agents (the mean of each window, Agent Attention's backbones): the option beside it.
-POOLED = {
-    level: tuple(dataclasses.replace(p, agents="pooled", agent_ratio=None) for p in phases)
-    for level, phases in agentsd.PRESETS["lean"].items()
-}
+
 DEEPCACHE = dict(cache_interval=3, cache_branch_id=0)
 
 
@@ -143,7 +138,7 @@ METHODS: dict[str, Callable] = {
     "deepcache+fast": lambda pipe, size: _chain(_deepcache(pipe), _agentsd(pipe, "fast")),
     "lean": lambda pipe, size: _agentsd(pipe, "lean"),
     "deepcache+lean": lambda pipe, size: _chain(_deepcache(pipe), _agentsd(pipe, "lean")),
-    "pooled": lambda pipe, size: _agentsd(pipe, POOLED),
+    "pooled": lambda pipe, size: _agentsd(pipe, "pooled"),
     **{
         f"{base}+{suffix}": (
             lambda pipe, size, base=base, mode=mode: _chain(

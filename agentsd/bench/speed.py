@@ -30,7 +30,7 @@ from diffusers.models.attention import BasicTransformerBlock
 
 import agentsd
 from agentsd import PRESETS, Phase
-from agentsd.bench import pyplot, write_report
+from agentsd.bench import git_commit, pyplot, write_report
 from agentsd.patch import auto_max_downsample
 
 # UNet configs spelled out so the architectures are explicit (SD 1.5 equals diffusers' defaults).
@@ -239,6 +239,7 @@ def machine(device, dtype) -> dict:
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "dtype": str(dtype).removeprefix("torch."),
+        "commit": git_commit(),
     }
 
 
