@@ -90,8 +90,11 @@ def _parser() -> argparse.ArgumentParser:
     suite.set_defaults(run=_bench_suite)
     ops = bench.add_parser("ops", help="count the kernel ops of one UNet call per preset and phase")
     ops.set_defaults(run=_bench_ops)
+    report = bench.add_parser("report", help="render the tables of README.md and docs/ from benchmarks/results/")
+    report.set_defaults(run=_bench_report)
     from .bench import ops as ops_bench
     from .bench import quality as quality_bench
+    from .bench import report as report_bench
     from .bench import speed as speed_bench
     from .bench import suite as suite_bench
 
@@ -99,6 +102,7 @@ def _parser() -> argparse.ArgumentParser:
     quality_bench.add_arguments(quality)
     suite_bench.add_arguments(suite)
     ops_bench.add_arguments(ops)
+    report_bench.add_arguments(report)
 
     cal = commands.add_parser(
         "calibrate", help="measure from how many tokens the lean path pays on this device, and remember it"
@@ -134,6 +138,15 @@ def _calibrate(args) -> int:
     )
     print(f"{result['key']}: the lean path from {result['min_tokens']} tokens (saved to {calibrate.cache_path()})")
     return 0
+
+
+def _bench_report(args) -> int:
+    from .bench import report
+
+    try:
+        return report.bench(args)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
 
 
 def _bench_ops(args) -> int:

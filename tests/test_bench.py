@@ -28,12 +28,14 @@ def test_speed_writes_json_table_and_plot_and_keeps_other_sizes(tiny_folder, tmp
     results = json.loads(out.read_text())
     assert set(results["sizes"]) == {"128", "64"}  # the second run kept the first size
     first = results["sizes"]["128"]
-    assert set(first["times"]) == {"vanilla", "tomesd", "agentsd-tome", "agentsd-agent", "ceiling"}
+    assert set(first["times"]) == {
+        "vanilla", "tomesd", "agentsd-tome", "agentsd-agent", "lean-early", "lean-late", "pooled-early", "ceiling"
+    }  # fmt: skip
     assert all(len(ts) == 2 and all(t > 0 for t in ts) for ts in first["times"].values())
     assert first["speedup_median"]["vanilla"] == 1.0 and first["ceiling_share_median"]["ceiling"] == 1.0
     assert "tomesd" not in results["sizes"]["64"]["times"]
     table = out.with_suffix(".md").read_text()
-    assert "| 128² | agentsd-paper |" in table and "| 64² | ceiling |" in table
+    assert "| 128² | agentsd-paper |" in table and "| 128² | lean |" in table and "| 64² | ceiling |" in table
     assert out.with_suffix(".png").stat().st_size > 1000
     assert "plot:" in capsys.readouterr().out
 

@@ -60,3 +60,23 @@ def test_deepcache_composes_and_both_undo_to_vanilla(layout, agentsd_first, tmp_
     for other in (vanilla, cached, merged):
         assert (both - other).abs().max() > 1e-3
     assert torch.equal(generate(pipe), vanilla)
+
+
+def test_deepcache_composes_with_the_lean_preset(tmp_path):
+    from agentsd.bench.checks import forced
+
+    pipe = tiny_pipeline(tmp_path)
+    pipe.set_progress_bar_config(disable=True)
+    vanilla = generate(pipe)
+    helper = DeepCacheSDHelper(pipe=pipe)
+    helper.set_params(cache_interval=3, cache_branch_id=0)
+    helper.enable()
+    cached = generate(pipe)
+    agentsd.apply(pipe, forced("lean"), seed=0)  # merging forced on at the tiny latents' 64 tokens
+    both = generate(pipe)
+    helper.disable()
+    lean = generate(pipe)
+    agentsd.remove(pipe)
+    for a, b in ((both, cached), (both, lean), (lean, vanilla)):
+        assert (a - b).abs().max() > 1e-3
+    assert torch.equal(generate(pipe), vanilla)

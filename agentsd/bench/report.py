@@ -1,0 +1,141 @@
+"""Every table of figures in README.md and docs/ is rendered here from the committed result files.
+
+    agentsd bench report            # rewrite the marked tables in README.md and docs/*.md from benchmarks/results/
+    agentsd bench report --check    # exit 1 and name the tables that differ from what the results give
+
+A table sits between ``<!-- report:NAME -->`` and ``<!-- /report:NAME -->``, NAME a key of :data:`TABLES`;
+the test suite runs ``--check``, so a figure typed by hand, or a result re-measured without re-rendering, fails it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+RESULTS = Path("benchmarks/results")
+H100 = RESULTS / "gpu" / "nvidia-h100-80gb-hbm3"
+DOCUMENTS = ("README.md", "docs/results.md")
+
+
+def _load(root: Path, path: Path) -> dict | None:
+    file = root / path
+    return json.loads(file.read_text()) if file.is_file() else None
+
+
+def _speedup(results: dict | None, size: int, method: str) -> str:
+    value = (results or {}).get("sizes", {}).get(str(size), {}).get("speedup_median", {}).get(method)
+    return "–" if value is None else f"{value:.2f}×"
+
+
+def _commit(results: dict | None) -> str:
+    return (results or {}).get("commit") or "before commits were recorded"
+
+
+def where_it_pays(root: Path) -> str:
+    """Speed-up over vanilla SDPA per model, size and device: the default (lean), fast, and DeepCache + fast."""
+    cpu512, cpu1024 = _load(root, RESULTS / "speed_cpu_lean.json"), _load(root, RESULTS / "speed_cpu_lean_1024.json")
+    cpu_runs = _load(root, RESULTS / "speed_runs_cpu.json")
+    gpu = {name: _load(root, H100 / f"{name}.json") for name in ("sd15_runs", "sdxl_runs", "sd15_compile")}
+    rows = [
+        ("SD 1.5", 512, "CPU, 2 cores", "UNet forwards", _speedup(cpu512, 512, "lean"), "–", "–", cpu512),
+        ("SD 1.5", 1024, "CPU, 2 cores", "UNet forwards", _speedup(cpu1024, 1024, "lean"), "–", "–", cpu1024),
+    ]
+    for size in (512, 1024):
+        cells = (_speedup(cpu_runs, size, m) for m in ("fast", "deepcache+fast"))
+        rows.append(("SD 1.5", size, "CPU, 2 cores", "20-step runs", "not yet", *cells, cpu_runs))
+    for model, name, sizes in (("SD 1.5", "sd15_runs", (512, 1024, 2048)), ("SDXL", "sdxl_runs", (1024,))):
+        for size in sizes:
+            cells = (_speedup(gpu[name], size, m) for m in ("fast", "deepcache+fast"))
+            rows.append((model, size, "H100, fp16", "20-step runs", "not yet", *cells, gpu[name]))
+    compiled = gpu["sd15_compile"]
+    fast = f"{_speedup(compiled, 512, 'fast+compile')} (vanilla+compile {_speedup(compiled, 512, 'vanilla+compile')})"
+    rows.append(("SD 1.5", 512, "H100, fp16", "20-step runs, compiled", "not yet", fast, "–", compiled))
+    lines = [
+        "| model | size | device | measured | lean (the default) | fast | DeepCache + fast | commit |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for model, size, device, kind, lean, fast, deep, results in rows:
+        lines.append(f"| {model} | {size}² | {device} | {kind} | {lean} | {fast} | {deep} | {_commit(results)} |")
+    return "\n".join(lines)
+
+
+def ops(root: Path) -> str:
+    """Kernel ops added per patched block, per preset and phase (``agentsd bench ops``)."""
+    from .ops import table
+
+    results = _load(root, RESULTS / "ops_sd15.json")
+    return "(no ops_sd15.json)" if results is None else table(results)
+
+
+def quality_demo128(root: Path) -> str:
+    """Quality on the 128² proving ground (``agentsd bench quality``)."""
+    results = _load(root, RESULTS / "quality_demo128" / "quality.json")
+    if results is None:
+        return "(no quality_demo128/quality.json)"
+    lines = [
+        f"{results['num']} one-object captions, {results['steps']} steps, guidance {results['guidance']}, "
+        f"commit {_commit(results)}",
+        "",
+        "| method | caption accuracy | FID | KID ×1e4 (± std) | PSNR vs vanilla | s/image |",
+        "|---|---|---|---|---|---|",
+    ]
+    for method, m in results["metrics"]["methods"].items():
+        psnr = "–" if method == "none" else f"{m['psnr_vs_none']:.1f} dB"
+        lines.append(
+            f"| {method} | {100 * m['caption_accuracy']:.1f}% | {m['fid']:.1f} | {m['kid']:.0f} ± {m['kid_std']:.0f} "
+            f"| {psnr} | {m['seconds_per_image']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+TABLES = {"where-it-pays": where_it_pays, "ops": ops, "quality-demo128": quality_demo128}
+_BLOCK = re.compile(r"(<!-- report:([a-z0-9-]+) -->\n)(.*?)(<!-- /report:\2 -->)", re.S)
+
+
+def render(root: Path = Path(".")) -> dict[Path, tuple[str, str]]:
+    """``{document: (as it is, as the results give it)}`` for every document with marked tables."""
+    out = {}
+    for name in DOCUMENTS:
+        path = root / name
+        if not path.is_file():
+            continue
+        text = path.read_text()
+
+        def fill(match: re.Match, name=name) -> str:
+            table = match.group(2)
+            if table not in TABLES:
+                raise ValueError(f"{name}: unknown report table {table!r}; known: {', '.join(TABLES)}")
+            return match.group(1) + TABLES[table](root) + "\n" + match.group(4)
+
+        out[path] = (text, _BLOCK.sub(fill, text))
+    return out
+
+
+def stale(root: Path = Path(".")) -> list[str]:
+    """The marked tables whose text differs from what the results give, as ``document: table``."""
+    found = []
+    for path, (now, rendered) in render(root).items():
+        ours = {m.group(2): m.group(3) for m in _BLOCK.finditer(rendered)}
+        found += [f"{path.name}: {m.group(2)}" for m in _BLOCK.finditer(now) if ours[m.group(2)] != m.group(3)]
+    return found
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if a table is out of date")
+    parser.add_argument("--root", type=Path, default=Path("."), help="the repository (default: here)")
+
+
+def bench(args: argparse.Namespace) -> int:
+    if args.check:
+        out_of_date = stale(args.root)
+        for entry in out_of_date:
+            print(f"out of date: {entry} (run agentsd bench report)", file=sys.stderr)
+        return 1 if out_of_date else 0
+    for path, (now, rendered) in render(args.root).items():
+        if rendered != now:
+            path.write_text(rendered)
+            print(f"updated {path}")
+    return 0

@@ -1,0 +1,36 @@
+"""`agentsd bench report`: the tables of README.md and docs/ are what the committed results give."""
+
+import json
+import shutil
+from pathlib import Path
+
+from agentsd.bench import report
+from agentsd.cli import main
+
+ROOT = Path(__file__).parents[1]
+
+
+def test_committed_tables_are_what_the_results_give(capsys):
+    assert main(["bench", "report", "--check", "--root", str(ROOT)]) == 0, capsys.readouterr().err
+
+
+def test_a_changed_result_makes_check_fail_until_re_rendered(tmp_path, capsys):
+    for name in report.DOCUMENTS:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / name, tmp_path / name)
+    shutil.copytree(ROOT / "benchmarks" / "results", tmp_path / "benchmarks" / "results")
+    path = tmp_path / "benchmarks" / "results" / "speed_cpu_lean_1024.json"
+    results = json.loads(path.read_text())
+    results["sizes"]["1024"]["speedup_median"]["lean"] = 9.87
+    path.write_text(json.dumps(results))
+    assert main(["bench", "report", "--check", "--root", str(tmp_path)]) == 1
+    assert "README.md: where-it-pays" in capsys.readouterr().err
+    assert main(["bench", "report", "--root", str(tmp_path)]) == 0
+    assert "| 9.87× |" in (tmp_path / "README.md").read_text()
+    assert main(["bench", "report", "--check", "--root", str(tmp_path)]) == 0
+
+
+def test_unknown_table_is_one_clear_line(tmp_path, capsys):
+    (tmp_path / "README.md").write_text("<!-- report:nothing -->\n<!-- /report:nothing -->\n")
+    assert main(["bench", "report", "--root", str(tmp_path)]) == 2
+    assert "unknown report table 'nothing'" in capsys.readouterr().err
