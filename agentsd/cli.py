@@ -113,6 +113,7 @@ def _parser() -> argparse.ArgumentParser:
     cal.add_argument("--model", default="sd15", help="sd15, sdxl, demo or a diffusers folder (random weights)")
     cal.add_argument("--sizes", type=int, nargs="+", help="image sides to time (default: by device)")
     cal.add_argument("--repeats", type=int, default=5)
+    cal.add_argument("--out", type=Path, help="also write the measurement here as JSON (e.g. beside a suite's results)")
     cal.set_defaults(run=_calibrate)
     return parser
 
@@ -137,6 +138,9 @@ def _calibrate(args) -> int:
         repeats=args.repeats,
     )
     print(f"{result['key']}: the lean path from {result['min_tokens']} tokens (saved to {calibrate.cache_path()})")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
     return 0
 
 

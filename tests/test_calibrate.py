@@ -56,11 +56,13 @@ def test_no_size_pays_puts_the_threshold_past_the_largest(tiny_model, monkeypatc
     assert not calibrate.cache_path().exists()
 
 
-def test_calibrate_command_times_real_forwards(tiny_model, capsys):
-    assert main(["calibrate", "--device", "cpu", "--model", tiny_model, "--sizes", "64", "--repeats", "1"]) == 0
+def test_calibrate_command_times_real_forwards(tiny_model, tmp_path, capsys):
+    args = ["calibrate", "--device", "cpu", "--model", tiny_model, "--sizes", "64", "--repeats", "1"]
+    assert main([*args, "--out", str(tmp_path / "cal.json")]) == 0
     out = capsys.readouterr().out
     assert "64² (64 tokens): vanilla" in out and "the lean path from" in out
     entry = json.loads(calibrate.cache_path().read_text())["cpu | float32 | eager"]
+    assert json.loads((tmp_path / "cal.json").read_text()) == entry
     assert entry["sizes"]["64"]["vanilla_s"] > 0 and entry["sizes"]["64"]["4x4_s"] > 0
     calibrate.cache_path().unlink()
     calibrate.load()
