@@ -80,7 +80,7 @@ def calibrate(
     """
     import agentsd
 
-    from .bench.speed import _inputs, random_unet
+    from .bench.core import random_unet, unet_inputs
 
     device = torch.device(device)
     unet, factor, name = random_unet(model, device, dtype)
@@ -90,7 +90,7 @@ def calibrate(
     rows = {}
     for size in sorted(sizes):
         latent = size // factor
-        inputs = _inputs(unet, 2, latent, device, dtype)
+        inputs = unet_inputs(unet, 2, latent, device, dtype)
 
         def forward(inputs=inputs):
             with torch.no_grad():

@@ -120,12 +120,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def _calibrate(args) -> int:
     from . import calibrate
-    from .bench import speed
+    from .bench import core
 
     if args.repeats < 1 or (args.sizes and min(args.sizes) < 8):
         raise UsageError("--repeats must be >= 1 and --sizes at least 8 pixels")
     try:
-        speed.model_folder(args.model)
+        core.model_folder(args.model)
     except ValueError as error:
         raise UsageError(str(error)) from None
     device = _device(args.device)
@@ -154,10 +154,10 @@ def _bench_report(args) -> int:
 
 
 def _bench_ops(args) -> int:
-    from .bench import ops, speed
+    from .bench import core, ops
 
     try:
-        speed.model_folder(args.model)
+        core.model_folder(args.model)
     except ValueError as error:
         raise UsageError(str(error)) from None
     _device(args.device)
@@ -174,10 +174,10 @@ def _bench_suite(args) -> int:
 
 
 def _bench_speed(args) -> int:
-    from .bench import speed
+    from .bench import core, speed
 
     try:
-        speed.model_folder(args.model)
+        core.model_folder(args.model)
         speed.check_arguments(args)
     except ValueError as error:
         raise UsageError(str(error)) from None

@@ -25,8 +25,11 @@ BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 
 
 def load_script(name: str):
-    """Import ``benchmarks/<name>.py`` (not a package) as a module."""
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    """Import ``benchmarks/<name>.py`` or ``benchmarks/studies/<name>.py`` (not a package) as a module."""
+    path = BENCHMARKS / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(
+        name, path if path.exists() else BENCHMARKS / "studies" / f"{name}.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -211,14 +211,14 @@ def test_gpu_suite_writes_into_a_folder_of_its_card_by_default(tmp_path, monkeyp
 def test_rounds_cut_repeats_to_the_deadline_but_keep_one(monkeypatch):
     from types import SimpleNamespace
 
-    from agentsd.bench import speed
+    from agentsd.bench import core
 
     clock = SimpleNamespace(now=0.0)
-    monkeypatch.setattr(speed, "time", SimpleNamespace(monotonic=lambda: clock.now))
-    assert list(speed.rounds(2, 3, None)) == ["warm-up", "warm-up", "repeat 1", "repeat 2", "repeat 3"]
-    assert list(speed.rounds(1, 3, -1.0)) == ["warm-up", "repeat 1"]  # the deadline has passed: one timed round
+    monkeypatch.setattr(core, "time", SimpleNamespace(monotonic=lambda: clock.now))
+    assert list(core.rounds(2, 3, None)) == ["warm-up", "warm-up", "repeat 1", "repeat 2", "repeat 3"]
+    assert list(core.rounds(1, 3, -1.0)) == ["warm-up", "repeat 1"]  # the deadline has passed: one timed round
     labels = []
-    for label in speed.rounds(0, 5, 2.5):
+    for label in core.rounds(0, 5, 2.5):
         labels.append(label)
         clock.now += 1.0  # each round takes 1 s: a third would end past the deadline
     assert labels == ["repeat 1", "repeat 2"]

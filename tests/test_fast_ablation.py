@@ -1,4 +1,4 @@
-"""benchmarks/fast_ablation.py: its variants are valid schedules and every committed result names one of them."""
+"""benchmarks/studies/fast_ablation.py: its variants are valid schedules, every committed result names one of them."""
 
 import json
 from pathlib import Path

@@ -1,4 +1,4 @@
-"""benchmarks/heap_breakdown.py: glibc's heap read correctly, each method in new processes, a table from the JSON."""
+"""benchmarks/studies/heap_breakdown.py: glibc's heap read right, each method in new processes, a JSON table."""
 
 import json
 

@@ -1,4 +1,4 @@
-"""benchmarks/hook_overhead.py: times the hooks only where nothing merges, and says what it measured."""
+"""benchmarks/studies/hook_overhead.py: times the hooks only where nothing merges, and says what it measured."""
 
 import json
 

@@ -1,4 +1,4 @@
-"""benchmarks/profile_forward.py on the shipped demo UNet: per-op self times, vanilla against a method."""
+"""benchmarks/studies/profile_forward.py on the shipped demo UNet: per-op self times, vanilla against a method."""
 
 import json
 

@@ -1,4 +1,4 @@
-"""benchmarks/share_matching.py on the shipped demo UNet: every method timed in each phase, a table from the JSON."""
+"""benchmarks/studies/share_matching.py on the shipped demo UNet: each method timed in each phase, a table from JSON."""
 
 import json
 

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from diffusers import UNet2DConditionModel
 
+from agentsd.schedule import PRESETS
+
 from . import git_commit
 
 # UNet configs spelled out so the architectures are explicit (SD 1.5 equals diffusers' defaults).
@@ -48,6 +50,7 @@ SDXL_UNET = {
 }
 ARCHITECTURES = {"sd15": SD15_UNET, "sdxl": SDXL_UNET}
 _NAMES = {"sd15": "SD 1.5", "sdxl": "SDXL"}
+TOME_RATIO = PRESETS["paper"][1].ratio  # the ToMe ratio every benchmark's tomesd runs at: the paper's
 
 
 def model_folder(model: str) -> Path | None:

@@ -27,7 +27,7 @@ import agentsd
 from agentsd import PRESETS
 from agentsd.attention import AgentAttnProcessor
 from agentsd.bench import write_results
-from agentsd.bench.speed import _inputs, machine, random_unet
+from agentsd.bench.core import machine, random_unet, unet_inputs
 from agentsd.schedule import resolve_schedule
 
 ALLOCATIONS = {"empty.memory_format", "empty_strided.default", "new_empty.default", "new_empty_strided.default"}
@@ -100,7 +100,7 @@ def count_call(unet, inputs: dict, timestep: float) -> tuple[OpCounter, int]:
 def run(model: str, size: int, presets: list[str], device, dtype) -> dict:
     unet, latent_factor, _ = random_unet(model, device, dtype)
     latent = size // latent_factor
-    inputs = _inputs(unet, 2, latent, device, dtype)
+    inputs = unet_inputs(unet, 2, latent, device, dtype)
     del inputs["timestep"]
     vanilla, _ = count_call(unet, inputs, 999)
     results = {

@@ -36,7 +36,7 @@ from diffusers.models.attention import BasicTransformerBlock
 
 import agentsd
 
-from .speed import TOME_RATIO, build_unet, machine, past, resume, rounds
+from .core import TOME_RATIO, build_unet, interleave, machine, resume
 
 SCHEDULERS = ("pndm", "ddim", "euler", "dpm")
 
@@ -369,32 +369,23 @@ def run(
         setup["heap"] = heap  # they change the resident set: a run under other settings starts afresh
     results = resume(out, setup)
     warmup_steps = min(steps, WARMUP_STEPS)
-    for size in sizes:
-        if past(deadline, f"{size}²"):
-            break
-        times = {method: [] for method in methods}
-        memory = {method: [] for method in methods}
-        for which in rounds(warmup, repeats, deadline):
-            for method in methods:
-                undo = METHODS[method](pipe, size)
-                try:
-                    run_steps = warmup_steps if which == "warm-up" else steps
-                    seconds, extra = time_run(pipe, size, run_steps, device, strength)
-                finally:
-                    undo()
-                if which != "warm-up":
-                    times[method].append(seconds)
-                    memory[method].append(extra)
-                print(f"{size}² {method:24s} {which}: {seconds:.3f} s, peak +{extra / 2**20:.0f} MiB", flush=True)
-        taken = len(times[methods[0]])
-        results["sizes"][str(size)] = {
-            "repeats": taken,
-            "warmup": warmup,
-            "warmup_steps": warmup_steps,
-            **summarize(times, memory),
-        }
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=2) + "\n")
+
+    def once(size: int, which: str) -> tuple[float, int]:
+        return time_run(pipe, size, warmup_steps if which == "warm-up" else steps, device, strength)
+
+    interleave(
+        results,
+        out,
+        sizes,
+        methods,
+        enable=lambda method, size: METHODS[method](pipe, size),
+        once=once,
+        summarize=summarize,
+        warmup=warmup,
+        repeats=repeats,
+        deadline=deadline,
+        record={"warmup_steps": warmup_steps},
+    )
     return results
 
 

@@ -17,7 +17,6 @@ import argparse
 import dataclasses
 import json
 import math
-import platform
 import statistics
 import sys
 import time
@@ -25,45 +24,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from diffusers import UNet2DConditionModel
 from diffusers.models.attention import BasicTransformerBlock
 
 import agentsd
 from agentsd import PRESETS, Phase
-from agentsd.bench import git_commit, pyplot, write_report
+from agentsd.bench import pyplot, write_report
+from agentsd.bench.core import TOME_RATIO, interleave, machine, random_unet, resume, unet_inputs
 from agentsd.patch import auto_max_downsample
 
-# UNet configs spelled out so the architectures are explicit (SD 1.5 equals diffusers' defaults).
-SD15_UNET = {
-    "sample_size": 64,
-    "in_channels": 4,
-    "out_channels": 4,
-    "layers_per_block": 2,
-    "block_out_channels": (320, 640, 1280, 1280),
-    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    "cross_attention_dim": 768,
-    "attention_head_dim": 8,
-}
-SDXL_UNET = {
-    "sample_size": 128,
-    "in_channels": 4,
-    "out_channels": 4,
-    "layers_per_block": 2,
-    "block_out_channels": (320, 640, 1280),
-    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    "transformer_layers_per_block": (1, 2, 10),
-    "attention_head_dim": (5, 10, 20),
-    "cross_attention_dim": 2048,
-    "use_linear_projection": True,
-    "addition_embed_type": "text_time",
-    "addition_time_embed_dim": 256,
-    "projection_class_embeddings_input_dim": 2816,
-}
-ARCHITECTURES = {"sd15": SD15_UNET, "sdxl": SDXL_UNET}
-_NAMES = {"sd15": "SD 1.5", "sdxl": "SDXL"}
-TOME_RATIO = PRESETS["paper"][1].ratio
 AGENT_PHASE = Phase(end=1.0, **{k: getattr(PRESETS["paper"][0], k) for k in ("sx", "sy", "ratio", "agent_ratio")})
 TOME_PHASE = Phase(end=1.0, sx=2, sy=2, ratio=TOME_RATIO)
 AGENT_SHARE = PRESETS["paper"][0].end  # fraction of sampling the paper schedule spends in the agent phase
@@ -126,58 +94,6 @@ METHODS: dict[str, Callable] = {
 }
 
 
-def model_folder(model: str) -> Path | None:
-    """The diffusers folder for ``model``, ``None`` for a built-in architecture; ``ValueError`` for anything else."""
-    if model in ARCHITECTURES:
-        return None
-    if model == "demo":
-        from agentsd.demo import MODEL_DIR
-
-        return MODEL_DIR
-    if not (Path(model) / "unet" / "config.json").is_file():
-        raise ValueError(
-            f"--model must be one of {', '.join([*ARCHITECTURES, 'demo'])} or a diffusers folder with "
-            f"unet/config.json, got {model!r}"
-        )
-    return Path(model)
-
-
-def build_unet(model: str) -> tuple[UNet2DConditionModel, int, str]:
-    """A random-weight UNet for ``model`` (sd15, sdxl, demo or a diffusers folder), its VAE factor and a name."""
-    name = f"{_NAMES.get(model, model)} UNet architecture, random weights"
-    path = model_folder(model)
-    if path is None:
-        return UNet2DConditionModel(**ARCHITECTURES[model]), 8, name
-    vae_config = path / "vae" / "config.json"
-    vae_levels = len(json.loads(vae_config.read_text())["block_out_channels"]) if vae_config.is_file() else 4
-    unet = UNet2DConditionModel.from_config(json.loads((path / "unet" / "config.json").read_text()))
-    return unet, 2 ** (vae_levels - 1), name
-
-
-def random_unet(model: str, device, dtype) -> tuple[UNet2DConditionModel, int, str]:
-    """:func:`build_unet` seeded (0) and made where it runs, in ``dtype``, in eval mode."""
-    torch.manual_seed(0)
-    with torch.device(device):  # random init where the model runs: seconds, not a minute, for SDXL on a GPU
-        unet, vae_factor, name = build_unet(model)
-    return unet.to(device=device, dtype=dtype).eval(), vae_factor, name
-
-
-def _inputs(unet, batch: int, latent: int, device, dtype) -> dict:
-    config = unet.config
-    inputs = {
-        "sample": torch.randn(batch, config.in_channels, latent, latent, device=device, dtype=dtype),
-        "timestep": 500,
-        "encoder_hidden_states": torch.randn(batch, 77, config.cross_attention_dim, device=device, dtype=dtype),
-    }
-    if config.addition_embed_type == "text_time":  # SDXL's pooled text and size conditioning
-        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
-        inputs["added_cond_kwargs"] = {
-            "text_embeds": torch.randn(batch, pooled, device=device, dtype=dtype),
-            "time_ids": torch.randn(batch, 6, device=device, dtype=dtype),
-        }
-    return inputs
-
-
 def time_forward(unet, inputs: dict) -> float:
     start = time.perf_counter()
     kwargs = dict(inputs)
@@ -205,72 +121,27 @@ def run(model, sizes, methods, repeats, warmup, batch, dtype, device, out: Path,
         "lean_early_share": LEAN_SHARE,
     }
     results = resume(out, setup)
-    for size in sizes:
-        if past(deadline, f"{size}²"):
-            break
+    inputs = {}
+
+    def once(size: int, which: str) -> tuple[float, None]:
         latent = size // vae_factor
-        inputs = _inputs(unet, batch, latent, device, dtype)
-        times = {method: [] for method in methods}
-        for which in rounds(warmup, repeats, deadline):
-            for method in methods:
-                undo = METHODS[method](unet, latent * latent)
-                try:
-                    seconds = time_forward(unet, inputs)
-                finally:
-                    undo()
-                if which != "warm-up":
-                    times[method].append(seconds)
-                print(f"{size}² {method:14s} {which}: {seconds:.4f} s", flush=True)
-        taken = len(times[methods[0]])
-        results["sizes"][str(size)] = {"repeats": taken, "warmup": warmup, **summarize(times)}
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=2) + "\n")
+        if inputs.get("size") != size:
+            inputs.update(size=size, kwargs=unet_inputs(unet, batch, latent, device, dtype))
+        return time_forward(unet, inputs["kwargs"]), None
+
+    interleave(
+        results,
+        out,
+        sizes,
+        methods,
+        enable=lambda method, size: METHODS[method](unet, (size // vae_factor) ** 2),
+        once=once,
+        summarize=lambda times, memory: summarize(times),
+        warmup=warmup,
+        repeats=repeats,
+        deadline=deadline,
+    )
     return results
-
-
-def machine(device, dtype) -> dict:
-    """Where a timing was taken, recorded beside it."""
-    device = torch.device(device)
-    card = {"gpu": torch.cuda.get_device_name(device)} if device.type == "cuda" else {}
-    return {
-        "device": str(device),
-        **card,
-        "cpu": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "dtype": str(dtype).removeprefix("torch."),
-        "commit": git_commit(),
-    }
-
-
-def past(deadline: float | None, what: str) -> bool:
-    """True (and says so) when ``deadline`` has passed: ``what`` is then left unmeasured."""
-    if deadline is None or time.monotonic() < deadline:
-        return False
-    print(f"{what}: not measured, the time budget is spent", flush=True)
-    return True
-
-
-def rounds(warmup: int, repeats: int, deadline: float | None):
-    """The label of each round: the warm-up rounds, then up to ``repeats`` timed rounds: at least one timed round,
-    and after each one only as many more as the last one's duration says still fit before ``deadline``."""
-    for _ in range(warmup):
-        yield "warm-up"
-    for rep in range(repeats):
-        start = time.monotonic()
-        yield f"repeat {rep + 1}"
-        now = time.monotonic()
-        if deadline is not None and rep + 1 < repeats and now + (now - start) > deadline:
-            print(f"{rep + 1} of {repeats} repeats: the time budget allows no more", flush=True)
-            return
-
-
-def resume(out: Path, setup: dict) -> dict:
-    """The results already in ``out`` when measured under ``setup``, else a fresh start (never a mix)."""
-    results = json.loads(out.read_text()) if out.exists() else {}
-    if {k: v for k, v in results.items() if k != "sizes"} != json.loads(json.dumps(setup)):
-        results = {}
-    return {**setup, "sizes": results.get("sizes", {})}
 
 
 def summarize(times: dict[str, list[float]]) -> dict:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from . import runs, speed
+from . import core, runs, speed
 
 # Whole runs of every method a user picks from, their ceilings (top level; levels 0 and 1: what lean can patch)
 RUNS = [
@@ -151,7 +151,7 @@ def run_checks(args: argparse.Namespace, tiny_folder: Path, deadline: float) -> 
     if path.exists():
         print("checks: already run, skipped")
         return {"part": "checks", "status": "already run"}
-    if speed.past(deadline, "checks"):
+    if core.past(deadline, "checks"):
         return {"part": "checks", "status": "left out: time budget spent"}
     began = time.monotonic()
     try:
@@ -171,7 +171,7 @@ def run_part(part: argparse.Namespace, deadline: float) -> dict:
     if all(str(size) in measured["sizes"] for size in part.sizes):
         print(f"{name}: already measured, skipped")
         return {"part": name, "status": "already measured"}
-    if speed.past(deadline, name):
+    if core.past(deadline, name):
         return {"part": name, "status": "left out: time budget spent"}
     began = time.monotonic()
     part.deadline = deadline

@@ -4,7 +4,7 @@ Profiles ``--forwards`` forwards of a random-weight UNet (``bench speed``'s mode
 torch.profiler, once vanilla and once with the method, and writes per-op self times side by side
 with their difference: what the method saves (attention) and what it adds (matching, merging).
 
-    python benchmarks/profile_forward.py --model benchmarks/checkpoints/demo128/model --size 128 \\
+    python benchmarks/studies/profile_forward.py --model benchmarks/checkpoints/demo128/model --size 128 \\
         --out benchmarks/results/profile_demo128_agent.json
 
 A preset (``--method fast``) runs the phases it has at sampling progress ``--progress`` (the UNet gets the
@@ -23,7 +23,8 @@ from torch.profiler import ProfilerActivity, profile
 
 import agentsd
 from agentsd.bench import write_results
-from agentsd.bench.speed import METHODS, _inputs, machine, random_unet
+from agentsd.bench.core import machine, random_unet, unet_inputs
+from agentsd.bench.speed import METHODS
 from agentsd.schedule import PRESETS
 
 # op name -> kind, for the summary by kind (self times; every other op counts as "other")
@@ -143,7 +144,7 @@ def main(argv=None) -> None:
     device, dtype = torch.device(args.device), torch.float32
     unet, factor, name = random_unet(args.model, device, dtype)
     latent = args.size // factor
-    inputs = _inputs(unet, args.batch, latent, device, dtype)
+    inputs = unet_inputs(unet, args.batch, latent, device, dtype)
     if args.progress is not None:
         inputs["timestep"] = round((1.0 - args.progress) * 1000)
     vanilla_s, vanilla = profiled(unet, inputs, args.forwards)

@@ -8,7 +8,7 @@ is a visible share of it. Checks first that the patched forward returns vanilla'
 merged), then times both in turns, round by round: per round the median of ``--forwards`` forwards. JSON and a
 Markdown table: the overhead per UNet call and per transformer block, as the median of the rounds' differences.
 
-    python benchmarks/hook_overhead.py --out benchmarks/results/hook_overhead_cpu.json
+    python benchmarks/studies/hook_overhead.py --out benchmarks/results/hook_overhead_cpu.json
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from diffusers import UNet2DConditionModel
 
 import agentsd
 from agentsd.bench import write_results
-from agentsd.bench.speed import machine, time_forward
+from agentsd.bench.core import machine
+from agentsd.bench.speed import time_forward
 from agentsd.bench.suite import TINY_UNET
 
 # the suite's tiny UNet, with attention on both levels and two layers per block: 11 transformer blocks

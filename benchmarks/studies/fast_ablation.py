@@ -6,7 +6,7 @@ with their captions (caption accuracy, the demo evaluator). Variants already in 
 count, steps and guidance) are kept, so a new variant costs only its own images; ``--redo`` measures all.
 "First fast" is the preset as it was before the feed-forward merge was found to cost quality.
 
-    python benchmarks/fast_ablation.py --none runs/quality128/images/none \\
+    python benchmarks/studies/fast_ablation.py --none runs/quality128/images/none \\
         --out benchmarks/results/quality_demo128/fast_ablation.json
 """
 

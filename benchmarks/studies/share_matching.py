@@ -4,7 +4,7 @@
 Times forwards of a random-weight UNet (``bench speed``'s architectures) at one sampling progress per
 phase of ``fast``; the three methods take turns repeat by repeat. JSON and a Markdown table.
 
-    python benchmarks/share_matching.py --size 512 --repeats 3 --out benchmarks/results/share_matching_cpu.json
+    python benchmarks/studies/share_matching.py --size 512 --repeats 3 --out benchmarks/results/share_matching_cpu.json
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import torch
 
 import agentsd
 from agentsd.bench import write_results
-from agentsd.bench.speed import _inputs, machine, random_unet, time_forward
+from agentsd.bench.core import machine, random_unet, unet_inputs
+from agentsd.bench.speed import time_forward
 
 PROGRESS = (0.25, 0.75)  # one point in each phase of fast (agents until 0.5, then ToMe)
 SHARED = {
@@ -73,7 +74,7 @@ def main(argv=None) -> None:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
     device, dtype = torch.device(args.device), torch.float32
     unet, factor, name = random_unet(args.model, device, dtype)
-    inputs = _inputs(unet, args.batch, args.size // factor, device, dtype)
+    inputs = unet_inputs(unet, args.batch, args.size // factor, device, dtype)
     results = {
         **machine(device, dtype),
         "model": name,

@@ -5,7 +5,7 @@ Two measurements in one process, for whatever card runs it (fp16):
    time, and the host-device synchronisations (a sync per block serialises launch and compute);
 2. whole runs of vanilla and of ``fast`` with its ``min_tokens`` set to several values.
 
-    python benchmarks/gpu_profile.py --out benchmarks/results/gpu_profile.json
+    python benchmarks/studies/gpu_profile.py --out benchmarks/results/gpu_profile.json
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import agentsd
+from agentsd.bench.core import machine
 from agentsd.bench.runs import build_pipeline, time_run
-from agentsd.bench.speed import machine
 from agentsd.schedule import PRESETS
 
 

@@ -12,7 +12,7 @@ the presets, each method in ``--processes`` new processes of its own, and reads 
 A method that needs no more live memory than vanilla but shows a higher resident peak owes the difference to
 where glibc put freed blocks, not to what the method allocates. Linux with glibc ≥ 2.33 only.
 
-    python benchmarks/heap_breakdown.py --size 1024 --methods vanilla paper fast --processes 2 \\
+    python benchmarks/studies/heap_breakdown.py --size 1024 --methods vanilla paper fast --processes 2 \\
         --out benchmarks/results/heap_sd15_1024.json
 """
 
@@ -31,8 +31,8 @@ import torch
 
 import agentsd
 from agentsd.bench import write_results
+from agentsd.bench.core import machine, random_unet, unet_inputs
 from agentsd.bench.runs import _rss, heap_settings
-from agentsd.bench.speed import _inputs, machine, random_unet
 
 PROGRESS = (0.25, 0.75)  # one point in each phase of the presets (agents until 0.5, then ToMe)
 FIELDS = ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")
@@ -64,7 +64,7 @@ def measure(model: str, size: int, method: str, batch: int) -> dict:
     mallinfo2 = _mallinfo2()
     device, dtype = torch.device("cpu"), torch.float32
     unet, factor, name = random_unet(model, device, dtype)
-    inputs = _inputs(unet, batch, size // factor, device, dtype)
+    inputs = unet_inputs(unet, batch, size // factor, device, dtype)
     if method != "vanilla":
         agentsd.apply(unet, method, seed=0)
     samples = []
