@@ -201,6 +201,8 @@ def _bench_quality(args) -> int:
         raise UsageError(str(error)) from None
     if args.reference is not None and not args.reference.is_dir():
         raise UsageError(f"reference folder not found: {args.reference}")
+    if args.real_vs_real is not None and not args.real_vs_real.is_file():
+        raise UsageError(f"real-vs-real file not found: {args.real_vs_real}")
     if args.clip_model is not None and not (Path(args.clip_model) / "config.json").is_file():
         raise UsageError(f"CLIP model folder not found (no config.json): {args.clip_model}")
     if args.inception_weights is not None:

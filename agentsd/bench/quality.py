@@ -214,7 +214,7 @@ def measure(args, prompts: list[str], scenes, out: Path) -> dict:
     results = {}
     for method, imgs in images.items():
         row = {"images": len(imgs), "seconds_per_image": timing.get(method)}
-        if "none" in images:
+        if "none" in images and method != "none":  # vanilla against itself is no measurement
             pairs = [(imgs[i : i + 64], images["none"][i : i + 64]) for i in range(0, len(imgs), 64)]
             row["psnr_vs_none"] = float(torch.cat([psnr(a, b) for a, b in pairs]).clamp(max=100).mean())
             row["ssim_vs_none"] = float(torch.cat([ssim(a, b) for a, b in pairs]).mean())
@@ -267,24 +267,49 @@ def table(results: dict) -> str:
 
 
 def plot(results: dict):
-    """Quality (FID, caption accuracy, PSNR when measured) against seconds per image; ``None`` if nothing to plot."""
+    """Quality against seconds per image, one panel per metric (``None`` if nothing to plot).
+
+    Caption accuracy on a 0-100% axis with its 95% interval (binomial, over the images), FID from 0 with the
+    real-vs-real floor where it was measured (``metrics["real_vs_real_fid"]``), PSNR against vanilla for the
+    other methods: a difference inside the noise does not look like a cliff.
+    """
     plt = pyplot()
     if plt is None:
         return None
-    rows = results["metrics"]["methods"]
+    metrics = results["metrics"]
+    rows = metrics["methods"]
     panels = [
-        k for k in ("fid", "caption_accuracy", "psnr_vs_none") if any(r.get(k) is not None for r in rows.values())
+        k for k in ("caption_accuracy", "fid", "psnr_vs_none") if any(r.get(k) is not None for r in rows.values())
     ]
     if not panels or not any(r.get("seconds_per_image") for r in rows.values()):
         return None
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.5), squeeze=False)
+    titles = {
+        "caption_accuracy": "caption accuracy (95% interval)",
+        "fid": "FID",
+        "psnr_vs_none": "PSNR vs vanilla (dB)",
+    }
+    colour = {method: f"C{k}" for k, method in enumerate(rows)}  # one colour per method in every panel
     for ax, key in zip(axes[0], panels):
         for method, row in rows.items():
-            if row.get(key) is not None and row.get("seconds_per_image"):
-                ax.scatter(row["seconds_per_image"], row[key], s=40)
-                ax.annotate(method, (row["seconds_per_image"], row[key]), textcoords="offset points", xytext=(5, 3))
+            x, y = row.get("seconds_per_image"), row.get(key)
+            if y is None or not x:
+                continue
+            error = None
+            if key == "caption_accuracy":
+                error = 1.96 * (y * (1 - y) / max(row["images"], 1)) ** 0.5
+            ax.errorbar(x, y, yerr=error, fmt="o", capsize=3, color=colour[method])
+            ax.annotate(method, (x, y), textcoords="offset points", xytext=(5, 3))
+        if key == "caption_accuracy":
+            ax.set_ylim(0, 1)
+        if key == "fid":
+            floor = metrics.get("real_vs_real_fid")
+            if floor is not None:
+                ax.axhline(floor, color="grey", linestyle="--", linewidth=0.8)
+                ax.annotate("real vs real", (ax.get_xlim()[0], floor), textcoords="offset points", xytext=(3, 3))
+            ax.set_ylim(bottom=0)
         ax.set_xlabel("seconds per image")
-        ax.set_ylabel(key.replace("_", " "))
+        ax.set_ylabel(titles[key])
     fig.suptitle(f"{results['model']}, {results['num']} prompts, {results['steps']} steps", fontsize=9)
     return fig
 
@@ -301,6 +326,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i; demo prompts use it too")
     parser.add_argument("--batch", type=int, default=25)
     parser.add_argument("--reference", type=Path, help="folder of real images for FID/KID (default: vanilla's)")
+    parser.add_argument(
+        "--real-vs-real",
+        type=Path,
+        help="the real-vs-real FID of the reference (a JSON with 'fid', from "
+        "benchmarks/eval_demo.py --real-only): the floor the table and plot show beside FID",
+    )
     parser.add_argument("--inception-weights", help="local pt_inception weights file (Inception features)")
     parser.add_argument("--clip-model", help="local CLIP folder (transformers format): adds the CLIP score")
     parser.add_argument("--device", default="auto")
@@ -338,6 +369,8 @@ def bench(args: argparse.Namespace, load) -> int:
         "commit": git_commit(),
         "metrics": measure(args, prompts, scenes, args.out),
     }
+    if getattr(args, "real_vs_real", None) is not None:
+        results["metrics"]["real_vs_real_fid"] = json.loads(args.real_vs_real.read_text())["fid"]
     path = args.out / "quality.json"
     path.write_text(json.dumps(results, indent=2) + "\n")
     write_report(path, table(results), plot(results))

@@ -75,9 +75,10 @@ def quality_demo128(root: Path) -> str:
     results = _load(root, RESULTS / "quality_demo128" / "quality.json")
     if results is None:
         return "(no quality_demo128/quality.json)"
+    floor = results["metrics"].get("real_vs_real_fid")
     lines = [
         f"{results['num']} one-object captions, {results['steps']} steps, guidance {results['guidance']}, "
-        f"commit {_commit(results)}",
+        f"commit {_commit(results)}" + ("" if floor is None else f"; real-vs-real FID (the floor): {floor:.1f}"),
         "",
         "| method | caption accuracy | FID | KID ×1e4 (± std) | PSNR vs vanilla | s/image |",
         "|---|---|---|---|---|---|",
