@@ -2,6 +2,7 @@
 
 import json
 import os
+import statistics
 from pathlib import Path
 
 import pytest
@@ -32,7 +33,10 @@ def test_speed_writes_json_table_and_plot_and_keeps_other_sizes(tiny_folder, tmp
         "vanilla", "tomesd", "agentsd-tome", "agentsd-agent", "lean-early", "lean-late", "pooled-early", "ceiling"
     }  # fmt: skip
     assert all(len(ts) == 2 and all(t > 0 for t in ts) for ts in first["times"].values())
-    assert first["speedup_median"]["vanilla"] == 1.0 and first["ceiling_share_median"]["ceiling"] == 1.0
+    median = {m: statistics.median(ts) for m, ts in first["times"].items()}  # the summary from the raw times
+    assert first["speedup_median"]["lean-early"] == pytest.approx(median["vanilla"] / median["lean-early"])
+    saving = median["vanilla"] - median["ceiling"]
+    assert first["ceiling_share_median"]["tomesd"] == pytest.approx((median["vanilla"] - median["tomesd"]) / saving)
     assert "tomesd" not in results["sizes"]["64"]["times"]
     table = out.with_suffix(".md").read_text()
     assert "| 128² | agentsd-paper |" in table and "| 128² | lean |" in table and "| 64² | ceiling |" in table
@@ -66,7 +70,11 @@ def test_pipeline_runs_every_method_with_memory(tiny_folder, tmp_path):
     assert set(summary["times"]) == set(runs.DEFAULT_METHODS)
     assert all(len(ts) == 1 and ts[0] > 0 for ts in summary["times"].values())
     assert all(m >= 0 for m in summary["peak_mib"].values())
-    assert summary["speedup_median"]["vanilla"] == 1.0
+    times = summary["times"]
+    assert summary["speedup_median"]["deepcache+lean"] == pytest.approx(
+        times["vanilla"][0] / times["deepcache+lean"][0]
+    )
+    assert summary["min"] == {m: ts[0] for m, ts in times.items()}  # one repeat: its own min
     assert "| 64² | deepcache+fast |" in out.with_suffix(".md").read_text()
 
 
@@ -83,7 +91,8 @@ def test_fresh_runs_each_method_in_its_own_process(tiny_folder, tmp_path):
     for method, peaks in summary["memory_bytes"].items():  # one peak per process; the median, and their range
         assert len(peaks) == 2 and summary["peak_mib"][method] == sum(peaks) / 2 / 2**20
         assert summary["peak_mib_range"][method] == [min(peaks) / 2**20, max(peaks) / 2**20]
-    assert summary["speedup_median"]["vanilla"] == 1.0
+    vanilla, fast = (statistics.median(summary["times"][m]) for m in ("vanilla", "fast"))
+    assert summary["speedup_median"]["fast"] == pytest.approx(vanilla / fast)
     table = out.with_suffix(".md").read_text()
     assert "each method in a new process" in table and "median of 2 processes" in table
     assert main(["bench", "speed", "--report", "--out", str(out)]) == 0  # the summary is remade the same

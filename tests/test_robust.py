@@ -52,23 +52,29 @@ def test_odd_batches(batch):
 
 
 @pytest.mark.parametrize(
-    "phase",
+    "phase, exact",
     [
-        Phase(sx=2, sy=2, ratio=0.999, agent_ratio=0.999),
-        Phase(sx=2, sy=2, ratio=0.0, agent_ratio=0.999),
-        Phase(sx=2, sy=2, ratio=0.5, agent_ratio=0.0),
-        Phase(sx=1, sy=1, ratio=0.9, agent_ratio=0.9),  # every token is dst: nothing to merge
-        Phase(
-            sx=16, sy=16, ratio=0.99, agent_ratio=0.99, merge_crossattn=True, merge_mlp=True
-        ),  # one window, one agent
+        (Phase(sx=2, sy=2, ratio=0.999, agent_ratio=0.999), False),
+        (Phase(sx=2, sy=2, ratio=0.0, agent_ratio=0.999), True),  # r = 0: nothing merged, no agents (as published)
+        (Phase(sx=2, sy=2, ratio=0.5, agent_ratio=0.0), False),
+        (Phase(sx=1, sy=1, ratio=0.9, agent_ratio=0.9), True),  # every token is dst: nothing to merge
+        (Phase(sx=1, sy=1, ratio=0.0, agent_ratio=0.9, tokens="all"), True),  # every token its own agent
+        (Phase(sx=16, sy=16, ratio=0.99, agent_ratio=0.99, merge_crossattn=True, merge_mlp=True), False),  # 1 agent
+        (Phase(sx=16, sy=16, ratio=0.0, agent_ratio=0.99, tokens="all"), False),  # one window, one agent
     ],
 )
-def test_ratios_at_their_bounds(phase):
+def test_ratios_at_their_bounds(phase, exact):
+    """Where nothing can merge the output is vanilla's bit for bit; elsewhere it is merged, and finite."""
     unet = tiny_unet("sd")
     sample, context = unet_inputs()
+    vanilla = run(unet, sample, context)
     agentsd.apply(unet, [phase], seed=0)
     out = run(unet, sample, context)
     assert torch.isfinite(out).all()
+    if exact:
+        assert torch.equal(out, vanilla)
+    else:
+        assert (out - vanilla).abs().max() > 1e-4
 
 
 def test_non_finite_latents_propagate_as_vanilla():
