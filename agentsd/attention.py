@@ -70,8 +70,8 @@ class AgentState:
         # this call's merges of each (h, w) level whose phase has share_matching: (tokens, agents or None)
         self.shared: dict[tuple[int, int], tuple[Merge, Merge | None]] = {}
         self.calls = 0  # UNet calls begun: picks the draw of the levels matched once per call
-        # dst positions of the levels matched once per call by (h, w, sx, sy): every draw, made once (DRAW_BANK, Nd)
-        self._dst_banks: dict[tuple[int, int, int, int], torch.Tensor] = {}
+        # dst positions of the levels matched once per call by (h, w, sx, sy), made once: (top-left, every draw)
+        self._dst_banks: dict[tuple[int, int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         # this call's dst positions by (h, w, sx, sy): (random draw or None, top-left), set before the UNet runs
         self.dst: dict[tuple[int, int, int, int], tuple[torch.Tensor | None, torch.Tensor]] = {}
         # this call's agent groups of each tokens="all" level by (h, w)
@@ -104,16 +104,13 @@ class AgentState:
                 if h < phase.sy or w < phase.sx:
                     continue
                 key = (h, w, phase.sx, phase.sy)
-                fixed = dst_grid(h, w, phase.sx, phase.sy, device=device)
-                drawn = None
-                if self.config.use_rand:
-                    bank = self._dst_banks.get(key)
-                    if bank is None or bank.device != fixed.device:
-                        counters = torch.arange(DRAW_BANK, device=device)
-                        draws = window_draws(h, w, phase.sx, phase.sy, self.seed, counters)
-                        bank = self._dst_banks[key] = dst_grid(h, w, phase.sx, phase.sy, draws, device=device)
-                    drawn = bank[self.calls % DRAW_BANK]
-                dst[key] = (drawn, fixed)
+                fixed, bank = self._dst_banks.get(key, (None, None))
+                if fixed is None or fixed.device != torch.device(device or "cpu"):
+                    fixed = dst_grid(h, w, phase.sx, phase.sy, device=device)
+                    draws = window_draws(h, w, phase.sx, phase.sy, self.seed, torch.arange(DRAW_BANK, device=device))
+                    bank = dst_grid(h, w, phase.sx, phase.sy, draws, device=device)
+                    self._dst_banks[key] = fixed, bank
+                dst[key] = (bank[self.calls % DRAW_BANK] if self.config.use_rand else None, fixed)
         return dst
 
     @property
