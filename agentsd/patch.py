@@ -189,6 +189,13 @@ def _find_unets(model) -> tuple[list[torch.nn.Module], int]:
             )
         return [model], 1000
     unet = getattr(model, "unet", None)
+    transformer = getattr(model, "transformer", None)
+    if not isinstance(unet, torch.nn.Module) and isinstance(transformer, torch.nn.Module):
+        raise TypeError(
+            f"{type(model).__name__} denoises with a transformer ({type(transformer).__name__}), which agentsd does "
+            "not patch: it supports UNet pipelines (Stable Diffusion 1.x, 2.x, SDXL and their img2img, inpaint and "
+            "ControlNet pipelines) and bare UNet2DConditionModel / ControlNetModel"
+        )
     if not isinstance(unet, torch.nn.Module):
         raise TypeError(
             f"expected a diffusers pipeline with a `unet` or a UNet2DConditionModel, got {type(model).__name__}"

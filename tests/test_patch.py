@@ -114,6 +114,12 @@ def test_attention_mask_falls_back(unet):
 def test_errors(unet):
     with pytest.raises(TypeError, match="pipeline"):
         agentsd.apply(object())
+
+    class FluxLikePipeline:  # a DiT pipeline: one clear error, nothing silently unaccelerated
+        transformer = torch.nn.Linear(2, 2)
+
+    with pytest.raises(TypeError, match=r"FluxLikePipeline denoises with a transformer \(Linear\).*supports UNet"):
+        agentsd.apply(FluxLikePipeline())
     with pytest.raises(TypeError, match="UNet2DConditionModel"):
         agentsd.apply(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="unknown schedule"):
