@@ -104,15 +104,19 @@ def test_sdxl_layout_merges_at_its_first_attention_level():
     assert torch.equal(run(unet, sample, context), vanilla)
 
 
+@pytest.mark.parametrize("schedule", ["paper", "lean"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision(dtype):
+def test_half_precision(dtype, schedule):
+    from agentsd.bench.checks import forced
+
+    schedule = forced(schedule) if schedule == "lean" else schedule  # lean at the tiny UNet's 256 tokens
     unet = tiny_unet("sd")
     sample, context = unet_inputs()
-    agentsd.apply(unet, "paper", use_rand=False)
+    agentsd.apply(unet, schedule, use_rand=False)
     expected = run(unet, sample, context, timestep=900)
     unet.to(dtype)
     for precision in (None, "fp32"):
-        agentsd.apply(unet, "paper", use_rand=False, attn_precision=precision)
+        agentsd.apply(unet, schedule, use_rand=False, attn_precision=precision)
         out = run(unet, sample.to(dtype), context.to(dtype), timestep=900)
         assert out.dtype == dtype
         assert torch.isfinite(out).all()
