@@ -95,6 +95,8 @@ def test_fresh_runs_each_method_in_its_own_process(tiny_folder, tmp_path):
     assert summary["speedup_median"]["fast"] == pytest.approx(vanilla / fast)
     table = out.with_suffix(".md").read_text()
     assert "each method in a new process" in table and "median of 2 processes" in table
+    assert out.with_suffix(".png").stat().st_size > 1000  # speed-up, and memory in a figure of its own
+    assert out.with_name("fresh_memory.png").stat().st_size > 1000
     assert main(["bench", "speed", "--report", "--out", str(out)]) == 0  # the summary is remade the same
     assert json.loads(out.read_text())["sizes"]["64"] == summary
     # A second size joins the first (same setup); the first one's figures stay as they were.

@@ -42,13 +42,18 @@ def write_report(path: Path, table: str, figure) -> None:
     """Write ``table`` beside the JSON at ``path`` (``.md``) and print it; save ``figure`` as ``.png``."""
     path.with_suffix(".md").write_text(table + "\n")
     print(table)
+    save_figure(path.with_suffix(".png"), figure)
+
+
+def save_figure(path: Path, figure) -> None:
+    """Save ``figure`` at ``path`` (a ``.png``) and close it; say so when there is none."""
     if figure is None:
         print("no plot: nothing to plot, or matplotlib is missing (pip install 'agentsd[bench]')")
         return
     figure.tight_layout()
-    figure.savefig(path.with_suffix(".png"), dpi=120)
+    figure.savefig(path, dpi=120)
     pyplot().close(figure)
-    print(f"plot: {path.with_suffix('.png')}")
+    print(f"plot: {path}")
 
 
 def write_results(path: Path, results: dict, table: str) -> None:

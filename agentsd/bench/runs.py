@@ -473,37 +473,39 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(results: dict):
-    """Speed-up over vanilla per method, one bar group per size, and for ``--fresh`` runs the peak memory
-    beside it (median over the processes, their range as whiskers); ``None`` without matplotlib."""
+def plot(results: dict, panel: str = "speed"):
+    """One question per figure: ``panel="speed"``, the speed-up over vanilla per method, one bar group per size;
+    ``"memory"`` (``--fresh`` runs), the peak memory per method (median over the processes, their range as
+    whiskers). ``None`` without matplotlib or without data."""
     from . import pyplot
 
     plt = pyplot()
-    if plt is None or not results["sizes"]:
+    memory = results.get("processes") == "one per method"
+    if plt is None or not results["sizes"] or (panel == "memory" and not memory):
         return None
     sizes = sorted(results["sizes"], key=int)
-    memory = results.get("processes") == "one per method"
     methods = list(results["sizes"][sizes[0]]["median"])
-    fig, axes = plt.subplots(1, 2 if memory else 1, figsize=(12 if memory else 7, 4), squeeze=False)
+    fig, ax = plt.subplots(figsize=(7, 4))
     width = 0.8 / max(len(sizes), 1)
     for k, size in enumerate(sizes):
         summary = results["sizes"][size]
         xs = [i + k * width for i in range(len(methods))]
-        speedups = summary.get("speedup_median", {})
-        axes[0][0].bar(xs, [speedups.get(m, math.nan) for m in methods], width, label=f"{size}²")
-        if memory:
+        if panel == "speed":
+            speedups = summary.get("speedup_median", {})
+            ax.bar(xs, [speedups.get(m, math.nan) for m in methods], width, label=f"{size}²")
+        else:
             peaks = [summary["peak_mib"].get(m, math.nan) for m in methods]
             spread = summary.get("peak_mib_range", {})
             low = [p - spread.get(m, [p, p])[0] for m, p in zip(methods, peaks)]
             high = [spread.get(m, [p, p])[1] - p for m, p in zip(methods, peaks)]
-            axes[0][1].bar(xs, peaks, width, yerr=[low, high], capsize=3, label=f"{size}²")
-    axes[0][0].axhline(1.0, color="grey", linewidth=0.8)
-    axes[0][0].set_ylabel("speed-up over vanilla (median)")
-    if memory:
-        axes[0][1].set_ylabel("peak MiB above start (median, range)")
-    for ax in axes[0]:
-        ax.set_xticks([i + width * (len(sizes) - 1) / 2 for i in range(len(methods))], methods, rotation=30, ha="right")
-        ax.legend(fontsize=8)
+            ax.bar(xs, peaks, width, yerr=[low, high], capsize=3, label=f"{size}²")
+    if panel == "speed":
+        ax.axhline(1.0, color="grey", linewidth=0.8)
+        ax.set_ylabel("speed-up over vanilla (median)")
+    else:
+        ax.set_ylabel("peak MiB above start (median, range)")
+    ax.set_xticks([i + width * (len(sizes) - 1) / 2 for i in range(len(methods))], methods, rotation=30, ha="right")
+    ax.legend(fontsize=8)
     fig.suptitle(
         f"Whole runs, {results['model']}, {results['steps']} {results['scheduler']} steps, "
         f"{results['device']}, {results['dtype']}"

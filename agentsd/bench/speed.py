@@ -28,7 +28,7 @@ from diffusers.models.attention import BasicTransformerBlock
 
 import agentsd
 from agentsd import PRESETS, Phase
-from agentsd.bench import pyplot, write_report
+from agentsd.bench import pyplot, save_figure, write_report
 from agentsd.bench.core import TOME_RATIO, interleave, machine, random_unet, resume, unet_inputs
 from agentsd.patch import auto_max_downsample
 
@@ -306,6 +306,8 @@ def bench(args: argparse.Namespace) -> int:
             )  # fmt: skip
     module = runs if pipeline else sys.modules[__name__]
     write_report(args.out, module.table(results), module.plot(results))
+    if pipeline and results.get("processes") == "one per method":  # memory: a figure of its own
+        save_figure(args.out.with_name(args.out.stem + "_memory.png"), runs.plot(results, "memory"))
     return 0
 
 
