@@ -158,12 +158,17 @@ class AgentAttnProcessor:
                 **kwargs,
             )
         h, w, phase, r = plan
-        config = self.state.config
         if phase.tokens == "all":
             out = self._all_tokens(attn, hidden_states, metric, h, w, phase)
-            if attn.residual_connection:
-                out = out + hidden_states
-            return out / attn.rescale_output_factor
+        else:
+            out = self._merged_tokens(attn, hidden_states, metric, h, w, phase, r)
+        if attn.residual_connection:
+            out = out + hidden_states
+        return out / attn.rescale_output_factor
+
+    def _merged_tokens(self, attn, hidden_states, metric, h: int, w: int, phase: Phase, r: int) -> torch.Tensor:
+        """``tokens="merged"`` (AgentSD's): attention of the ToMe-merged tokens (through agents), unmerged."""
+        config = self.state.config
         shared = self.state.shared.get((h, w)) if phase.share_matching else None
         if shared is not None and shared[0].shape == hidden_states.shape[:2]:
             tokens, agent_merge = shared
@@ -182,10 +187,7 @@ class AgentAttnProcessor:
             k_shortcut=config.k_shortcut,
             upcast=config.attn_precision == "fp32",
         )
-        out = tokens.unmerge(out)
-        if attn.residual_connection:
-            out = out + hidden_states
-        return out / attn.rescale_output_factor
+        return tokens.unmerge(out)
 
     def _all_tokens(self, attn, hidden_states, metric, h: int, w: int, phase: Phase) -> torch.Tensor:
         """``tokens="all"``: attention of every token's query, through agents (the merged or pooled queries) or
