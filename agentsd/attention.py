@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from .merge import Groups, Merge, assign, dst_grid, match, merge_rows, partition, random_windows, window_draws
+from .merge import Groups, Merge, assign, dst_grid, match, merge_rows, random_windows, window_draws
 from .schedule import Phase, min_tokens_on, phase_at
 
 __all__ = ["AgentAttnProcessor", "AgentConfig", "AgentState", "Band", "BlockMerge", "MergedAttnProcessor"]
@@ -68,7 +68,7 @@ class AgentState:
         self.phases: tuple[Phase, ...] | None = None  # this call's phase of each band
         self.decided = False  # the next UNet call's phases are already picked (by the scheduler, eagerly)
         # this call's merges of each (h, w) level whose phase has share_matching: (tokens, agents or None)
-        self.shared: dict[tuple[int, int], tuple[Merge, Merge | None]] = {}
+        self.shared: dict[tuple[int, int], tuple[Merge, Groups | None]] = {}
         self.calls = 0  # UNet calls begun: picks the draw of the levels matched once per call
         # dst positions of the levels matched once per call by (h, w, sx, sy), made once: (top-left, every draw)
         self._dst_banks: dict[tuple[int, int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -217,40 +217,33 @@ class AgentAttnProcessor:
     def _groups(self, metric, h: int, w: int, phase: Phase, k: int):
         """The groups of tokens that merge when the top-``k`` ranked src tokens merge into their dst."""
         B, N, _ = metric.shape
-        key = (h, w, phase.sx, phase.sy)
-        drawn, fixed = self.state.dst.get(key) or (None, dst_grid(h, w, phase.sx, phase.sy, device=metric.device))
-        random = self.state.config.use_rand and B % 2 == 0 and drawn is not None
-        dst = drawn if random else fixed
-        num_dst = dst.shape[0]
-        if k >= N - num_dst:  # every src token merges: no ranking needed
-            return Groups(assign(metric, dst), num_dst)
+        dst = self._dst(h, w, phase, B, metric.device)
+        if k >= N - dst.shape[0]:  # every src token merges: no ranking needed
+            return Groups(assign(metric, dst), dst.shape[0])
         # Fewer merge than there are src tokens: rank them as ToMe does.
-        windows = None if not random else _offsets(dst, h, w, phase.sx, phase.sy)
-        order = partition(h, w, phase.sx, phase.sy, windows, device=metric.device)
-        return Merge(merge_rows(match(metric, order, num_dst), k), N - k)
+        return Merge(merge_rows(match(metric, dst), k), N - k)
 
-    def _merges(self, hidden_states, metric, h: int, w: int, phase: Phase, r: int) -> tuple[Merge, Merge | None]:
-        """Match ``metric``: the ToMe merge of the tokens and the merge that makes the agents (or ``None``)."""
-        config = self.state.config
+    def _dst(self, h: int, w: int, phase: Phase, batch: int, device) -> torch.Tensor:
+        """This matching's dst positions: drawn at random for even batches (paired cond/uncond images), else the
+        top-left token of every window. Levels matched once per call take the draw made before the UNet ran."""
+        drawn, fixed = self.state.dst.get((h, w, phase.sx, phase.sy)) or (None, None)
+        if not (self.state.config.use_rand and batch % 2 == 0):
+            return fixed if fixed is not None else dst_grid(h, w, phase.sx, phase.sy, device=device)
+        if drawn is not None:
+            return drawn
+        windows = random_windows(h, w, phase.sx, phase.sy, self.state.seed, self.state.draws_on(device))
+        return dst_grid(h, w, phase.sx, phase.sy, windows, device=device)
+
+    def _merges(self, hidden_states, metric, h: int, w: int, phase: Phase, r: int) -> tuple[Merge, Groups | None]:
+        """Match ``metric``: the ToMe merge of the tokens and the groups that make the agents (or ``None``)."""
         B, N, _ = hidden_states.shape
-        windows = None
-        if config.use_rand and B % 2 == 0:  # odd batches hold unpaired cond/uncond images: keep dst fixed
-            drawn = self.state.dst.get((h, w, phase.sx, phase.sy), (None,))[0] if phase.share_matching else None
-            if drawn is not None:  # drawn for this call before the UNet ran
-                windows = _offsets(drawn, h, w, phase.sx, phase.sy)
-            else:
-                windows = random_windows(
-                    h, w, phase.sx, phase.sy, self.state.seed, self.state.draws_on(hidden_states.device)
-                )
-        num_dst = (h // phase.sy) * (w // phase.sx)
-        order = partition(h, w, phase.sx, phase.sy, windows, device=hidden_states.device)
-        m = match(metric, order, num_dst)
+        m = match(metric, self._dst(h, w, phase, B, hidden_states.device))
         r = min(r, m.num_src)
         agent_merge = None
         if phase.agent_ratio is not None:
             agent_r = min(int(N * phase.agent_ratio), m.num_src)
             if 2 * (N - agent_r) < N - r:
-                agent_merge = Merge(merge_rows(m, agent_r), N - agent_r)
+                agent_merge = Groups(merge_rows(m, agent_r), N - agent_r)
         return Merge(merge_rows(m, r), N - r), agent_merge
 
     def _plan(self, attn, hidden_states, metric, encoder_hidden_states, attention_mask):
@@ -302,11 +295,6 @@ def _pool_windows(x: torch.Tensor, *, h: int, w: int, sx: int, sy: int) -> torch
     hsy, wsx = h // sy, w // sx
     grid = x.view(B, h, w, C)[:, : hsy * sy, : wsx * sx]
     return grid.reshape(B, hsy, sy, wsx, sx, C).mean(dim=(2, 4)).reshape(B, hsy * wsx, C)
-
-
-def _offsets(dst: torch.Tensor, h: int, w: int, sx: int, sy: int) -> torch.Tensor:
-    """The window offsets ``dy·sx + dx`` of dst positions from :func:`~agentsd.merge.dst_grid`."""
-    return ((dst // w % sy) * sx + dst % w % sx).view(h // sy, w // sx)
 
 
 class BlockMerge:

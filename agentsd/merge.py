@@ -26,7 +26,6 @@ __all__ = [
     "match",
     "merge",
     "merge_rows",
-    "partition",
     "random_windows",
     "unmerge",
     "window_draws",
@@ -40,11 +39,13 @@ class Matching(NamedTuple):
         dst: ``(Nd,)`` token positions of the dst tokens.
         src_ranked: ``(B, Ns)`` token positions of the src tokens, most similar first.
         dst_of_ranked: ``(B, Ns)`` the dst slot (index into ``dst``) each ranked src chose.
+        choice: ``(B, N)`` the dst slot every token chose (a dst token's own entry is not its slot).
     """
 
     dst: torch.Tensor
     src_ranked: torch.Tensor
     dst_of_ranked: torch.Tensor
+    choice: torch.Tensor
 
     @property
     def num_src(self) -> int:
@@ -83,29 +84,6 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def partition(h: int, w: int, sx: int, sy: int, windows: torch.Tensor | None = None, device=None) -> torch.Tensor:
-    """Order the ``h·w`` token positions as ``[dst..., src...]``.
-
-    Args:
-        windows: dst offset ``dy·sx + dx`` inside each window, ``(h // sy, w // sx)``;
-            ``None`` takes the top-left token of every window.
-
-    Returns:
-        ``(h·w,)`` long tensor; its first ``(h // sy)·(w // sx)`` entries are the dst positions.
-    """
-    hsy, wsx = h // sy, w // sx
-    if windows is None:
-        offset = torch.zeros(hsy, wsx, dtype=torch.long, device=device)
-    else:
-        offset = windows.to(device=device, dtype=torch.long)
-    rows = torch.arange(hsy, device=offset.device)[:, None] * sy + offset // sx
-    cols = torch.arange(wsx, device=offset.device)[None, :] * sx + offset % sx
-    is_src = torch.ones(h * w, dtype=torch.uint8, device=offset.device)
-    is_src[(rows * w + cols).flatten()] = 0
-    # Stable sort keeps a fixed order inside each group and a static shape (no nonzero()).
-    return torch.argsort(is_src, stable=True)
-
-
 def dst_grid(h: int, w: int, sx: int, sy: int, windows: torch.Tensor | None = None, device=None) -> torch.Tensor:
     """Token positions of the dst tokens, one per window in row-major window order, without sorting.
 
@@ -127,32 +105,33 @@ def dst_grid(h: int, w: int, sx: int, sy: int, windows: torch.Tensor | None = No
 MATCH_CHUNK_ELEMENTS = 1 << 24  # similarity scores held at once, at least: 32 MiB in fp16
 
 
-def match(metric: torch.Tensor, order: torch.Tensor, num_dst: int) -> Matching:
+def match(metric: torch.Tensor, dst: torch.Tensor) -> Matching:
     """Rank src tokens by cosine similarity to their most similar dst token.
 
-    The ``B × Ns × Nd`` similarities are taken a chunk of src tokens at a time, each chunk no
-    larger than the metric itself (or ``MATCH_CHUNK_ELEMENTS``): at 2048² they would otherwise
-    outweigh everything else a fused-attention UNet holds (O(N²) where flash attention is O(N)).
+    Every token is scored against the dst tokens and the dst tokens' own scores are set to -inf, so one
+    descending sort ranks the src tokens and leaves the dst last: no partition of the grid is needed.
+    The ``B × N × Nd`` similarities are taken a chunk of tokens at a time, each chunk no larger than
+    the metric itself (or ``MATCH_CHUNK_ELEMENTS``): at 2048² they would otherwise outweigh everything
+    else a fused-attention UNet holds (O(N²) where flash attention is O(N)).
 
     Args:
         metric: ``(B, N, C)`` features to match on.
-        order: ``(N,)`` positions ``[dst..., src...]`` from :func:`partition`.
-        num_dst: how many leading entries of ``order`` are dst.
+        dst: ``(Nd,)`` token positions of the dst tokens (:func:`dst_grid`); every other token is src.
     """
-    dst, src = order[:num_dst], order[num_dst:]
+    B, N, _ = metric.shape
+    num_dst = dst.shape[0]
     norm = metric.norm(dim=-1)
     dst_unit = metric.index_select(1, dst) / norm.index_select(1, dst)[..., None]
-    src_tokens = metric.index_select(1, src)
-    B, num_src = src_tokens.shape[:2]
     step = max(1, max(metric.numel(), MATCH_CHUNK_ELEMENTS) // max(1, B * num_dst))
-    # Dividing by the src norms after the max leaves each argmax unchanged and skips a B×Ns×C division.
-    if step >= num_src:
-        best, best_dst = (src_tokens @ dst_unit.transpose(1, 2)).max(dim=-1)
+    # Dividing by the token norms after the max leaves each argmax unchanged and skips a B×N×C division.
+    if step >= N:
+        best, choice = (metric @ dst_unit.transpose(1, 2)).max(dim=-1)
     else:
-        chunks = [(c @ dst_unit.transpose(1, 2)).max(dim=-1) for c in src_tokens.split(step, dim=1)]
-        best, best_dst = torch.cat([c.values for c in chunks], 1), torch.cat([c.indices for c in chunks], 1)
-    rank = (best / norm.index_select(1, src)).argsort(dim=-1, descending=True)
-    return Matching(dst, src[rank], best_dst.gather(1, rank))
+        chunks = [(c @ dst_unit.transpose(1, 2)).max(dim=-1) for c in metric.split(step, dim=1)]
+        best, choice = torch.cat([c.values for c in chunks], 1), torch.cat([c.indices for c in chunks], 1)
+    score = (best / norm).index_fill_(1, dst, float("-inf"))
+    ranked = score.argsort(dim=-1, descending=True)[:, : N - num_dst]
+    return Matching(dst, ranked, choice.gather(1, ranked), choice)
 
 
 def assign(metric: torch.Tensor, dst: torch.Tensor, slots: torch.Tensor | None = None) -> torch.Tensor:
@@ -226,15 +205,19 @@ class Groups:
 def merge_rows(m: Matching, k: int) -> torch.Tensor:
     """``(B, N)`` row of each token once the top-``k`` ranked src tokens are merged into their dst.
 
-    Rows ``0 .. Ns-k-1`` hold the unmerged src tokens in rank order, rows ``Ns-k ..`` the dst tokens.
+    Rows ``0 .. Ns-k-1`` hold the unmerged src tokens in rank order, rows ``Ns-k ..`` the dst tokens. When
+    every src token merges (``k >= Ns``) the rows are the dst slots: each token's choice, each dst its own.
     """
     B, num_src = m.src_ranked.shape
-    unmerged = num_src - k
     device = m.src_ranked.device
+    slots = torch.arange(m.dst.shape[0], device=device)
+    if k >= num_src:
+        return m.choice.index_copy(1, m.dst, slots.expand(B, -1))
+    unmerged = num_src - k
     src_rows = torch.cat([unmerged + m.dst_of_ranked[:, :k], torch.arange(unmerged, device=device).expand(B, -1)], 1)
     rows = torch.empty(B, num_src + m.dst.shape[0], dtype=torch.long, device=device)
     rows.scatter_(1, m.src_ranked, src_rows)
-    rows[:, m.dst] = torch.arange(unmerged, unmerged + m.dst.shape[0], device=device)
+    rows[:, m.dst] = unmerged + slots
     return rows
 
 

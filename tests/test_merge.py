@@ -2,19 +2,16 @@ import pytest
 import torch
 from reference import dst_positions
 
-from agentsd.merge import match, merge, merge_rows, partition, random_windows, unmerge
+from agentsd.merge import Groups, assign, dst_grid, match, merge, merge_rows, random_windows, unmerge
 
 
-def test_partition_puts_one_dst_per_window_then_all_src():
+def test_dst_grid_puts_one_dst_in_every_whole_window():
     h, w, sx, sy = 11, 9, 2, 3  # ragged rows and columns
     counter = torch.zeros((), dtype=torch.long)
     windows = random_windows(h, w, sx, sy, seed=5, counter=counter)
     assert windows.shape == (h // sy, w // sx) and counter == 1
-    order = partition(h, w, sx, sy, windows)
-    num_dst = (h // sy) * (w // sx)
-    assert sorted(order[:num_dst].tolist()) == sorted(dst_positions(h, w, sx, sy, windows))
-    assert sorted(order.tolist()) == list(range(h * w))
-    assert sorted(partition(h, w, sx, sy)[:num_dst].tolist()) == sorted(dst_positions(h, w, sx, sy, None))
+    assert dst_grid(h, w, sx, sy, windows).tolist() == dst_positions(h, w, sx, sy, windows)
+    assert dst_grid(h, w, sx, sy).tolist() == dst_positions(h, w, sx, sy, None)
 
 
 def test_random_windows_are_reproducible_and_spread():
@@ -32,8 +29,7 @@ def test_merge_and_unmerge_follow_the_ranking():
     torch.manual_seed(0)
     B, h, w, C = 2, 6, 8, 5
     x = torch.randn(B, h * w, C)
-    order = partition(h, w, 2, 2)
-    m = match(x, order, 12)
+    m = match(x, dst_grid(h, w, 2, 2))
     sims = torch.nn.functional.normalize(x, dim=-1)
     best = (sims[:, m.src_ranked[0]] @ sims[:, m.dst].transpose(1, 2)).max(-1)  # for batch 0's ranking
     assert torch.all(best.values[0, :-1] >= best.values[0, 1:])
@@ -68,13 +64,41 @@ def test_match_in_chunks_equals_the_similarity_formula(monkeypatch, chunk):
     gen = torch.Generator().manual_seed(chunk)
     h, w, sx, sy = 6, 10, 2, 3
     metric = torch.randn(2, h * w, 5, generator=gen, dtype=torch.float64)
-    order = partition(h, w, sx, sy, torch.randint(0, sx * sy, (h // sy, w // sx), generator=gen))
-    num_dst = (h // sy) * (w // sx)
-    m = match(metric, order, num_dst)
+    dst = dst_grid(h, w, sx, sy, torch.randint(0, sx * sy, (h // sy, w // sx), generator=gen))
+    src = torch.tensor([p for p in range(h * w) if p not in set(dst.tolist())])
+    m = match(metric, dst)
     for b in range(2):  # each src picks its most similar dst by cosine; ranked by that similarity, best first
         unit = metric[b] / metric[b].norm(dim=-1, keepdim=True)
-        sims = unit[order[num_dst:]] @ unit[order[:num_dst]].T
+        sims = unit[src] @ unit[dst].T
         best, choice = sims.max(dim=-1)
         rank = best.argsort(descending=True)
-        assert torch.equal(m.src_ranked[b], order[num_dst:][rank])
+        assert torch.equal(m.src_ranked[b], src[rank])
         assert torch.equal(m.dst_of_ranked[b], choice[rank])
+        assert torch.equal(m.choice[b, src], choice)
+
+
+@pytest.mark.parametrize("dense", [0, 1 << 25])
+def test_full_merge_rows_are_the_dst_slots_and_equal_assign(monkeypatch, dense):
+    """Every src merged (k >= Ns): no ranking, each token in its chosen dst's slot, each dst in its own; the same
+    groups as :func:`assign`, and their means those of the members."""
+    import agentsd.merge as merge_module
+
+    monkeypatch.setattr(merge_module, "DENSE_GROUP_ELEMENTS", dense)  # 0: index_add; else one batched product
+    gen = torch.Generator().manual_seed(3)
+    h, w, sx, sy = 7, 9, 2, 2
+    x = torch.randn(2, h * w, 6, generator=gen, dtype=torch.float64)
+    dst = dst_grid(h, w, sx, sy, torch.randint(0, sx * sy, (h // sy, w // sx), generator=gen))
+    m = match(x, dst)
+    rows = merge_rows(m, m.num_src)
+    assert torch.equal(rows, assign(x, dst))
+    assert torch.equal(rows[:, dst], torch.arange(len(dst)).expand(2, -1))
+    unit = x / x.norm(dim=-1, keepdim=True)
+    for b in range(2):
+        for p in range(h * w):
+            if p not in dst.tolist():
+                assert rows[b, p] == (unit[b, p] @ unit[b, dst].T).argmax()
+    for groups in (Groups(rows, len(dst)), merge):
+        means = groups(x) if groups is not merge else merge(x, rows, len(dst))
+        for b in range(2):
+            for slot in range(len(dst)):
+                assert torch.allclose(means[b, slot], x[b, rows[b] == slot].mean(0))
