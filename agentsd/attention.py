@@ -67,15 +67,15 @@ class AgentState:
         self.size: tuple[int, int] | None = None
         self.phases: tuple[Phase, ...] | None = None  # this call's phase of each band
         self.decided = False  # the next UNet call's phases are already picked (by the scheduler, eagerly)
-        # this call's merges of each (h, w) level whose phase has share_matching: (tokens, agents or None)
-        self.shared: dict[tuple[int, int], tuple[Merge, Groups | None]] = {}
+        # this call's merges of each (h, w, band) whose phase has share_matching: (tokens, agents or None)
+        self.shared: dict[tuple[int, int, int], tuple[Merge, Groups | None]] = {}
         self.calls = 0  # UNet calls begun: picks the draw of the levels matched once per call
         # dst positions of the levels matched once per call by (h, w, sx, sy), made once: (top-left, every draw)
         self._dst_banks: dict[tuple[int, int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         # this call's dst positions by (h, w, sx, sy): (random draw or None, top-left), set before the UNet runs
         self.dst: dict[tuple[int, int, int, int], tuple[torch.Tensor | None, torch.Tensor]] = {}
-        # this call's agent groups of each tokens="all" level by (h, w)
-        self.groups: dict[tuple[int, int], Groups] = {}
+        # this call's groups of each tokens="all" level by (h, w, band)
+        self.groups: dict[tuple[int, int, int], Groups | Merge] = {}
 
     def begin_call(self, height: int, width: int, p: float, device: torch.device | None = None) -> None:
         """Record the latent size and pick every band's phase at sampling progress ``p``.
@@ -134,11 +134,18 @@ class AgentAttnProcessor:
     the block's cross-attention or feed-forward.
     """
 
-    def __init__(self, original=None, state: AgentState | None = None, block_merge: BlockMerge | None = None):
+    def __init__(
+        self,
+        original=None,
+        state: AgentState | None = None,
+        block_merge: BlockMerge | None = None,
+        band: int | None = None,
+    ):
         # diffusers rebuilds processors as ``type(processor)()`` (IP-Adapter loading): made that way, this
         # one holds diffusers' default and no state, and the next patched UNet call wraps it afresh.
         self.original = AttnProcessor2_0() if original is None else original
         self.state = state
+        self.band = band  # this block's band, where blocks are banded by position (a DiT); else by resolution
         self.block_input: torch.Tensor | None = None
         self.block_merge = BlockMerge() if block_merge is None else block_merge
 
@@ -157,25 +164,19 @@ class AgentAttnProcessor:
                 attention_mask=attention_mask,
                 **kwargs,
             )
-        h, w, phase, r = plan
+        h, w, band, phase, r = plan
         if phase.tokens == "all":
-            out = self._all_tokens(attn, hidden_states, metric, h, w, phase)
+            out = self._all_tokens(attn, hidden_states, metric, h, w, band, phase)
         else:
-            out = self._merged_tokens(attn, hidden_states, metric, h, w, phase, r)
+            out = self._merged_tokens(attn, hidden_states, metric, h, w, band, phase, r)
         if attn.residual_connection:
             out = out + hidden_states
         return out / attn.rescale_output_factor
 
-    def _merged_tokens(self, attn, hidden_states, metric, h: int, w: int, phase: Phase, r: int) -> torch.Tensor:
+    def _merged_tokens(self, attn, hidden_states, metric, h: int, w: int, band: int, phase: Phase, r: int):
         """``tokens="merged"`` (AgentSD's): attention of the ToMe-merged tokens (through agents), unmerged."""
         config = self.state.config
-        shared = self.state.shared.get((h, w)) if phase.share_matching else None
-        if shared is not None and shared[0].shape == hidden_states.shape[:2]:
-            tokens, agent_merge = shared
-        else:
-            tokens, agent_merge = self._merges(hidden_states, metric, h, w, phase, r)
-            if phase.share_matching:
-                self.state.shared[(h, w)] = tokens, agent_merge
+        tokens, agent_merge = self._token_merges(hidden_states, metric, h, w, band, phase, r)
         agents = None if agent_merge is None else agent_merge(hidden_states)
         if phase.merge_crossattn or phase.merge_mlp:
             self.block_merge.set(tokens, crossattn=phase.merge_crossattn, mlp=phase.merge_mlp)
@@ -189,30 +190,47 @@ class AgentAttnProcessor:
         )
         return tokens.unmerge(out)
 
-    def _all_tokens(self, attn, hidden_states, metric, h: int, w: int, phase: Phase) -> torch.Tensor:
+    def _token_merges(self, hidden_states, metric, h: int, w: int, band: int, phase: Phase, r: int):
+        """The ToMe merge of the tokens and the groups that make the agents (or ``None``), matched here or, with
+        ``share_matching``, by the first block of the call that ran this band at this size."""
+        key = (h, w, band)
+        shared = self.state.shared.get(key) if phase.share_matching else None
+        if shared is not None and shared[0].shape == hidden_states.shape[:2]:
+            return shared
+        merges = self._merges(hidden_states, metric, h, w, phase, r)
+        if phase.share_matching:
+            self.state.shared[key] = merges
+        return merges
+
+    def _all_tokens(self, attn, hidden_states, metric, h: int, w: int, band: int, phase: Phase) -> torch.Tensor:
         """``tokens="all"``: attention of every token's query, through agents (the merged or pooled queries) or
         over merged keys and values."""
         config = self.state.config
-        B, N, _ = hidden_states.shape
-        if phase.agents == "pooled":
-            groups = functools.partial(_pool_windows, h=h, w=w, sx=phase.sx, sy=phase.sy)
-        else:
-            groups = self.state.groups.get((h, w)) if phase.share_matching else None
-            if groups is None or groups.shape != (B, N):
-                k = int(N * (phase.ratio if phase.agent_ratio is None else phase.agent_ratio))
-                groups = self._groups(metric, h, w, phase, k)
-                if phase.share_matching:
-                    self.state.groups[(h, w)] = groups
-        agents = groups if phase.agent_ratio is not None or phase.agents == "pooled" else None
+        agents, keys_of = self._all_groups(hidden_states, metric, h, w, band, phase)
         return agent_attention(
             attn,
             hidden_states,
             agents,
-            keys_of=None if agents is not None else groups,
+            keys_of=keys_of,
             k_scale2=config.k_scale2,
             k_shortcut=config.k_shortcut,
             upcast=config.attn_precision == "fp32",
         )
+
+    def _all_groups(self, hidden_states, metric, h: int, w: int, band: int, phase: Phase):
+        """``tokens="all"``: ``(agents, None)``, a function that averages the agent groups of the projected
+        queries, or ``(None, keys_of)``, one that merges the keys and values."""
+        B, N, _ = hidden_states.shape
+        if phase.agents == "pooled":
+            return functools.partial(_pool_windows, h=h, w=w, sx=phase.sx, sy=phase.sy), None
+        key = (h, w, band)
+        groups = self.state.groups.get(key) if phase.share_matching else None
+        if groups is None or groups.shape != (B, N):
+            k = int(N * (phase.ratio if phase.agent_ratio is None else phase.agent_ratio))
+            groups = self._groups(metric, h, w, phase, k)
+            if phase.share_matching:
+                self.state.groups[key] = groups
+        return (groups, None) if phase.agent_ratio is not None else (None, groups)
 
     def _groups(self, metric, h: int, w: int, phase: Phase, k: int):
         """The groups of tokens that merge when the top-``k`` ranked src tokens merge into their dst."""
@@ -247,7 +265,7 @@ class AgentAttnProcessor:
         return Merge(merge_rows(m, r), N - r), agent_merge
 
     def _plan(self, attn, hidden_states, metric, encoder_hidden_states, attention_mask):
-        """``(h, w, phase, r)`` when this call merges, else ``None`` (run the original processor)."""
+        """``(h, w, band, phase, r)`` when this call merges, else ``None`` (run the original processor)."""
         state = self.state
         if (
             metric is None
@@ -265,7 +283,7 @@ class AgentAttnProcessor:
         if N > height * width:
             return None
         downsample = math.ceil(math.sqrt(height * width // N))
-        band = state.config.band_of(downsample)
+        band = state.config.band_of(downsample) if self.band is None else self.band
         if band is None:
             return None
         h, w = math.ceil(height / downsample), math.ceil(width / downsample)
@@ -278,7 +296,7 @@ class AgentAttnProcessor:
         agents = phase.agent_ratio is not None or phase.agents == "pooled"
         if phase.tokens == "all" and agents and 2 * _num_agents(h, w, phase) >= N:
             return None  # as many agents as half the tokens: plain attention, which is what runs
-        return h, w, phase, r
+        return h, w, band, phase, r
 
 
 def _num_agents(h: int, w: int, phase: Phase) -> int:

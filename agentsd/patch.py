@@ -1,6 +1,7 @@
 """``apply`` / ``remove`` / ``patched``: the one place that walks a model.
 
-A patch swaps the ``attn1`` processor of every ``BasicTransformerBlock`` for an
+A patch swaps the ``attn1`` processor of every ``BasicTransformerBlock`` (of an SD 3 transformer: the
+``attn`` and ``attn2`` processors of the chosen ``JointTransformerBlock``) for an
 :class:`~agentsd.attention.AgentAttnProcessor` and registers two kinds of forward
 pre-hooks (keyword calls work): one on the UNet that records the latent size and
 picks the phases once per call, one on each block that hands its input to the
@@ -21,15 +22,16 @@ import contextlib
 import functools
 import secrets
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from diffusers.models.attention import BasicTransformerBlock
+from diffusers.models.attention import BasicTransformerBlock, JointTransformerBlock
 
 from . import calibrate as calibration
 from .attention import AgentAttnProcessor, AgentConfig, AgentState, Band, BlockMerge, MergedAttnProcessor
-from .schedule import DEFAULT, Schedule, progress, resolve_schedule
+from .joint import JointAgentProcessor
+from .schedule import DEFAULT, DIT_DEFAULT, DIT_EDGE_BLOCKS, Schedule, _phases, progress, resolve_schedule
 
 __all__ = ["apply", "attention_levels", "auto_max_downsample", "patched", "remove", "state_of"]
 
@@ -41,7 +43,9 @@ class _Patch:
     state: AgentState
     num_train_timesteps: int
     options: dict
-    blocks: list = field(default_factory=list)  # (transformer block, its BlockMerge)
+    blocks: list = field(default_factory=list)  # (transformer block, its BlockMerge); of a DiT (block, its band)
+    dit: bool = False  # an SD 3 transformer (or its ControlNet): joint-attention blocks banded by position
+    patch_size: int = 1
     merge_crossattn: bool = False
     merge_mlp: bool = False
     handles: list = field(default_factory=list)
@@ -49,30 +53,36 @@ class _Patch:
 
 def apply(
     model,
-    schedule: Schedule = DEFAULT,
+    schedule: Schedule | None = None,
     *,
     max_downsample: int | str = "auto",
+    blocks: str | Sequence[int] = "auto",
     use_rand: bool = True,
     k_scale2: float = 0.3,
     k_shortcut: float = 0.075,
     attn_precision: str | None = None,
     seed: int | None = None,
 ):
-    """Patch a diffusers pipeline (its UNet, and its ControlNet if any) or a bare UNet with agent attention.
+    """Patch a diffusers pipeline (its UNet or SD 3 transformer, and its ControlNet if any) or a bare denoiser.
 
     Important args:
-        model: a pipeline with a ``unet`` or a ``UNet2DConditionModel`` (also a ``ControlNetModel``).
-        schedule: ``"lean"`` (the default: every token attends through ToMe-merged agents, a few dense ops per
-            block, each level only where it has enough tokens to pay on its device), ``"paper"`` (AgentSD's
-            published setting: agents early, then ToMe, at every size), ``"tome"`` (ToMeSD's default),
-            ``"fast"`` (two levels, cross-attention merged too, where it pays), a sequence of
-            :class:`~agentsd.Phase` ordered by ``end``, or ``{level: phases}`` with level 0 the highest-resolution
-            level that has self-attention, 1 the next, and so on.
+        model: a pipeline with a ``unet`` (Stable Diffusion 1.x, 2.x, SDXL) or an SD 3 / 3.5 ``transformer``, or a
+            ``UNet2DConditionModel``, ``ControlNetModel``, ``SD3Transformer2DModel`` or ``SD3ControlNetModel``.
+        schedule: ``None`` takes the default: ``"lean"`` on a UNet (every token attends through ToMe-merged agents, a
+            few dense ops per block, each level only where it has enough tokens to pay on its device), ``"sd3"`` on
+            an SD 3 transformer (the same in joint attention). Presets: ``"paper"`` (AgentSD's published setting:
+            agents early, then ToMe, at every size), ``"tome"`` (ToMeSD's default), ``"fast"`` (two levels,
+            cross-attention merged too, where it pays), ``"sd3-paper"``; or a sequence of :class:`~agentsd.Phase`
+            ordered by ``end``; or, on a UNet, ``{level: phases}`` with level 0 the highest-resolution level that
+            has self-attention, 1 the next, and so on; on an SD 3 transformer, ``{blocks: phases}`` with ``blocks``
+            a block index or a ``range`` of them.
 
     Args to tinker with:
-        max_downsample: deepest level a sequence of phases patches, as a downsampling factor;
+        max_downsample: (UNet) deepest level a sequence of phases patches, as a downsampling factor;
             ``"auto"`` takes the highest-resolution level that has self-attention (1 for SD 1.x/2.x,
             2 for SDXL). A ``{level: phases}`` schedule names its levels instead.
+        blocks: (SD 3) the blocks a sequence of phases patches, by index; ``"auto"`` leaves the first and last
+            ``DIT_EDGE_BLOCKS`` (2) alone, the most sensitive ones.
         use_rand: pick each window's dst token at random (off for odd batch sizes).
         k_scale2: exponent of the softmax scale in the agent broadcast.
         k_shortcut: weight of the ``V`` shortcut added to the agent output.
@@ -82,39 +92,50 @@ def apply(
     Returns:
         ``model``, patched in place. Applying again replaces the previous patch.
     """
-    unets, num_train_timesteps = _find_unets(model)
-    phases = resolve_schedule(schedule)
+    denoisers, num_train_timesteps = _find_unets(model)
+    dit = _is_dit(denoisers[0])
+    if schedule is None:
+        schedule = DIT_DEFAULT if dit else DEFAULT
     calibration.load()  # thresholds `agentsd calibrate` measured on this machine, if any
-    if isinstance(phases, dict) and max_downsample != "auto":
-        raise ValueError(
-            "max_downsample applies to a sequence of phases; a {level: phases} schedule (such as the default, "
-            f"{DEFAULT!r}) names its levels: pass schedule='paper' or your own phases to choose max_downsample"
-        )
     options = dict(
-        schedule=phases,
+        schedule=schedule,
         max_downsample=max_downsample,
+        blocks=blocks,
         use_rand=use_rand,
         k_scale2=k_scale2,
         k_shortcut=k_shortcut,
         attn_precision=attn_precision,
         seed=seed,
     )
-    configs = [
-        AgentConfig(
-            bands=_bands(unet, phases, max_downsample),
-            levels=tuple(attention_levels(unet)),
-            use_rand=bool(use_rand),
-            k_scale2=float(k_scale2),
-            k_shortcut=float(k_shortcut),
-            attn_precision=attn_precision,
-        )
-        for unet in unets
-    ]
+    settings = dict(
+        use_rand=bool(use_rand), k_scale2=float(k_scale2), k_shortcut=float(k_shortcut), attn_precision=attn_precision
+    )
+    if dit:
+        if max_downsample != "auto":
+            raise ValueError("max_downsample is for UNets: an SD 3 transformer has one level; choose blocks= instead")
+        plans = [_dit_bands(module, schedule, blocks) for module in denoisers]
+        configs = [AgentConfig(bands=bands, levels=(1,), **settings) for bands, _ in plans]
+    else:
+        if blocks != "auto":
+            raise ValueError("blocks= is for SD 3 transformers; a UNet's schedule picks levels (max_downsample)")
+        phases = resolve_schedule(schedule)
+        if isinstance(phases, dict) and max_downsample != "auto":
+            raise ValueError(
+                "max_downsample applies to a sequence of phases; a {level: phases} schedule (such as the default, "
+                f"{DEFAULT!r}) names its levels: pass schedule='paper' or your own phases to choose max_downsample"
+            )
+        configs = [
+            AgentConfig(bands=_bands(unet, phases, max_downsample), levels=tuple(attention_levels(unet)), **settings)
+            for unet in denoisers
+        ]
     remove(model)
     states = []
-    for unet, config in zip(unets, configs):
+    for k, (module, config) in enumerate(zip(denoisers, configs)):
         states.append(AgentState(config, secrets.randbits(32) if seed is None else int(seed)))
-        _patch(unet, _Patch(states[-1], num_train_timesteps, options))
+        if dit:
+            _patch_dit(module, _Patch(states[-1], num_train_timesteps, options, dit=True), plans[k][1])
+        else:
+            _patch(module, _Patch(states[-1], num_train_timesteps, options))
     _watch_scheduler(getattr(model, "scheduler", None), states, num_train_timesteps)
     return model
 
@@ -160,7 +181,7 @@ def _watch_scheduler(scheduler, states: list[AgentState], num_train_timesteps: i
 
 
 @contextlib.contextmanager
-def patched(model, schedule: Schedule = DEFAULT, **kwargs) -> Iterator:
+def patched(model, schedule: Schedule | None = None, **kwargs) -> Iterator:
     """Context manager around :func:`apply`; on exit restores the model's previous patch (or none)."""
     unets, _ = _find_unets(model)
     previous = _inner(unets[0]).__dict__.get(_ATTR)
@@ -179,34 +200,97 @@ def state_of(unet) -> AgentState | None:
     return None if patch is None else patch.state
 
 
+_SUPPORTED = (
+    "agentsd supports UNet pipelines (Stable Diffusion 1.x, 2.x, SDXL and their img2img, inpaint and ControlNet "
+    "pipelines), Stable Diffusion 3 / 3.5 pipelines (SD3Transformer2DModel, and SD3ControlNetModel with joint "
+    "blocks), and bare UNet2DConditionModel / ControlNetModel / SD3Transformer2DModel"
+)
+
+
 def _find_unets(model) -> tuple[list[torch.nn.Module], int]:
-    """The denoiser modules to patch and the scheduler's number of training timesteps."""
+    """The denoiser modules to patch (UNets, or SD 3 transformers) and the scheduler's number of training
+    timesteps."""
     if isinstance(model, torch.nn.Module):
+        if _is_dit(model):
+            return [model], 1000
         if not hasattr(model, "down_blocks") or not _blocks(model):
             raise TypeError(
-                "expected a UNet2DConditionModel (or ControlNetModel) with transformer blocks, "
-                f"got {type(model).__name__}"
+                "expected a UNet2DConditionModel (or ControlNetModel) with transformer blocks or an "
+                f"SD3Transformer2DModel, got {type(model).__name__}"
             )
         return [model], 1000
     unet = getattr(model, "unet", None)
     transformer = getattr(model, "transformer", None)
     if not isinstance(unet, torch.nn.Module) and isinstance(transformer, torch.nn.Module):
+        if not _is_dit(transformer):
+            raise TypeError(
+                f"{type(model).__name__} denoises with a {type(transformer).__name__}, which agentsd does not patch: "
+                + _SUPPORTED
+            )
+        unet = transformer
+    elif not isinstance(unet, torch.nn.Module):
         raise TypeError(
-            f"{type(model).__name__} denoises with a transformer ({type(transformer).__name__}), which agentsd does "
-            "not patch: it supports UNet pipelines (Stable Diffusion 1.x, 2.x, SDXL and their img2img, inpaint and "
-            "ControlNet pipelines) and bare UNet2DConditionModel / ControlNetModel"
+            f"expected a diffusers pipeline with a `unet` or an SD 3 `transformer`, got {type(model).__name__}"
         )
-    if not isinstance(unet, torch.nn.Module):
-        raise TypeError(
-            f"expected a diffusers pipeline with a `unet` or a UNet2DConditionModel, got {type(model).__name__}"
-        )
-    unets = [unet]
+    denoisers = [unet]
     controlnet = getattr(model, "controlnet", None)
     if controlnet is not None:
-        unets += [net for net in getattr(controlnet, "nets", [controlnet]) if _blocks(net)]
+        for net in getattr(controlnet, "nets", [controlnet]):
+            if _blocks(net) or _is_dit(net):
+                denoisers.append(net)
+            elif hasattr(net, "transformer_blocks"):
+                warnings.warn(
+                    f"agentsd leaves {type(net).__name__} unaccelerated: its blocks attend without the text "
+                    "(SD3SingleTransformerBlock); only joint-attention blocks are patched",
+                    stacklevel=3,
+                )
     scheduler = getattr(model, "scheduler", None)
     num_train_timesteps = getattr(getattr(scheduler, "config", None), "num_train_timesteps", None) or 1000
-    return unets, int(num_train_timesteps)
+    return denoisers, int(num_train_timesteps)
+
+
+def _is_dit(module: torch.nn.Module) -> bool:
+    """An SD 3 transformer (or ControlNet) whose blocks are joint-attention ``JointTransformerBlock``."""
+    blocks = getattr(module, "transformer_blocks", None)
+    return blocks is not None and any(isinstance(b, JointTransformerBlock) for b in blocks)
+
+
+def _dit_bands(module: torch.nn.Module, schedule, blocks) -> tuple[tuple[Band, ...], dict[int, int]]:
+    """The bands of an SD 3 transformer's schedule and the band of each block it patches."""
+    count = len(module.transformer_blocks)
+    if isinstance(schedule, Mapping):
+        if blocks != "auto":
+            raise ValueError("a {blocks: phases} schedule names its blocks: leave blocks='auto'")
+        groups = list(schedule.items())
+    else:
+        phases = resolve_schedule(schedule)
+        if isinstance(phases, dict):
+            raise ValueError(
+                f"{schedule!r} is a per-level UNet preset; an SD 3 transformer takes 'sd3', 'sd3-paper', a sequence of "
+                "Phase or {blocks: phases}"
+            )
+        if blocks == "auto":
+            blocks = range(DIT_EDGE_BLOCKS, count - DIT_EDGE_BLOCKS)
+        groups = [(blocks, phases)]
+    bands, of_block = [], {}
+    for key, phases in groups:
+        indices = [key] if isinstance(key, int) else key
+        if isinstance(indices, str) or not isinstance(indices, (range, Sequence)):
+            raise TypeError(f"blocks are given as an int, a range or a sequence of ints, got {key!r}")
+        for index in indices:
+            if isinstance(index, bool) or not isinstance(index, int) or not -count <= index < count:
+                raise ValueError(f"{type(module).__name__} has blocks 0..{count - 1}, got {index!r}")
+            if index % count in of_block:
+                raise ValueError(f"block {index} is named twice in the schedule")
+            of_block[index % count] = len(bands)
+        bands.append(Band(0, 1, _phases(phases)))
+    if not of_block:
+        warnings.warn(
+            f"agentsd changes nothing: no block of {type(module).__name__}'s {count} is patched "
+            f"(blocks='auto' leaves the first and last {DIT_EDGE_BLOCKS} alone; pass blocks=range({count}))",
+            stacklevel=3,
+        )
+    return tuple(bands), of_block
 
 
 def _blocks(module: torch.nn.Module) -> list[BasicTransformerBlock]:
@@ -300,8 +384,53 @@ def _patch(unet: torch.nn.Module, patch: _Patch) -> None:
     inner.__dict__[_ATTR] = patch
 
 
+def _patch_dit(module: torch.nn.Module, patch: _Patch, band_of_block: dict[int, int]) -> None:
+    """Patch the chosen joint-attention blocks of an SD 3 transformer (or ControlNet)."""
+    state = patch.state
+    patch.patch_size = int(getattr(module.config, "patch_size", 1) if hasattr(module, "config") else 1)
+
+    def transformer_pre_hook(module, args, kwargs):
+        _wrap(patch)
+        state.shared.clear()
+        state.groups.clear()
+        sample = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        timestep = kwargs["timestep"] if "timestep" in kwargs else args[3]
+        if isinstance(timestep, torch.Tensor):
+            timestep = timestep.reshape(-1)[0]
+        p = progress(timestep, patch.num_train_timesteps)
+        size = patch.patch_size
+        state.begin_call(sample.shape[-2] // size, sample.shape[-1] // size, p, sample.device)
+
+    blocks = module.transformer_blocks
+    patch.blocks = [
+        (blocks[index], band)
+        for index, band in sorted(band_of_block.items())
+        if isinstance(blocks[index], JointTransformerBlock)
+    ]
+    _wrap(patch)
+    patch.handles.append(module.register_forward_pre_hook(transformer_pre_hook, with_kwargs=True))
+    for block, _ in patch.blocks:
+        patch.handles.append(block.register_forward_pre_hook(_joint_metric_hook, with_kwargs=True))
+    inner = _inner(module)
+    if hasattr(inner, "set_default_attn_processor"):
+        inner.__dict__["set_default_attn_processor"] = functools.partial(_set_default_attn_processor, inner, patch)
+    inner.__dict__[_ATTR] = patch
+
+
+def _joint_attentions(block) -> list:
+    return [attn for attn in (block.attn, getattr(block, "attn2", None)) if attn is not None]
+
+
 def _wrap(patch: _Patch) -> None:
     """Give every patched attention an agentsd processor around whatever processor it has now."""
+    if patch.dit:
+        for block, band in patch.blocks:
+            for attn in _joint_attentions(block):
+                processor = attn.processor
+                if not (isinstance(processor, JointAgentProcessor) and processor.state is patch.state):
+                    fallback = processor.original if isinstance(processor, JointAgentProcessor) else processor
+                    attn.set_processor(JointAgentProcessor(fallback, patch.state, band=band))
+        return
     for block, block_merge in patch.blocks:
         processor = block.attn1.processor
         if not (isinstance(processor, AgentAttnProcessor) and processor.state is patch.state):
@@ -317,6 +446,12 @@ def _wrap(patch: _Patch) -> None:
 
 def _unwrap(patch: _Patch) -> None:
     """Put back the processors agentsd wraps."""
+    if patch.dit:
+        for block, _ in patch.blocks:
+            for attn in _joint_attentions(block):
+                if isinstance(attn.processor, JointAgentProcessor):
+                    attn.set_processor(attn.processor.original)
+        return
     for block, _ in patch.blocks:
         for attn, kind in ((block.attn1, AgentAttnProcessor), (block.attn2, MergedAttnProcessor)):
             if attn is not None and isinstance(attn.processor, kind):
@@ -341,3 +476,11 @@ def _metric_hook(block, args, kwargs):
     processor = block.attn1.processor
     if isinstance(processor, AgentAttnProcessor):
         processor.begin_block(args[0] if args else kwargs["hidden_states"])
+
+
+def _joint_metric_hook(block, args, kwargs):
+    """The block's image input is the matching metric of its attention (and of SD 3.5's attn2)."""
+    hidden_states = args[0] if args else kwargs["hidden_states"]
+    for attn in _joint_attentions(block):
+        if isinstance(attn.processor, JointAgentProcessor):
+            attn.processor.begin_block(hidden_states)

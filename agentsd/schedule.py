@@ -9,6 +9,8 @@ from typing import Union
 __all__ = [
     "DEFAULT",
     "DEVICE_MIN_TOKENS",
+    "DIT_DEFAULT",
+    "DIT_EDGE_BLOCKS",
     "PRESETS",
     "Phase",
     "Schedule",
@@ -191,10 +193,25 @@ PRESETS: dict[str, Phases | dict[int, Phases]] = {
         )
         for level in (0, 1)
     },
+    # SD 3 / 3.5 (one level: a DiT's blocks all see the patch grid). The lean path as on a UNet: agent attention of
+    # every image token while the layout forms, then every query over ToMe-merged image keys and values; text
+    # queries attend exactly. agentsd.apply leaves the first and last DIT_EDGE_BLOCKS blocks alone by default.
+    "sd3": (
+        Phase(end=0.4, sx=4, sy=4, ratio=0.0, agent_ratio=0.95, **_LEAN),
+        Phase(end=1.0, sx=2, sy=2, ratio=0.75, **_LEAN),
+    ),
+    # AgentSD's published setting carried over to joint attention: the image tokens merged before the projections
+    # (agents early, ToMe after), joint attention over the merged image tokens and the text, then unmerged.
+    "sd3-paper": (
+        Phase(end=0.4, sx=4, sy=4, ratio=0.4, agent_ratio=0.95, share_matching=True, min_tokens=None),
+        Phase(end=1.0, sx=2, sy=2, ratio=0.4, share_matching=True, min_tokens=None),
+    ),
 }
 
 
-DEFAULT = "lean"  # what agentsd.apply(pipe) runs
+DEFAULT = "lean"  # what agentsd.apply(pipe) runs on a UNet
+DIT_DEFAULT = "sd3"  # and on an SD 3 transformer
+DIT_EDGE_BLOCKS = 2  # blocks at each end of a DiT that agentsd.apply leaves alone unless told (the sensitive ones)
 
 
 def resolve_schedule(schedule: Schedule) -> Phases | dict[int, Phases]:

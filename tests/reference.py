@@ -301,3 +301,169 @@ def _reference_ff(forward, attn1_processor):
         )
 
     return ff
+
+
+def window_groups(metric, h, w, sx, sy, windows, k):
+    """One batch element's ToMe groups (lists of token positions): each src token picks the dst of highest cosine
+    similarity of ``metric`` (N×C), the ``k`` most similar src tokens merge into theirs, the rest stay alone."""
+    N = metric.shape[0]
+    dst = dst_positions(h, w, sx, sy, windows)
+    src = [p for p in range(N) if p not in set(dst)]
+    unit = metric / metric.norm(dim=-1, keepdim=True)
+    sims = unit[src] @ unit[dst].T
+    best, choice = sims.max(dim=-1)
+    ranked = sorted(range(len(src)), key=lambda i: -float(best[i]))
+    k = min(k, len(src))
+    members = {d: [d] for d in dst}
+    for i in ranked[:k]:
+        members[dst[int(choice[i])]].append(src[i])
+    return [[src[i]] for i in ranked[k:]] + list(members.values())
+
+
+def _heads(t, heads):
+    return t.reshape(t.shape[0], heads, -1).transpose(0, 1)  # (heads, n, d)
+
+
+def joint_reference(attn, image, text, *, tome=None, agents=None, kv_groups=None, k_scale2=0.3, k_shortcut=0.075):
+    """DESIGN.md §10 for one batch element: image tokens ``image`` (N×C), text ``text`` (M×C, ``None`` for SD 3.5's
+    image-only attn2, which then follows the UNet formulas).
+
+    ``tome``: ToMe groups (lists of token positions) the image tokens merge into before the projections;
+    ``agents``: agent tokens (n×C, before ``to_q``); ``kv_groups``: groups whose means give the image keys and
+    values. Returns (image output N×C, text output M×C or ``None``).
+    """
+    tokens = image if tome is None else torch.stack([image[g].mean(0) for g in tome])
+    H = attn.heads
+
+    def project(linear, norm, x):
+        t = _heads(linear(x), H)
+        return t if norm is None else norm(t)
+
+    q_x, v_own = project(attn.to_q, attn.norm_q, tokens), project(attn.to_v, None, tokens)
+    kv_source = tokens if kv_groups is None else torch.stack([tokens[g].mean(0) for g in kv_groups])
+    keys, values = project(attn.to_k, attn.norm_k, kv_source), project(attn.to_v, None, kv_source)
+    q_t = None
+    if text is not None:
+        q_t = project(attn.add_q_proj, attn.norm_added_q, text)
+        keys = torch.cat([keys, project(attn.add_k_proj, attn.norm_added_k, text)], 1)
+        values = torch.cat([values, project(attn.add_v_proj, None, text)], 1)
+    a = None if agents is None else project(attn.to_q, attn.norm_q, agents)
+    s = attn.scale
+    out_x, out_t = [], []
+    for i in range(H):
+        if a is not None:
+            agent_v = softmax_attention(a[i], keys[i], values[i], s)
+            out_x.append(softmax_attention(q_x[i], a[i], agent_v, s**k_scale2) + k_shortcut * v_own[i])
+            if q_t is not None:
+                out_t.append(softmax_attention(q_t[i], keys[i], values[i], s))
+        else:
+            queries = q_x[i] if q_t is None else torch.cat([q_x[i], q_t[i]])
+            both = softmax_attention(queries, keys[i], values[i], s)
+            out_x.append(both[: len(tokens)])
+            out_t.append(both[len(tokens) :])
+    merged_out = attn.to_out[0](torch.cat(out_x, dim=-1))
+    text_out = None
+    if text is not None:
+        text_out = torch.cat(out_t, dim=-1)
+        text_out = text_out if attn.context_pre_only else attn.to_add_out(text_out)
+    if tome is None:
+        return merged_out, text_out
+    out = torch.empty(image.shape[0], merged_out.shape[-1], dtype=merged_out.dtype)
+    for row, group in enumerate(tome):
+        for p in group:
+            out[p] = merged_out[row]
+    return out, text_out
+
+
+def reference_transformer(transformer, phases, blocks, *, k_scale2=0.3, k_shortcut=0.075, seed=None):
+    """A float64 copy of an SD 3 transformer whose ``blocks`` follow DESIGN.md §10; ``ref(sample, t, ctx, pooled)``
+    returns its output.
+
+    ``phases``: a sequence of Phase (each with explicit ``min_tokens``) picked by ``p = 1 - t/1000``; every phase
+    matches once per call (the first patched block on its input, the others reuse it) on the call's dst draw
+    (call ``c`` takes draw ``c mod 128``; odd batches the top-left dst). SD 3.5's attn2 follows the UNet formulas
+    on the same matching.
+    """
+    import copy
+
+    ref = copy.deepcopy(transformer).double()
+    run = dict(size=None, p=None, call=-1, batch=None, matchings={})
+
+    def phase_now():
+        return next((ph for ph in phases if run["p"] < ph.end), phases[-1])
+
+    def groups_for(x_b, b, phase, k):
+        h, w = run["size"]
+        key = (b, phase.sx, phase.sy, k)
+        if key not in run["matchings"]:
+            windows = None
+            if seed is not None and run["batch"] % 2 == 0:
+                windows = random_windows(h, w, phase.sx, phase.sy, seed, run["call"] % 128)
+            run["matchings"][key] = window_groups(x_b, h, w, phase.sx, phase.sy, windows, k)
+        return run["matchings"][key]
+
+    class Joint:
+        def __init__(self, original):
+            self.original, self.block_input = original, None
+
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+            phase = phase_now()
+            B, N, _ = hidden_states.shape
+            h, w = run["size"]
+            assert phase.min_tokens is not None, "the reference takes explicit thresholds"
+            plain = N < phase.min_tokens or N != h * w
+            outs, texts = [], []
+            for b in range(B):
+                x_b, y_b = self.block_input[b], hidden_states[b]
+                text = None if encoder_hidden_states is None else encoder_hidden_states[b]
+                settings = {}
+                if plain:
+                    pass
+                elif phase.tokens == "merged":
+                    r = int(N * phase.ratio)
+                    settings["tome"] = groups_for(x_b, b, phase, r)
+                    if phase.agent_ratio is not None:
+                        groups = groups_for(x_b, b, phase, int(N * phase.agent_ratio))
+                        if 2 * len(groups) < len(settings["tome"]):
+                            settings["agents"] = torch.stack([y_b[g].mean(0) for g in groups])
+                else:
+                    k = int(N * (phase.ratio if phase.agent_ratio is None else phase.agent_ratio))
+                    groups = groups_for(x_b, b, phase, k)
+                    if phase.agent_ratio is None:
+                        settings["kv_groups"] = groups
+                    elif 2 * len(groups) < N:  # else plain attention
+                        settings["agents"] = torch.stack([y_b[g].mean(0) for g in groups])
+                out, text_out = joint_reference(attn, y_b, text, k_scale2=k_scale2, k_shortcut=k_shortcut, **settings)
+                outs.append(out)
+                texts.append(text_out)
+            if encoder_hidden_states is None:
+                return torch.stack(outs)
+            return torch.stack(outs), torch.stack(texts)
+
+    for index in blocks:
+        block = ref.transformer_blocks[index]
+        processors = []
+        for attn in (block.attn, getattr(block, "attn2", None)):
+            if attn is not None:
+                processors.append(Joint(attn.processor))
+                attn.set_processor(processors[-1])
+
+        def hook(module, args, kwargs, processors=tuple(processors)):
+            for processor in processors:
+                processor.block_input = kwargs["hidden_states"]
+
+        block.register_forward_pre_hook(hook, with_kwargs=True)
+
+    def call(sample, timestep, context, pooled):
+        size = ref.config.patch_size
+        run.update(size=(sample.shape[-2] // size, sample.shape[-1] // size), p=1 - float(timestep) / 1000)
+        run.update(matchings={}, batch=sample.shape[0], call=run["call"] + 1)
+        with torch.no_grad():
+            return ref(
+                hidden_states=sample.double(),
+                encoder_hidden_states=context.double(),
+                pooled_projections=pooled.double(),
+                timestep=torch.full((sample.shape[0],), float(timestep), dtype=torch.float64),
+            ).sample
+
+    return call

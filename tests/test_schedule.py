@@ -108,12 +108,13 @@ def test_lean_phase_checks(kwargs, message):
 
 
 def test_default_is_the_lean_preset_of_merged_agents():
-    import inspect
+    from conftest import tiny_unet
 
     import agentsd
     from agentsd.schedule import DEFAULT
 
-    assert inspect.signature(agentsd.apply).parameters["schedule"].default == DEFAULT == "lean"
+    unet = agentsd.apply(tiny_unet())  # no schedule: the default
+    assert DEFAULT == "lean" and agentsd.state_of(unet).config.bands[0].phases == PRESETS["lean"][0]
     for early, late in PRESETS["lean"].values():
         assert early.end == PRESETS["paper"][0].end  # agents while the layout forms, as published
         assert early.agent_ratio is not None and late.agent_ratio is None and late.ratio > 0  # then merged K/V
