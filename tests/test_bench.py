@@ -233,3 +233,20 @@ def test_rounds_cut_repeats_to_the_deadline_but_keep_one(monkeypatch):
         labels.append(label)
         clock.now += 1.0  # each round takes 1 s: a third would end past the deadline
     assert labels == ["repeat 1", "repeat 2"]
+
+
+def test_speed_times_sd3_transformer_forwards(tmp_path, monkeypatch):
+    """--model sd35 (shrunk here): vanilla, the ceiling (patched blocks' attention free) and the sd3 preset's phases,
+    weighted into "sd3"; UNet-only methods are refused."""
+    from agentsd.bench import core
+
+    tiny = dict(core.SD35_MEDIUM, num_layers=6, num_attention_heads=2, attention_head_dim=8, joint_attention_dim=16)
+    tiny |= dict(caption_projection_dim=16, pooled_projection_dim=8, in_channels=4, out_channels=4)
+    monkeypatch.setitem(core.ARCHITECTURES, "sd35", tiny | {"dual_attention_layers": (0, 1)})
+    out = tmp_path / "sd35.json"
+    common = ["bench", "speed", "--model", "sd35", "--repeats", "1", "--warmup", "0", "--out", str(out)]
+    assert main([*common, "--sizes", "256", "--batch", "1"]) == 0
+    entry = json.loads(out.read_text())["sizes"]["256"]
+    assert set(entry["times"]) == {"vanilla", "ceiling", "sd3-early", "sd3-late"}
+    assert "sd3" in entry["speedup_median"]
+    assert main([*common, "--sizes", "256", "--methods", "vanilla", "tomesd"]) == 2

@@ -48,8 +48,26 @@ SDXL_UNET = {
     "addition_time_embed_dim": 256,
     "projection_class_embeddings_input_dim": 2816,
 }
-ARCHITECTURES = {"sd15": SD15_UNET, "sdxl": SDXL_UNET}
-_NAMES = {"sd15": "SD 1.5", "sdxl": "SDXL"}
+# SD 3.5 medium's transformer (MMDiT-X: attn2 in its first 13 blocks, RMS q/k norms), 2.5B parameters.
+SD35_MEDIUM = {
+    "sample_size": 128,
+    "patch_size": 2,
+    "in_channels": 16,
+    "num_layers": 24,
+    "attention_head_dim": 64,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "caption_projection_dim": 1536,
+    "pooled_projection_dim": 2048,
+    "out_channels": 16,
+    "pos_embed_max_size": 384,
+    "dual_attention_layers": tuple(range(13)),
+    "qk_norm": "rms_norm",
+}
+ARCHITECTURES = {"sd15": SD15_UNET, "sdxl": SDXL_UNET, "sd35": SD35_MEDIUM}
+TRANSFORMERS = {"sd35"}  # architectures that are SD 3 transformers, not UNets
+_NAMES = {"sd15": "SD 1.5", "sdxl": "SDXL", "sd35": "SD 3.5 medium"}
+TEXT_TOKENS_SD3 = 77 + 256  # CLIP's and T5's prompt tokens side by side
 TOME_RATIO = PRESETS["paper"][1].ratio  # the ToMe ratio every benchmark's tomesd runs at: the paper's
 
 
@@ -70,7 +88,13 @@ def model_folder(model: str) -> Path | None:
 
 
 def build_unet(model: str) -> tuple[UNet2DConditionModel, int, str]:
-    """A random-weight UNet for ``model`` (sd15, sdxl, demo or a diffusers folder), its VAE factor and a name."""
+    """A random-weight UNet for ``model`` (sd15, sdxl, demo or a diffusers folder), its VAE factor and a name; for
+    ``sd35`` the SD 3.5-medium transformer."""
+    if model in TRANSFORMERS:
+        from diffusers import SD3Transformer2DModel
+
+        name = f"{_NAMES[model]} transformer architecture, random weights"
+        return SD3Transformer2DModel(**ARCHITECTURES[model]), 8, name
     name = f"{_NAMES.get(model, model)} UNet architecture, random weights"
     path = model_folder(model)
     if path is None:
@@ -90,8 +114,18 @@ def random_unet(model: str, device, dtype) -> tuple[UNet2DConditionModel, int, s
 
 
 def unet_inputs(unet, batch: int, latent: int, device, dtype) -> dict:
-    """Random keyword inputs of one UNet call (timestep 500) at a ``latent``² sample."""
+    """Random keyword inputs of one UNet call (timestep 500) at a ``latent``² sample (of an SD 3 transformer: its
+    hidden states, the prompt's CLIP and T5 tokens and the pooled text)."""
     config = unet.config
+    if hasattr(config, "joint_attention_dim"):
+        return {
+            "hidden_states": torch.randn(batch, config.in_channels, latent, latent, device=device, dtype=dtype),
+            "timestep": torch.full((batch,), 500.0, device=device, dtype=dtype),
+            "encoder_hidden_states": torch.randn(
+                batch, TEXT_TOKENS_SD3, config.joint_attention_dim, device=device, dtype=dtype
+            ),
+            "pooled_projections": torch.randn(batch, config.pooled_projection_dim, device=device, dtype=dtype),
+        }
     inputs = {
         "sample": torch.randn(batch, config.in_channels, latent, latent, device=device, dtype=dtype),
         "timestep": 500,

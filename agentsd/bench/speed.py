@@ -30,7 +30,8 @@ import agentsd
 from agentsd import PRESETS, Phase
 from agentsd.bench import pyplot, save_figure, write_report
 from agentsd.bench.core import TOME_RATIO, interleave, machine, random_unet, resume, unet_inputs
-from agentsd.patch import auto_max_downsample
+from agentsd.patch import _is_dit, auto_max_downsample
+from agentsd.schedule import DIT_EDGE_BLOCKS
 
 AGENT_PHASE = Phase(end=1.0, **{k: getattr(PRESETS["paper"][0], k) for k in ("sx", "sy", "ratio", "agent_ratio")})
 TOME_PHASE = Phase(end=1.0, sx=2, sy=2, ratio=TOME_RATIO)
@@ -50,7 +51,27 @@ class _ZeroAttention:
         return self.original(attn, hidden_states, *args, **kwargs)
 
 
+class _ZeroJointAttention:
+    """The ceiling of an SD 3 transformer's patched blocks: their attention (joint and attn2) made free."""
+
+    def __init__(self, original):
+        self.original = original
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, *args, **kwargs):
+        if encoder_hidden_states is None:
+            return torch.zeros_like(hidden_states)
+        return torch.zeros_like(hidden_states), torch.zeros_like(encoder_hidden_states)
+
+
 def _ceiling(unet, latent_tokens: int) -> Callable[[], None]:
+    if _is_dit(unet):
+        count = len(unet.transformer_blocks)
+        blocks = unet.transformer_blocks[DIT_EDGE_BLOCKS : count - DIT_EDGE_BLOCKS]  # the blocks "sd3" patches
+        attns = [a for b in blocks for a in (b.attn, b.attn2) if a is not None]
+        originals = [a.processor for a in attns]
+        for attn, original in zip(attns, originals):
+            attn.set_processor(_ZeroJointAttention(original))
+        return lambda: [attn.set_processor(original) for attn, original in zip(attns, originals)] and None
     max_downsample = auto_max_downsample(unet)
     blocks = [m for m in unet.modules() if isinstance(m, BasicTransformerBlock)]
     originals = [b.attn1.processor for b in blocks]
@@ -91,16 +112,24 @@ METHODS: dict[str, Callable] = {
     "lean-late": lambda unet, tokens: _agentsd(unet, _lean_phase(1)),
     "pooled-early": lambda unet, tokens: _agentsd(unet, _lean_phase(0, agents="pooled", agent_ratio=None)),
     "ceiling": _ceiling,
+    # an SD 3 transformer: the sd3 preset's two phases, each for a whole call (on the blocks apply patches)
+    "sd3-early": lambda unet, tokens: _agentsd(unet, (dataclasses.replace(PRESETS["sd3"][0], end=1.0),)),
+    "sd3-late": lambda unet, tokens: _agentsd(unet, (dataclasses.replace(PRESETS["sd3"][1], end=1.0),)),
 }
+DIT_METHODS = ("vanilla", "ceiling", "sd3-early", "sd3-late")
+SD3_SHARE = PRESETS["sd3"][0].end
 
 
 def time_forward(unet, inputs: dict) -> float:
     start = time.perf_counter()
     kwargs = dict(inputs)
-    args = [kwargs.pop(name) for name in ("sample", "timestep", "encoder_hidden_states")]
+    if "hidden_states" in kwargs:  # an SD 3 transformer
+        args = []
+    else:  # positional: tomesd's hook reads the sample from the positional arguments only
+        args = [kwargs.pop(name) for name in ("sample", "timestep", "encoder_hidden_states")]
     with torch.no_grad():
-        unet(*args, **kwargs)  # positional: tomesd's hook reads the sample from the positional arguments only
-    if inputs["sample"].device.type == "cuda":
+        unet(*args, **kwargs)
+    if next(iter(inputs.values())).device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - start
 
@@ -111,6 +140,10 @@ def run(model, sizes, methods, repeats, warmup, batch, dtype, device, out: Path,
     ``deadline`` (a ``time.monotonic()`` value): fewer repeats (at least one) where the rest would not fit, and
     sizes not started once it has passed; what was cut is printed and the repeats taken are recorded."""
     unet, vae_factor, name = random_unet(model, device, dtype)
+    if _is_dit(unet):
+        unsupported = [m for m in methods if m not in DIT_METHODS]
+        if unsupported:
+            raise ValueError(f"an SD 3 transformer times {', '.join(DIT_METHODS)}; not {', '.join(unsupported)}")
     setup = {
         **machine(device, dtype),
         "batch": batch,
@@ -156,6 +189,8 @@ def summarize(times: dict[str, list[float]]) -> dict:
             )
         if "lean-early" in seconds and "lean-late" in seconds:
             seconds["lean"] = LEAN_SHARE * seconds["lean-early"] + (1 - LEAN_SHARE) * seconds["lean-late"]
+        if "sd3-early" in seconds and "sd3-late" in seconds:
+            seconds["sd3"] = SD3_SHARE * seconds["sd3-early"] + (1 - SD3_SHARE) * seconds["sd3-late"]
         summary[stat] = seconds
         if "vanilla" in seconds:
             vanilla = seconds["vanilla"]
@@ -168,7 +203,7 @@ def summarize(times: dict[str, list[float]]) -> dict:
 
 def table(results: dict) -> str:
     lines = [
-        f"UNet forward ({results['model']}), batch {results['batch']}, {results['dtype']}, {results['device']} "
+        f"Forward ({results['model']}), batch {results['batch']}, {results['dtype']}, {results['device']} "
         f"({results['threads']} threads)",
         "",
         "Speed-up over vanilla and share of the ceiling's saving, from the median (and the minimum) of the repeats.",
@@ -218,7 +253,9 @@ def plot(results: dict):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="sd15", help="sd15, sdxl, demo, or a diffusers folder (its UNet config)")
+    parser.add_argument(
+        "--model", default="sd15", help="sd15, sdxl, sd35 (SD 3.5 medium), demo or a diffusers folder (its UNet config)"
+    )
     parser.add_argument("--sizes", type=int, nargs="+", default=[512, 1024], help="image sizes (pixels, square)")
     parser.add_argument("--methods", nargs="+", help="default: all of the mode's methods")
     parser.add_argument("--pipeline", action="store_true", help="time whole sampling runs instead of UNet forwards")
@@ -251,11 +288,17 @@ def check_arguments(args: argparse.Namespace) -> None:
     from . import runs
 
     methods = runs.METHODS if args.pipeline else METHODS
-    args.methods = args.methods or list(runs.DEFAULT_METHODS if args.pipeline else METHODS)
+    if args.model == "sd35" and args.pipeline:
+        raise ValueError("--model sd35 times transformer forwards (no --pipeline)")
+    forwards = DIT_METHODS if args.model == "sd35" else [m for m in METHODS if not m.startswith("sd3")]
+    args.methods = args.methods or list(runs.DEFAULT_METHODS if args.pipeline else forwards)
     unknown = [m for m in args.methods if m not in methods]
     if unknown:
         mode = "--pipeline" if args.pipeline else "UNet-forward"
         raise ValueError(f"unknown {mode} method(s) {', '.join(unknown)}; choose from {', '.join(methods)}")
+    if not args.pipeline and any(m not in forwards for m in args.methods):
+        kind = "an SD 3 transformer" if args.model == "sd35" else "a UNet"
+        raise ValueError(f"{kind} times {', '.join(forwards)}; not {', '.join(set(args.methods) - set(forwards))}")
     if getattr(args, "fresh", 0) and not args.pipeline:
         raise ValueError("--fresh goes with --pipeline (whole runs)")
     if getattr(args, "fresh", 0) < 0:

@@ -1,16 +1,15 @@
 """The GPU suite: one command that measures what the README quotes, on whatever card runs it.
 
-Whole 20-step runs, fp16 on CUDA: SD 1.5 at 512², 1024², 2048²; SDXL at 1024² and 2048², and
-SDXL's hi-res pass (image-to-image at 2048², strength 0.5); vanilla, the ceilings, ``paper``,
-``fast``, ``lean`` (the default), DeepCache and DeepCache + ``lean``; torch.compile (default mode
-and CUDA graphs) for vanilla and ``lean``; UNet forwards last. The parts run in order of what they tell (cheap, broad
-ones first) under a time budget (``--budget``, 8 minutes by default): a part that would
-start after the budget is spent is left out, and a part under way takes fewer repeats
-(at least one) rather than run over; ``suite.json`` records what ran, how long and what
-was left out. Each part writes its JSON, table and plot into ``--out``; a size already
-measured there is skipped, so an interrupted or cut suite resumes. A part that fails is
-reported and the rest still run. ``--tiny`` runs the same parts on a tiny UNet at small
-sizes: the CPU check that the suite works end to end.
+Whole 20-step runs, fp16 on CUDA: SD 1.5 at 512², 1024², 2048²; SDXL at 1024² and 2048², and SDXL's hi-res
+pass (image-to-image at 2048², strength 0.5); vanilla, the ceilings, ``paper``, ``fast``, ``lean`` (the
+default), DeepCache and DeepCache + ``lean``; torch.compile (default mode and CUDA graphs) for vanilla and
+``lean``; UNet forwards, then SD 3.5-medium transformer forwards (1024², 2048²), last. The parts run in order
+of what they tell (cheap, broad ones first) under a time budget (``--budget``, 8 minutes by default): a part
+that would start after the budget is spent is left out, and a part under way takes fewer repeats (at least
+one) rather than run over; ``suite.json`` records what ran, how long and what was left out. Each part writes
+its JSON, table and plot into ``--out``; a size already measured there is skipped, so an interrupted or cut
+suite resumes. A part that fails is reported and the rest still run. ``--tiny`` runs the same parts on a tiny
+UNet at small sizes: the CPU check that the suite works end to end.
 
     benchmarks/gpu.sh      # = agentsd bench suite --device cuda --dtype float16 (into benchmarks/results/gpu/<card>)
     agentsd bench suite --tiny --device cpu --out /tmp/suite
@@ -54,6 +53,7 @@ PARTS = [
     ("sdxl", "runs", [2048], BIG),
     ("sdxl", "img2img", [2048], BIG),
     ("sd15", "forward", [512, 1024, 2048], None),
+    ("sd35", "forward", [1024, 2048], None),  # SD 3.5 medium's transformer: vanilla, ceiling, the sd3 preset
 ]
 IMG2IMG_STRENGTH = 0.5
 # the same modes on a tiny UNet at small sizes (the CPU check): SD 1.5's parts, its 2048² runs aside; CUDA graphs
@@ -98,7 +98,7 @@ def parts(args: argparse.Namespace, tiny_folder: Path | None) -> list[argparse.N
             argparse.Namespace(
                 model=str(tiny_folder) if args.tiny else model,
                 sizes=sizes,
-                methods=methods or list(runs.DEFAULT_METHODS if pipeline else speed.METHODS),
+                methods=methods or (list(runs.DEFAULT_METHODS) if pipeline else None),
                 pipeline=pipeline,
                 strength=IMG2IMG_STRENGTH if mode == "img2img" else None,
                 steps=2 if args.tiny else args.steps,
