@@ -252,6 +252,8 @@ def generate(args) -> int:
     device = _device(args.device)
     dtype = _dtype(args.dtype, device)
     pipe, model_name = _load(args.model, device, dtype)
+    if getattr(pipe, "unet", None) is None and any(m.startswith("deepcache") for m in methods):
+        raise UsageError(f"DeepCache caches UNet features; {type(pipe).__name__} has no UNet: drop deepcache")
 
     renders = {}
     for _ in range(repeats):  # interleaved, so that drift in the machine's load hits every method alike
@@ -338,10 +340,10 @@ def _size(text: str | None) -> tuple[int, int] | None:
 
 
 def _schedule(text: str | None):
-    from .schedule import DEFAULT, PRESETS, Phase, resolve_schedule
+    from .schedule import PRESETS, Phase, resolve_schedule
 
     if text is None or text in PRESETS:
-        return text or DEFAULT
+        return text  # None: agentsd.apply's default for the model (lean on a UNet, sd3 on an SD 3 transformer)
     path = Path(text)
     if path.suffix != ".json":
         raise UsageError(f"--schedule must be one of {', '.join(PRESETS)} or a .json file, got {text!r}")
@@ -412,8 +414,12 @@ def _load(model: str | None, device, dtype):
     except (OSError, ValueError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UsageError(f"could not load model {model!r}: {first_line}") from None
-    if not hasattr(pipe, "unet"):
-        raise UsageError(f"{model!r} is a {type(pipe).__name__}, which has no UNet for agentsd to patch")
+    from .patch import _find_unets
+
+    try:
+        _find_unets(pipe)
+    except TypeError as error:
+        raise UsageError(f"{model!r}: {error}") from None
     return pipe.to(device), model
 
 
@@ -435,6 +441,11 @@ def _render(pipe, method: str, schedule, args, size) -> Render:
         settings["deepcache"] = DEEPCACHE
     if base != "none":
         schedule = schedule if base == "agent" else base
+        if schedule is None:  # the model's default
+            from .patch import _find_unets, _is_dit
+            from .schedule import DEFAULT, DIT_DEFAULT
+
+            schedule = DIT_DEFAULT if _is_dit(_find_unets(pipe)[0][0]) else DEFAULT
         agentsd.apply(pipe, schedule, seed=args.seed)
         undo.append(lambda: agentsd.remove(pipe))
         settings["schedule"] = _describe(schedule)

@@ -89,7 +89,7 @@ def test_joint_attention_equals_the_reference(layout, case, shape):
         assert (out - run(model, sample, context, pooled, t)).abs().max() > 1e-4  # agentsd acted
 
 
-def tiny_sd3_pipeline(tmp_path, kind: str = "txt2img", layout: str = "sd3"):
+def tiny_sd3_pipeline(tmp_path, kind: str = "txt2img", layout: str = "sd3", t5: bool = False):
     """SD 3 pipeline from configs: two char-level CLIP encoders (T5 absent), a small VAE, the tiny transformer."""
     from diffusers import AutoencoderKL, StableDiffusion3Img2ImgPipeline, StableDiffusion3Pipeline
     from transformers import CLIPTextModelWithProjection
@@ -115,6 +115,13 @@ def tiny_sd3_pipeline(tmp_path, kind: str = "txt2img", layout: str = "sd3"):
         text_encoder_3=None,
         tokenizer_3=None,
     )
+    if t5:  # a one-layer T5 over the same char-level vocabulary (saved pipelines need all three encoders)
+        from transformers import T5Config, T5EncoderModel
+
+        config = T5Config(
+            vocab_size=tokenizer.vocab_size, d_model=JOINT_DIM, d_kv=8, d_ff=32, num_layers=1, num_heads=2
+        )
+        components.update(text_encoder_3=T5EncoderModel(config), tokenizer_3=tokenizer)
     cls = StableDiffusion3Img2ImgPipeline if kind == "img2img" else StableDiffusion3Pipeline
     return cls(**components)
 
@@ -274,3 +281,16 @@ def test_controlnet_pipeline_patches_the_controlnet_too(tmp_path):
     agentsd.remove(pipe)
     assert agentsd.state_of(controlnet) is None
     assert torch.equal(generate(pipe, **control), vanilla)
+
+
+def test_cli_generates_with_an_sd3_folder(tmp_path, capsys):
+    from agentsd.cli import main
+
+    folder = tmp_path / "sd3"
+    tiny_sd3_pipeline(tmp_path, t5=True).save_pretrained(folder)
+    out = tmp_path / "grid.png"
+    args = ["generate", "a red box", "--model", str(folder), "--steps", "2", "--size", "32", "--device", "cpu"]
+    assert main([*args, "--compare", "none,agent,sd3-paper", "-o", str(out)]) == 0
+    assert out.stat().st_size > 0 and "sd3-paper" in capsys.readouterr().out
+    assert main([*args, "--method", "deepcache", "-o", str(out)]) == 2
+    assert "has no UNet" in capsys.readouterr().err
