@@ -38,6 +38,8 @@ METHODS = {
     "fast": "fast",
     "lean": "lean",
     "pooled": "pooled",
+    "sd3": "sd3",
+    "sd3-paper": "sd3-paper",
     "deepcache": None,
     "deepcache+agent": "paper",
     "deepcache+fast": "fast",
