@@ -208,7 +208,7 @@ def measure(args, prompts: list[str], scenes, out: Path) -> dict:
     if scenes is not None:
         from agentsd.demo import Evaluator
 
-        evaluator = Evaluator.load()
+        evaluator = Evaluator.load(args.evaluator) if getattr(args, "evaluator", None) else Evaluator.load()
     features = inception(args.inception_weights) if args.inception_weights else evaluator
     reference_name = str(args.reference) if args.reference else "none" if "none" in args.methods else None
     reference = load_images(args.reference, 0) if args.reference else images.get("none")
@@ -333,6 +333,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         help="the real-vs-real FID of the reference (a JSON with 'fid', from "
         "benchmarks/eval_demo.py --real-only): the floor the table and plot show beside FID",
+    )
+    parser.add_argument(
+        "--evaluator", type=Path, help="demo evaluator weights for caption accuracy and FID features (default: shipped)"
     )
     parser.add_argument("--inception-weights", help="local pt_inception weights file (Inception features)")
     parser.add_argument("--clip-model", help="local CLIP folder (transformers format): adds the CLIP score")
