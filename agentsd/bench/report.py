@@ -71,23 +71,31 @@ def ops(root: Path) -> str:
 
 
 def quality_demo128(root: Path) -> str:
-    """Quality on the 128² proving ground (``agentsd bench quality``)."""
+    """Quality on the 128² proving ground (``agentsd bench quality``): one-object captions, and the two-object set
+    where it was measured (``quality_demo128_two``)."""
     results = _load(root, RESULTS / "quality_demo128" / "quality.json")
     if results is None:
         return "(no quality_demo128/quality.json)"
+    two = _load(root, RESULTS / "quality_demo128_two" / "quality.json")
+    two_rows = (two or {}).get("metrics", {}).get("methods", {})
     floor = results["metrics"].get("real_vs_real_fid")
     lines = [
-        f"{results['num']} one-object captions, {results['steps']} steps, guidance {results['guidance']}, "
-        f"commit {_commit(results)}" + ("" if floor is None else f"; real-vs-real FID (the floor): {floor:.1f}"),
+        f"{results['num']} one-object captions"
+        + (f" and {two['num']} two-object captions" if two else "")
+        + f", {results['steps']} steps, guidance {results['guidance']}, commit {_commit(results)}"
+        + ("" if floor is None else f"; real-vs-real FID (the floor): {floor:.1f}"),
         "",
-        "| method | caption accuracy | FID | KID ×1e4 (± std) | PSNR vs vanilla | s/image |",
-        "|---|---|---|---|---|---|",
+        "| method | caption accuracy | two objects | FID | KID (± std) | PSNR vs vanilla | SSIM | s/image |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for method, m in results["metrics"]["methods"].items():
-        psnr = "–" if method == "none" else f"{m['psnr_vs_none']:.1f} dB"
+        psnr = "–" if m.get("psnr_vs_none") is None else f"{m['psnr_vs_none']:.1f} dB"
+        ssim = "–" if m.get("ssim_vs_none") is None else f"{m['ssim_vs_none']:.3f}"
+        pair = two_rows.get(method, {}).get("caption_accuracy")
+        pair = "–" if pair is None else f"{100 * pair:.1f}%"
         lines.append(
-            f"| {method} | {100 * m['caption_accuracy']:.1f}% | {m['fid']:.1f} | {m['kid']:.0f} ± {m['kid_std']:.0f} "
-            f"| {psnr} | {m['seconds_per_image']:.2f} |"
+            f"| {method} | {100 * m['caption_accuracy']:.1f}% | {pair} | {m['fid']:.1f} "
+            f"| {m['kid']:.0f} ± {m['kid_std']:.0f} | {psnr} | {ssim} | {m['seconds_per_image']:.2f} |"
         )
     return "\n".join(lines)
 
