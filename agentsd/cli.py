@@ -71,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
         "--schedule",
         help="for --method agent: lean (default), paper, fast, tome, or a JSON file of phases ([...] or {level: ...})",
     )
-    gen.add_argument("--steps", type=int, default=50)
+    gen.add_argument("--steps", type=int, help="sampling steps (default: 50, or the demo model's own)")
     gen.add_argument("--guidance", type=float, help="guidance scale (default: 7.5, or the demo model's own)")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--size", help="WIDTHxHEIGHT or N, multiples of 8 (default: the model's own)")
@@ -240,6 +240,10 @@ def generate(args) -> int:
             import DeepCache  # noqa: F401
         except ImportError:
             raise UsageError("the deepcache methods need the deepcache package: pip install deepcache") from None
+    if args.steps is None:
+        from .demo import STEPS
+
+        args.steps = STEPS if args.model is None else 50
     if args.steps < 1:
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
     if args.num_images < 1:

@@ -8,11 +8,12 @@ features for FID. Trained by ``benchmarks/train_demo.py``.
 
 from .data import Batch, Obj, Scene, parse, prompts, render, sample, scenes, vocabulary
 from .evaluator import Evaluator, Scores
-from .pipeline import GUIDANCE, MODEL_DIR, load_pipeline
+from .pipeline import GUIDANCE, MODEL_DIR, STEPS, load_pipeline
 
 __all__ = [
     "GUIDANCE",
     "MODEL_DIR",
+    "STEPS",
     "Batch",
     "Evaluator",
     "Obj",

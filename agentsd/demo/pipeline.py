@@ -6,12 +6,13 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["GUIDANCE", "MODEL_DIR", "load_pipeline"]
+__all__ = ["GUIDANCE", "MODEL_DIR", "STEPS", "load_pipeline"]
 
 MODEL_DIR = Path(__file__).with_name("model")
 # The guidance scale the shipped model reads captions best at (benchmarks/results/demo_model.json);
 # Stable Diffusion's usual 7.5 over-saturates a model this small.
 GUIDANCE = 3.0
+STEPS = 25  # the sampling steps its caption accuracy was measured at
 
 
 def load_pipeline(
@@ -25,10 +26,13 @@ def load_pipeline(
     """
     from diffusers import StableDiffusionPipeline
 
-    # The weights are stored in float32, which is what loading gives without a dtype keyword.
-    options = {} if dtype is None else {"torch_dtype": dtype}
+    # Weights may be stored in half precision (to keep the package small): loaded in float32 unless asked.
     pipe = StableDiffusionPipeline.from_pretrained(
-        folder, local_files_only=True, safety_checker=None, requires_safety_checker=False, **options
+        folder,
+        local_files_only=True,
+        safety_checker=None,
+        requires_safety_checker=False,
+        torch_dtype=torch.float32 if dtype is None else dtype,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device or "cpu")
