@@ -159,19 +159,24 @@ def assign(metric: torch.Tensor, dst: torch.Tensor, slots: torch.Tensor | None =
 
 
 DENSE_GROUP_ELEMENTS = 1 << 25  # largest B·Nd·N averaged by one batched matrix product instead of index_add
+# On a CPU the product's B·Nd·N·C multiply-adds cost more than the two ops it saves (a CPU is not bound by launches):
+# there groups sum with index_add unless this is set (`agentsd bench ops` sets it to count what a GPU runs).
+DENSE_ON_CPU = False
 
 
 class Groups:
     """The mean of each group of tokens that share a slot (``slots`` from :func:`assign`), its index work done once.
 
-    Small merges (``B·size·N`` up to ``DENSE_GROUP_ELEMENTS``) are one batched product with a ``(B, size, N)``
-    averaging matrix; larger ones, where that matrix would outweigh the tokens, sum with ``index_add``.
+    On accelerators small merges (``B·size·N`` up to ``DENSE_GROUP_ELEMENTS``) are one batched product with a
+    ``(B, size, N)`` averaging matrix, one kernel where ``index_add`` takes three; larger ones, where that matrix
+    would outweigh the tokens, and every merge on a CPU (``DENSE_ON_CPU``), sum with ``index_add``.
     """
 
     def __init__(self, slots: torch.Tensor, size: int):
         self.slots, self.size = slots, size
         B, N = self.shape = slots.shape
-        self.dense = B * size * N <= DENSE_GROUP_ELEMENTS
+        launch_bound = slots.device.type != "cpu" or DENSE_ON_CPU
+        self.dense = launch_bound and B * size * N <= DENSE_GROUP_ELEMENTS
         self._weights: dict[torch.dtype, torch.Tensor] = {}
         if self.dense:
             members = slots[:, None, :] == torch.arange(size, device=slots.device)[:, None]

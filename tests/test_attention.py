@@ -295,9 +295,12 @@ ALL_TOKEN_SETTINGS = [
 ]
 
 
+@pytest.mark.parametrize("dense", [False, True], ids=["index_add", "dense-as-on-a-gpu"])
 @pytest.mark.parametrize("setting", ALL_TOKEN_SETTINGS, ids=range(len(ALL_TOKEN_SETTINGS)))
-def test_all_tokens_path_matches_reference(setting):
-    """Phase(tokens="all") against the reference over two calls (each call draws its own dst)."""
+def test_all_tokens_path_matches_reference(setting, dense, monkeypatch):
+    """Phase(tokens="all") against the reference over two calls (each call draws its own dst); groups averaged by
+    index_add (a CPU's way) and by the batched product (a GPU's)."""
+    monkeypatch.setattr(agentsd.merge, "DENSE_ON_CPU", dense)
     unet = tiny_unet("sd", seed=21)
     height, width = setting["size"]
     sample, context = unet_inputs(height=height, width=width, seed=22)

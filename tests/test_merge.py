@@ -84,6 +84,7 @@ def test_full_merge_rows_are_the_dst_slots_and_equal_assign(monkeypatch, dense):
     import agentsd.merge as merge_module
 
     monkeypatch.setattr(merge_module, "DENSE_GROUP_ELEMENTS", dense)  # 0: index_add; else one batched product
+    monkeypatch.setattr(merge_module, "DENSE_ON_CPU", True)
     gen = torch.Generator().manual_seed(3)
     h, w, sx, sy = 7, 9, 2, 2
     x = torch.randn(2, h * w, 6, generator=gen, dtype=torch.float64)
@@ -97,6 +98,7 @@ def test_full_merge_rows_are_the_dst_slots_and_equal_assign(monkeypatch, dense):
         for p in range(h * w):
             if p not in dst.tolist():
                 assert rows[b, p] == (unit[b, p] @ unit[b, dst].T).argmax()
+    assert Groups(rows, len(dst)).dense == (dense > 0)
     for groups in (Groups(rows, len(dst)), merge):
         means = groups(x) if groups is not merge else merge(x, rows, len(dst))
         for b in range(2):

@@ -6,7 +6,8 @@ non-view ATen ops (``TorchDispatchMode``) of one UNet call, vanilla against ever
 each of its phases, with merging forced on at the size counted (``min_tokens=0``: the count does
 not depend on the size). Ops that only allocate (``empty``) launch no kernel and are counted
 apart. The count is of a warm call: what a preset builds once per size (its dst draws) is
-built by a call before.
+built by a call before. Token groups are averaged as on a GPU (one batched product where it is
+small, ``agentsd.merge.DENSE_ON_CPU``), whatever device counts.
 
     agentsd bench ops                                   # SD 1.5 at 256² -> benchmarks/results/ops_sd15.json
     agentsd bench ops --model sdxl --size 512 --presets paper lean
@@ -15,6 +16,7 @@ built by a call before.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 from collections import Counter
@@ -24,7 +26,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import agentsd
-from agentsd import PRESETS
+from agentsd import PRESETS, merge
 from agentsd.attention import AgentAttnProcessor
 from agentsd.bench import write_results
 from agentsd.bench.core import machine, random_unet, unet_inputs
@@ -75,6 +77,16 @@ def _phase_names(phases, p: float) -> str:
     return "agent" if any(ph.agent_ratio is not None or ph.agents == "pooled" for ph in at) else "tome"
 
 
+@contextlib.contextmanager
+def _dense_groups():
+    """Average token groups as a GPU does (the dense product where small), on any device."""
+    previous, merge.DENSE_ON_CPU = merge.DENSE_ON_CPU, True
+    try:
+        yield
+    finally:
+        merge.DENSE_ON_CPU = previous
+
+
 def count_call(unet, inputs: dict, timestep: float) -> tuple[OpCounter, int]:
     """The ops of one warm UNet call at ``timestep`` and how many blocks merged in it."""
     merged = []
@@ -85,7 +97,7 @@ def count_call(unet, inputs: dict, timestep: float) -> tuple[OpCounter, int]:
         merged.append(out is not None)
         return out
 
-    with torch.no_grad():
+    with torch.no_grad(), _dense_groups():
         unet(**inputs, timestep=timestep)
         AgentAttnProcessor._plan = spy
         try:
