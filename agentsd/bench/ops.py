@@ -170,7 +170,8 @@ def table(results: dict) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="sd15", help="sd15, sdxl, demo or a diffusers folder (random weights)")
     parser.add_argument("--size", type=int, default=256, help="image side in pixels (the count does not depend on it)")
-    parser.add_argument("--presets", nargs="+", default=sorted(PRESETS), choices=sorted(PRESETS))
+    unet_presets = sorted(name for name in PRESETS if not name.startswith("sd3"))  # the sd3 ones are for SD 3
+    parser.add_argument("--presets", nargs="+", default=unet_presets, choices=sorted(PRESETS))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--out", type=Path, help="JSON to write (default benchmarks/results/ops_<model>.json)")
