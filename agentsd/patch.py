@@ -283,7 +283,10 @@ def _dit_bands(module: torch.nn.Module, schedule, blocks) -> tuple[tuple[Band, .
             if index % count in of_block:
                 raise ValueError(f"block {index} is named twice in the schedule")
             of_block[index % count] = len(bands)
-        bands.append(Band(0, 1, _phases(phases)))
+        resolved = resolve_schedule(phases) if isinstance(phases, str) else _phases(phases)
+        if isinstance(resolved, dict):
+            raise ValueError(f"{phases!r} is a per-level UNet preset; a block range takes phases or an SD 3 preset")
+        bands.append(Band(0, 1, resolved))
     if not of_block:
         warnings.warn(
             f"agentsd changes nothing: no block of {type(module).__name__}'s {count} is patched "

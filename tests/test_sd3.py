@@ -182,6 +182,8 @@ def test_default_schedule_and_blocks():
     bands = [getattr(b.attn.processor, "band", None) for b in model.transformer_blocks]
     assert bands == [0, 0, None, None, 1, None]
     run(model, sample, context, pooled)
+    agentsd.apply(model, {range(1, 5): "sd3-paper"})  # a preset per block range
+    assert agentsd.state_of(model).config.bands[0].phases == agentsd.PRESETS["sd3-paper"]
     with pytest.raises(ValueError, match="blocks 0..5"):
         agentsd.apply(model, FORCED, blocks=[6])
     with pytest.raises(ValueError, match="named twice"):
