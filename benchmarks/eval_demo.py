@@ -31,7 +31,7 @@ def weight_sizes(model_dir: Path = MODEL_DIR, evaluator: Path = WEIGHTS) -> dict
 
 
 def generate(pipe, captions: list[str], steps: int, guidance: float, seed: int, batch: int) -> torch.Tensor:
-    """Images in [0, 1], ``(N, 3, 64, 64)``; batch ``k`` uses generator seed ``seed + k``."""
+    """Images in [0, 1], ``(N, 3, side, side)``; batch ``k`` uses generator seed ``seed + k``."""
     out = []
     for k, start in enumerate(range(0, len(captions), batch)):
         gen = torch.Generator().manual_seed(seed + k)

@@ -21,7 +21,7 @@ yourself). The budget counts from the start of the invocation that fixes it.
 as ``--out`` writes them): the evaluator, the VAE and the text encoder are taken as they are, the
 latent cache is made again with that VAE, and the UNet starts from its weights (its EMA too):
 
-    python benchmarks/train_demo.py --run runs/demo128b --init benchmarks/checkpoints/demo128 --minutes 64
+    python benchmarks/train_demo.py --run runs/more --init agentsd/demo --minutes 64
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """A tiny text-to-image model shipped with agentsd, its data generator and its evaluator.
 
-``load_pipeline()`` gives a ``StableDiffusionPipeline`` (64² images) trained on
+``load_pipeline()`` gives a ``StableDiffusionPipeline`` (128² images) trained on
 procedural scenes (:mod:`agentsd.demo.data`); ``prompts(n, seed)`` gives held-out
 captions; ``Evaluator`` scores generated images against their captions and gives
 features for FID. Trained by ``benchmarks/train_demo.py``.

@@ -18,7 +18,7 @@ STEPS = 25  # the sampling steps its caption accuracy was measured at
 def load_pipeline(
     device: str | torch.device | None = None, dtype: torch.dtype | None = None, folder: str | Path = MODEL_DIR
 ):
-    """The demo text-to-image pipeline (64² images, 16² latents), read from the package; nothing is downloaded.
+    """The demo text-to-image pipeline (128² images, 32² latents), read from the package; nothing is downloaded.
 
     Args:
         device: where to put it (default: CPU).

@@ -60,7 +60,7 @@ VARIANTS = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="benchmarks/checkpoints/demo128/model")
+    parser.add_argument("--model", default="agentsd/demo/model")
     parser.add_argument("--none", type=Path, required=True, help="vanilla's images from agentsd bench quality")
     parser.add_argument("--n", type=int, default=50)
     parser.add_argument("--threads", type=int, default=1)

@@ -4,7 +4,7 @@ Profiles ``--forwards`` forwards of a random-weight UNet (``bench speed``'s mode
 torch.profiler, once vanilla and once with the method, and writes per-op self times side by side
 with their difference: what the method saves (attention) and what it adds (matching, merging).
 
-    python benchmarks/studies/profile_forward.py --model benchmarks/checkpoints/demo128/model --size 128 \\
+    python benchmarks/studies/profile_forward.py --model agentsd/demo/model --size 128 \\
         --out benchmarks/results/profile_demo128_agent.json
 
 A preset (``--method fast``) runs the phases it has at sampling progress ``--progress`` (the UNet gets the
