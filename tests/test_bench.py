@@ -247,6 +247,7 @@ def test_speed_times_sd3_transformer_forwards(tmp_path, monkeypatch):
     common = ["bench", "speed", "--model", "sd35", "--repeats", "1", "--warmup", "0", "--out", str(out)]
     assert main([*common, "--sizes", "256", "--batch", "1"]) == 0
     entry = json.loads(out.read_text())["sizes"]["256"]
-    assert set(entry["times"]) == {"vanilla", "ceiling", "sd3-early", "sd3-late"}
+    assert set(entry["times"]) == {"vanilla", "ceiling", "ceiling-softmax", "sd3-early", "sd3-late"}
+    assert "sd3-early" in entry["softmax_share_median"]
     assert "sd3" in entry["speedup_median"]
     assert main([*common, "--sizes", "256", "--methods", "vanilla", "tomesd"]) == 2

@@ -63,15 +63,39 @@ class _ZeroJointAttention:
         return torch.zeros_like(hidden_states), torch.zeros_like(encoder_hidden_states)
 
 
+class _SoftmaxFree:
+    """Runs ``original`` with its softmax attention free (``scaled_dot_product_attention`` returns zeros): what is left
+    is what agent attention cannot save (the projections), so vanilla minus this is the most it can."""
+
+    def __init__(self, original):
+        self.original = original
+
+    def __call__(self, *args, **kwargs):
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        torch.nn.functional.scaled_dot_product_attention = lambda query, key, value, **_: torch.zeros_like(query)
+        try:
+            return self.original(*args, **kwargs)
+        finally:
+            torch.nn.functional.scaled_dot_product_attention = sdpa
+
+
+def _dit_attentions(unet) -> list:
+    """The attentions (joint and attn2) of the blocks the sd3 preset patches."""
+    count = len(unet.transformer_blocks)
+    blocks = unet.transformer_blocks[DIT_EDGE_BLOCKS : count - DIT_EDGE_BLOCKS]
+    return [a for b in blocks for a in (b.attn, b.attn2) if a is not None]
+
+
+def _swap(attns: list, wrap) -> Callable[[], None]:
+    originals = [a.processor for a in attns]
+    for attn, original in zip(attns, originals):
+        attn.set_processor(wrap(original))
+    return lambda: [attn.set_processor(original) for attn, original in zip(attns, originals)] and None
+
+
 def _ceiling(unet, latent_tokens: int) -> Callable[[], None]:
     if _is_dit(unet):
-        count = len(unet.transformer_blocks)
-        blocks = unet.transformer_blocks[DIT_EDGE_BLOCKS : count - DIT_EDGE_BLOCKS]  # the blocks "sd3" patches
-        attns = [a for b in blocks for a in (b.attn, b.attn2) if a is not None]
-        originals = [a.processor for a in attns]
-        for attn, original in zip(attns, originals):
-            attn.set_processor(_ZeroJointAttention(original))
-        return lambda: [attn.set_processor(original) for attn, original in zip(attns, originals)] and None
+        return _swap(_dit_attentions(unet), _ZeroJointAttention)
     max_downsample = auto_max_downsample(unet)
     blocks = [m for m in unet.modules() if isinstance(m, BasicTransformerBlock)]
     originals = [b.attn1.processor for b in blocks]
@@ -112,11 +136,13 @@ METHODS: dict[str, Callable] = {
     "lean-late": lambda unet, tokens: _agentsd(unet, _lean_phase(1)),
     "pooled-early": lambda unet, tokens: _agentsd(unet, _lean_phase(0, agents="pooled", agent_ratio=None)),
     "ceiling": _ceiling,
+    # an SD 3 transformer: its patched blocks' softmax attention free, projections kept (what agents can save at most)
+    "ceiling-softmax": lambda unet, tokens: _swap(_dit_attentions(unet), _SoftmaxFree),
     # an SD 3 transformer: the sd3 preset's two phases, each for a whole call (on the blocks apply patches)
     "sd3-early": lambda unet, tokens: _agentsd(unet, (dataclasses.replace(PRESETS["sd3"][0], end=1.0),)),
     "sd3-late": lambda unet, tokens: _agentsd(unet, (dataclasses.replace(PRESETS["sd3"][1], end=1.0),)),
 }
-DIT_METHODS = ("vanilla", "ceiling", "sd3-early", "sd3-late")
+DIT_METHODS = ("vanilla", "ceiling", "ceiling-softmax", "sd3-early", "sd3-late")
 SD3_SHARE = PRESETS["sd3"][0].end
 
 
@@ -198,6 +224,9 @@ def summarize(times: dict[str, list[float]]) -> dict:
             if "ceiling" in seconds:
                 saving = vanilla - seconds["ceiling"]
                 summary[f"ceiling_share_{stat}"] = {name: (vanilla - t) / saving for name, t in seconds.items()}
+            if "ceiling-softmax" in seconds:
+                saving = vanilla - seconds["ceiling-softmax"]
+                summary[f"softmax_share_{stat}"] = {name: (vanilla - t) / saving for name, t in seconds.items()}
     return summary
 
 
@@ -225,6 +254,10 @@ def table(results: dict) -> str:
                     cell(summary.get(f"ceiling_share_{stat}", {}).get(name), "{:.0%}"),
                 ]
             lines.append(f"| {size}² | {name} | " + " | ".join(cells) + " |")
+    for size, summary in results["sizes"].items():
+        if "softmax_share_median" in summary:
+            shares = ", ".join(f"{n} {v:.0%}" for n, v in summary["softmax_share_median"].items() if n != "vanilla")
+            lines += ["", f"{size}², share of the softmax-free ceiling's saving (projections kept), median: {shares}"]
     return "\n".join(lines)
 
 
