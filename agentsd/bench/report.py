@@ -50,6 +50,9 @@ def where_it_pays(root: Path) -> str:
         for size in sizes:
             cells = (_speedup(gpu[name], size, m) for m in ("fast", "deepcache+fast"))
             rows.append((model, size, "H100, fp16", "20-step runs", "not yet", *cells, gpu[name]))
+    sd35 = _load(root, RESULTS / "speed_cpu_sd35.json")
+    default = _speedup(sd35, 1024, "sd3")
+    rows.append(("SD 3.5 medium", 1024, "CPU, 2 cores", "transformer forwards", f"{default} (sd3)", "–", "–", sd35))
     compiled = gpu["sd15_compile"]
     fast = f"{_speedup(compiled, 512, 'fast+compile')} (vanilla+compile {_speedup(compiled, 512, 'vanilla+compile')})"
     rows.append(("SD 1.5", 512, "H100, fp16", "20-step runs, compiled", "not yet", fast, "–", compiled))
