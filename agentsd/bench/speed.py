@@ -323,7 +323,8 @@ def check_arguments(args: argparse.Namespace) -> None:
     methods = runs.METHODS if args.pipeline else METHODS
     if args.model == "sd35" and args.pipeline:
         raise ValueError("--model sd35 times transformer forwards (no --pipeline)")
-    forwards = DIT_METHODS if args.model == "sd35" else [m for m in METHODS if not m.startswith("sd3")]
+    dit_only = {"ceiling-softmax", "sd3-early", "sd3-late"}
+    forwards = DIT_METHODS if args.model == "sd35" else [m for m in METHODS if m not in dit_only]
     args.methods = args.methods or list(runs.DEFAULT_METHODS if args.pipeline else forwards)
     unknown = [m for m in args.methods if m not in methods]
     if unknown:
