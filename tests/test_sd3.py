@@ -70,7 +70,9 @@ CASES = {
 
 @pytest.mark.parametrize("layout", ["sd3", "sd3.5"])
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("shape", [(2, 16, 16), (3, 14, 22)], ids=["square", "odd-batch-ragged-grid"])
+@pytest.mark.parametrize(
+    "shape", [(2, 16, 16), (3, 14, 22), (1, 18, 12)], ids=["square", "odd-batch-ragged-grid", "batch-1-non-square"]
+)
 def test_joint_attention_equals_the_reference(layout, case, shape):
     """float64 throughout: agentsd against the formulas written token by token, two calls per phase (each call
     draws its own dst), blocks 1-4 of 6 patched."""
