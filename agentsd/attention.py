@@ -395,6 +395,29 @@ def agent_attention(
     function applied to the keys and values alone (softmax attention of every query over merged tokens).
     """
     B, num_tokens, _ = tokens.shape
+    query, key, value, agent, split_heads = image_heads(attn, tokens, agents, keys_of)
+    heads, head_dim = query.shape[1], query.shape[-1]
+    dtype = query.dtype
+    if upcast:
+        query, key, value = query.float(), key.float(), value.float()
+        agent = None if agent is None else agent.float()
+
+    scale = attn.scale
+    if agent is None:
+        out = F.scaled_dot_product_attention(query, key, value, scale=scale)
+    else:
+        agent_value = F.scaled_dot_product_attention(agent, key, value, scale=scale)
+        out = F.scaled_dot_product_attention(query, agent, agent_value, scale=scale**k_scale2)
+        out = torch.add(out, value, alpha=k_shortcut)
+
+    out = out.to(dtype).transpose(1, 2).reshape(B, num_tokens, heads * head_dim)
+    return attn.to_out[1](attn.to_out[0](out))
+
+
+def image_heads(attn, tokens: torch.Tensor, agents, keys_of=None):
+    """Queries, keys, values and agents of ``tokens`` per head ``(B, heads, ·, head_dim)``, after ``norm_q``/``norm_k``,
+    and the function that splits heads. ``agents`` and ``keys_of`` as in :func:`agent_attention`."""
+    B = tokens.shape[0]
     heads = attn.heads
     query, key, value = _project_qkv(attn, tokens)
     head_dim = key.shape[-1] // heads
@@ -416,21 +439,7 @@ def agent_attention(
         agent = None if agent is None else attn.norm_q(agent)
     if attn.norm_k is not None:
         key = attn.norm_k(key)
-    dtype = query.dtype
-    if upcast:
-        query, key, value = query.float(), key.float(), value.float()
-        agent = None if agent is None else agent.float()
-
-    scale = attn.scale
-    if agent is None:
-        out = F.scaled_dot_product_attention(query, key, value, scale=scale)
-    else:
-        agent_value = F.scaled_dot_product_attention(agent, key, value, scale=scale)
-        out = F.scaled_dot_product_attention(query, agent, agent_value, scale=scale**k_scale2)
-        out = torch.add(out, value, alpha=k_shortcut)
-
-    out = out.to(dtype).transpose(1, 2).reshape(B, num_tokens, heads * head_dim)
-    return attn.to_out[1](attn.to_out[0](out))
+    return query, key, value, agent, split_heads
 
 
 def _project_qkv(attn, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .attention import AgentAttnProcessor, _project_qkv
+from .attention import AgentAttnProcessor, image_heads
 
 __all__ = ["JointAgentProcessor", "joint_attention"]
 
@@ -81,28 +81,9 @@ def joint_attention(
     ``agents``: ``None``, agent tokens ``(B, n, C)`` (projected by ``to_q``) or a function that averages groups of
     the projected image queries. ``keys_of``: a function that merges the image keys and values alone.
     """
-    B, N, _ = image.shape
-    heads = attn.heads
-    query, key, value = _project_qkv(attn, image)
-    head_dim = key.shape[-1] // heads
-
-    def split_heads(t):
-        return t.reshape(B, -1, heads, head_dim).transpose(1, 2)
-
-    if agents is None:
-        agent = None
-    elif isinstance(agents, torch.Tensor):
-        agent = split_heads(attn.to_q(agents))
-    else:
-        agent = split_heads(agents(query))
-    if keys_of is not None:
-        key, value = keys_of(key), keys_of(value)
-    query, key, value = split_heads(query), split_heads(key), split_heads(value)
-    if attn.norm_q is not None:
-        query = attn.norm_q(query)
-        agent = None if agent is None else attn.norm_q(agent)
-    if attn.norm_k is not None:
-        key = attn.norm_k(key)
+    B = image.shape[0]
+    query, key, value, agent, split_heads = image_heads(attn, image, agents, keys_of)
+    heads, head_dim = query.shape[1], query.shape[-1]
 
     if getattr(attn, "fused_projections", False) and getattr(attn, "to_added_qkv", None) is not None:
         text_qkv = attn.to_added_qkv(context).chunk(3, dim=-1)

@@ -97,7 +97,7 @@ def tiny_pipeline(tmp_path) -> StableDiffusionPipeline:
     )
 
 
-def _tiny_vae() -> AutoencoderKL:
+def _tiny_vae(**config) -> AutoencoderKL:
     return AutoencoderKL(
         block_out_channels=(8, 16),
         down_block_types=("DownEncoderBlock2D",) * 2,
@@ -105,6 +105,7 @@ def _tiny_vae() -> AutoencoderKL:
         latent_channels=4,
         norm_num_groups=8,
         sample_size=32,
+        **config,
     )
 
 

@@ -5,7 +5,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import CROSS_DIM, _text_encoder_config, char_tokenizer
+from conftest import CROSS_DIM, _text_encoder_config, _tiny_vae, char_tokenizer
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 from reference import reference_transformer
 
@@ -16,21 +16,27 @@ from agentsd.joint import JointAgentProcessor
 JOINT_DIM = 2 * CROSS_DIM  # the two CLIP encoders' widths side by side (T5 absent: zeros of this width)
 
 
+# the tiny transformer's (and its ControlNet's) dimensions
+TINY_SD3 = dict(
+    sample_size=16,
+    patch_size=2,
+    in_channels=4,
+    attention_head_dim=8,
+    num_attention_heads=2,
+    joint_attention_dim=JOINT_DIM,
+    caption_projection_dim=16,
+    pooled_projection_dim=2 * CROSS_DIM,
+    out_channels=4,
+    pos_embed_max_size=16,
+)
+
+
 def tiny_sd3(layout: str = "sd3", seed: int = 0, layers: int = 6) -> SD3Transformer2DModel:
     """SD 3's block layout in miniature; ``sd3.5``: SD 3.5-medium's (attn2 in the first blocks, RMS q/k norms)."""
     torch.manual_seed(seed)
     return SD3Transformer2DModel(
-        sample_size=16,
-        patch_size=2,
-        in_channels=4,
+        **TINY_SD3,
         num_layers=layers,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=JOINT_DIM,
-        caption_projection_dim=16,
-        pooled_projection_dim=2 * CROSS_DIM,
-        out_channels=4,
-        pos_embed_max_size=16,
         dual_attention_layers=(0, 1, 2) if layout == "sd3.5" else (),
         qk_norm="rms_norm" if layout == "sd3.5" else None,
     ).eval()
@@ -93,7 +99,7 @@ def test_joint_attention_equals_the_reference(layout, case, shape):
 
 def tiny_sd3_pipeline(tmp_path, kind: str = "txt2img", layout: str = "sd3", t5: bool = False):
     """SD 3 pipeline from configs: two char-level CLIP encoders (T5 absent), a small VAE, the tiny transformer."""
-    from diffusers import AutoencoderKL, StableDiffusion3Img2ImgPipeline, StableDiffusion3Pipeline
+    from diffusers import StableDiffusion3Img2ImgPipeline, StableDiffusion3Pipeline
     from transformers import CLIPTextModelWithProjection
 
     tokenizer = char_tokenizer(tmp_path)
@@ -101,15 +107,7 @@ def tiny_sd3_pipeline(tmp_path, kind: str = "txt2img", layout: str = "sd3", t5: 
     components = dict(
         transformer=tiny_sd3(layout),
         scheduler=FlowMatchEulerDiscreteScheduler(),
-        vae=AutoencoderKL(
-            block_out_channels=(8, 16),
-            down_block_types=("DownEncoderBlock2D",) * 2,
-            up_block_types=("UpDecoderBlock2D",) * 2,
-            latent_channels=4,
-            norm_num_groups=8,
-            sample_size=32,
-            shift_factor=0.0,
-        ),
+        vae=_tiny_vae(shift_factor=0.0),  # SD 3's pipelines shift latents by the VAE's factor
         text_encoder=CLIPTextModelWithProjection(_text_encoder_config(tokenizer, projection_dim=CROSS_DIM)),
         tokenizer=tokenizer,
         text_encoder_2=CLIPTextModelWithProjection(_text_encoder_config(tokenizer, projection_dim=CROSS_DIM)),
@@ -260,19 +258,7 @@ def test_controlnet_pipeline_patches_the_controlnet_too(tmp_path):
 
     pipe = tiny_sd3_pipeline(tmp_path)
     torch.manual_seed(3)
-    controlnet = SD3ControlNetModel(
-        sample_size=16,
-        patch_size=2,
-        in_channels=4,
-        num_layers=2,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=JOINT_DIM,
-        caption_projection_dim=16,
-        pooled_projection_dim=2 * CROSS_DIM,
-        out_channels=4,
-        pos_embed_max_size=16,
-    )
+    controlnet = SD3ControlNetModel(**TINY_SD3, num_layers=2)
     pipe = StableDiffusion3ControlNetPipeline(**pipe.components, controlnet=controlnet)
     pipe.set_progress_bar_config(disable=True)
     control = dict(control_image=torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(2)))
