@@ -176,8 +176,7 @@ class AgentAttnProcessor:
     def _merged_tokens(self, attn, hidden_states, metric, h: int, w: int, band: int, phase: Phase, r: int):
         """``tokens="merged"`` (AgentSD's): attention of the ToMe-merged tokens (through agents), unmerged."""
         config = self.state.config
-        tokens, agent_merge = self._token_merges(hidden_states, metric, h, w, band, phase, r)
-        agents = None if agent_merge is None else agent_merge(hidden_states)
+        tokens, agents = self._token_merges(hidden_states, metric, h, w, band, phase, r)
         if phase.merge_crossattn or phase.merge_mlp:
             self.block_merge.set(tokens, crossattn=phase.merge_crossattn, mlp=phase.merge_mlp)
         out = agent_attention(
@@ -253,16 +252,22 @@ class AgentAttnProcessor:
         return dst_grid(h, w, phase.sx, phase.sy, windows, device=device)
 
     def _merges(self, hidden_states, metric, h: int, w: int, phase: Phase, r: int) -> tuple[Merge, Groups | None]:
-        """Match ``metric``: the ToMe merge of the tokens and the groups that make the agents (or ``None``)."""
+        """Match ``metric``: the ToMe merge of the tokens and the groups that make the agents (or ``None``).
+
+        The agents merge more of the same ranked src tokens into the same dst, so each agent's group is a union of
+        merged rows: the groups average the merged tokens' projected queries, weighed by the tokens each row
+        holds (``to_q`` is affine: that is the projection of the agent tokens' mean, without a second projection).
+        """
         B, N, _ = hidden_states.shape
         m = match(metric, self._dst(h, w, phase, B, hidden_states.device))
         r = min(r, m.num_src)
-        agent_merge = None
+        tokens = Merge(merge_rows(m, r), N - r)
+        agents = None
         if phase.agent_ratio is not None:
             agent_r = min(int(N * phase.agent_ratio), m.num_src)
             if 2 * (N - agent_r) < N - r:
-                agent_merge = Groups(merge_rows(m, agent_r), N - agent_r)
-        return Merge(merge_rows(m, r), N - r), agent_merge
+                agents = tokens.coarser(merge_rows(m, agent_r), N - agent_r)
+        return tokens, agents
 
     def _plan(self, attn, hidden_states, metric, encoder_hidden_states, attention_mask):
         """``(h, w, band, phase, r)`` when this call merges, else ``None`` (run the original processor)."""

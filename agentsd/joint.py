@@ -45,9 +45,8 @@ class JointAgentProcessor(AgentAttnProcessor):
         config = self.state.config
         tokens = None
         if phase.tokens == "merged":
-            tokens, agent_merge = self._token_merges(hidden_states, metric, h, w, band, phase, r)
-            image = tokens(hidden_states)
-            agents, keys_of = (None if agent_merge is None else agent_merge(hidden_states)), None
+            tokens, agents = self._token_merges(hidden_states, metric, h, w, band, phase, r)
+            image, keys_of = tokens(hidden_states), None
         else:
             image = hidden_states
             agents, keys_of = self._all_groups(hidden_states, metric, h, w, band, phase)

@@ -167,12 +167,15 @@ DENSE_ON_CPU = False
 class Groups:
     """The mean of each group of tokens that share a slot (``slots`` from :func:`assign`), its index work done once.
 
+    ``mass``: ``(B, N)`` weight of each token in its group's mean (say, how many tokens a merged row stands for,
+    so that a group of merged rows averages the tokens they hold); ``None`` weighs every token alike.
+
     On accelerators small merges (``B·size·N`` up to ``DENSE_GROUP_ELEMENTS``) are one batched product with a
     ``(B, size, N)`` averaging matrix, one kernel where ``index_add`` takes three; larger ones, where that matrix
     would outweigh the tokens, and every merge on a CPU (``DENSE_ON_CPU``), sum with ``index_add``.
     """
 
-    def __init__(self, slots: torch.Tensor, size: int):
+    def __init__(self, slots: torch.Tensor, size: int, mass: torch.Tensor | None = None):
         self.slots, self.size = slots, size
         B, N = self.shape = slots.shape
         launch_bound = slots.device.type != "cpu" or DENSE_ON_CPU
@@ -180,21 +183,23 @@ class Groups:
         self._weights: dict[torch.dtype, torch.Tensor] = {}
         if self.dense:
             members = slots[:, None, :] == torch.arange(size, device=slots.device)[:, None]
-            self._members = members
+            self._members = members if mass is None else members * mass[:, None, :].float()
         else:
-            self.flat = (slots + size * torch.arange(B, device=slots.device)[:, None]).flatten()
-            ones = torch.ones(B * N, device=slots.device)
-            counts = torch.zeros(B * size, device=slots.device).index_add_(0, self.flat, ones)
-            self._token_weight = counts.reciprocal().index_select(0, self.flat).view(B, N, 1)
+            self.flat = (slots + torch.arange(0, B * size, size, device=slots.device)[:, None]).flatten()
+            self._mass = torch.ones(B * N, device=slots.device) if mass is None else mass.float().flatten()
+            group_mass = torch.zeros(B * size, device=slots.device).index_add_(0, self.flat, self._mass)
+            self._group_mass = group_mass.index_select(0, self.flat)
 
     def _weight(self, dtype: torch.dtype) -> torch.Tensor:
         weight = self._weights.get(dtype)
         if weight is None:
+            work = torch.promote_types(dtype, torch.float32)  # fp16/bf16 weights rounded once, from fp32
             if self.dense:
-                members = self._members.float()
+                # bool members (true division makes them float) or the members' masses
+                members = self._members if work == torch.float32 else self._members.to(work)
                 weight = (members / members.sum(dim=-1, keepdim=True)).to(dtype)
             else:
-                weight = self._token_weight.to(dtype)
+                weight = (self._mass.to(work) / self._group_mass.to(work)).view(*self.shape, 1).to(dtype)
             self._weights[dtype] = weight
         return weight
 
@@ -215,14 +220,14 @@ def merge_rows(m: Matching, k: int) -> torch.Tensor:
     """
     B, num_src = m.src_ranked.shape
     device = m.src_ranked.device
-    slots = torch.arange(m.dst.shape[0], device=device)
+    num_dst = m.dst.shape[0]
     if k >= num_src:
-        return m.choice.index_copy(1, m.dst, slots.expand(B, -1))
+        return m.choice.index_copy(1, m.dst, torch.arange(num_dst, device=device).expand(B, -1))
     unmerged = num_src - k
     src_rows = torch.cat([unmerged + m.dst_of_ranked[:, :k], torch.arange(unmerged, device=device).expand(B, -1)], 1)
     rows = torch.empty(B, num_src + m.dst.shape[0], dtype=torch.long, device=device)
     rows.scatter_(1, m.src_ranked, src_rows)
-    rows[:, m.dst] = unmerged + slots
+    rows[:, m.dst] = torch.arange(unmerged, unmerged + num_dst, device=device)
     return rows
 
 
@@ -236,7 +241,7 @@ class Merge:
     def __init__(self, rows: torch.Tensor, size: int):
         B, N = rows.shape
         self.rows, self.size, self.shape = rows, size, (B, N)
-        self.flat = (rows + size * torch.arange(B, device=rows.device)[:, None]).flatten()
+        self.flat = (rows + torch.arange(0, B * size, size, device=rows.device)[:, None]).flatten()
         self._counts: dict[torch.dtype, torch.Tensor] = {}
 
     def _row_counts(self, x: torch.Tensor) -> torch.Tensor:
@@ -246,6 +251,17 @@ class Merge:
             counts = x.new_zeros(B * self.size).index_add_(0, self.flat, x.new_ones(B * N))[:, None]
             self._counts[x.dtype] = counts
         return counts
+
+    def counts(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """How many tokens each row holds: ``(B, size)``."""
+        return self._row_counts(torch.empty(0, dtype=dtype, device=self.rows.device)).view(self.shape[0], self.size)
+
+    def coarser(self, rows: torch.Tensor, size: int) -> Groups:
+        """The groups of a coarser merge of the same tokens (``rows`` into ``size``, every row of this merge inside
+        one of them) as groups of this merge's rows, weighed by the tokens each holds: averaging this merge's
+        output by them equals averaging the tokens by ``rows``."""
+        slot_of_row = rows.new_empty(self.shape[0], self.size).scatter_(1, self.rows, rows)
+        return Groups(slot_of_row, size, mass=self.counts())
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Average the tokens of ``x`` (B×N×C) that share a row: ``(B, size, C)``."""

@@ -104,3 +104,34 @@ def test_full_merge_rows_are_the_dst_slots_and_equal_assign(monkeypatch, dense):
         for b in range(2):
             for slot in range(len(dst)):
                 assert torch.allclose(means[b, slot], x[b, rows[b] == slot].mean(0))
+
+
+@pytest.mark.parametrize("dense", [0, 1 << 25])
+def test_coarser_groups_of_merged_rows_average_the_tokens(monkeypatch, dense):
+    """Agents over merged tokens: a coarser merge's groups, taken over a finer merge's rows and weighed by the
+    tokens each row holds, give each coarse group's plain token mean (float64, fresh random tokens)."""
+    import agentsd.merge as merge_module
+    from agentsd.merge import Merge
+
+    monkeypatch.setattr(merge_module, "DENSE_GROUP_ELEMENTS", dense)
+    monkeypatch.setattr(merge_module, "DENSE_ON_CPU", True)
+    gen = torch.Generator().manual_seed(11)
+    h, w, sx, sy, B = 9, 10, 3, 2, 3  # windows that do not tile the grid
+    x = torch.randn(B, h * w, 5, generator=gen, dtype=torch.float64)
+    dst = dst_grid(h, w, sx, sy, torch.randint(0, sx * sy, (h // sy, w // sx), generator=gen))
+    m = match(x, dst)
+    for fine, coarse in ((20, 60), (0, m.num_src), (m.num_src - 1, m.num_src)):
+        tokens = Merge(merge_rows(m, fine), h * w - fine)
+        coarse_rows = merge_rows(m, coarse)
+        groups = tokens.coarser(coarse_rows, h * w - coarse)
+        assert groups.dense == (dense > 0)
+        assert torch.equal(
+            tokens.counts(), torch.stack([torch.bincount(r, minlength=h * w - fine) for r in tokens.rows]).float()
+        )
+        agents = groups(tokens(x))
+        assert agents.shape == (B, h * w - coarse, 5)
+        for b in range(B):
+            for slot in range(h * w - coarse):
+                members = x[b, coarse_rows[b] == slot]
+                assert len(members) >= 1
+                torch.testing.assert_close(agents[b, slot], members.mean(0), rtol=1e-12, atol=1e-12)
