@@ -193,7 +193,8 @@ class Groups:
     def _weight(self, dtype: torch.dtype) -> torch.Tensor:
         weight = self._weights.get(dtype)
         if weight is None:
-            work = torch.promote_types(dtype, torch.float32)  # fp16/bf16 weights rounded once, from fp32
+            # fp16/bf16 weights rounded once, from fp32 (torch.promote_types would be one more dispatched op)
+            work = torch.float64 if dtype == torch.float64 else torch.float32
             if self.dense:
                 # bool members (true division makes them float) or the members' masses
                 members = self._members if work == torch.float32 else self._members.to(work)
