@@ -50,7 +50,7 @@ def save_figure(path: Path, figure) -> None:
     if figure is None:
         print("no plot: nothing to plot, or matplotlib is missing (pip install 'agentsd[bench]')")
         return
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0.08, 1, 1) if figure.legends else None)  # a figure's legend sits at its foot
     figure.savefig(path, dpi=120)
     pyplot().close(figure)
     print(f"plot: {path}")

@@ -285,7 +285,7 @@ def plot(results: dict):
     ]
     if not panels or not any(r.get("seconds_per_image") for r in rows.values()):
         return None
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.8), squeeze=False)
     titles = {
         "caption_accuracy": "caption accuracy (95% interval)",
         "fid": "FID",
@@ -300,8 +300,7 @@ def plot(results: dict):
             error = None
             if key == "caption_accuracy":
                 error = 1.96 * (y * (1 - y) / max(row["images"], 1)) ** 0.5
-            ax.errorbar(x, y, yerr=error, fmt="o", capsize=3, color=colour[method])
-            ax.annotate(method, (x, y), textcoords="offset points", xytext=(5, 3))
+            ax.errorbar(x, y, yerr=error, fmt="o", capsize=3, color=colour[method], label=method)
         if key == "caption_accuracy":
             ax.set_ylim(0, 1)
         if key == "fid":
@@ -312,6 +311,9 @@ def plot(results: dict):
             ax.set_ylim(bottom=0)
         ax.set_xlabel("seconds per image")
         ax.set_ylabel(titles[key])
+    # One legend under the panels, instead of labels that overlap where methods take about as long.
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
     fig.suptitle(f"{results['model']}, {results['num']} prompts, {results['steps']} steps", fontsize=9)
     return fig
 
