@@ -226,7 +226,7 @@ def merge_rows(m: Matching, k: int) -> torch.Tensor:
         return m.choice.index_copy(1, m.dst, torch.arange(num_dst, device=device).expand(B, -1))
     unmerged = num_src - k
     src_rows = torch.cat([unmerged + m.dst_of_ranked[:, :k], torch.arange(unmerged, device=device).expand(B, -1)], 1)
-    rows = torch.empty(B, num_src + m.dst.shape[0], dtype=torch.long, device=device)
+    rows = torch.empty(B, num_src + num_dst, dtype=torch.long, device=device)
     rows.scatter_(1, m.src_ranked, src_rows)
     rows[:, m.dst] = torch.arange(unmerged, unmerged + num_dst, device=device)
     return rows
@@ -245,17 +245,15 @@ class Merge:
         self.flat = (rows + torch.arange(0, B * size, size, device=rows.device)[:, None]).flatten()
         self._counts: dict[torch.dtype, torch.Tensor] = {}
 
-    def _row_counts(self, x: torch.Tensor) -> torch.Tensor:
-        counts = self._counts.get(x.dtype)
+    def counts(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """How many tokens each row holds: ``(B, size)``, computed once per dtype."""
+        counts = self._counts.get(dtype)
         if counts is None:
             B, N = self.shape
-            counts = x.new_zeros(B * self.size).index_add_(0, self.flat, x.new_ones(B * N))[:, None]
-            self._counts[x.dtype] = counts
+            ones = torch.ones(B * N, dtype=dtype, device=self.rows.device)
+            counts = torch.zeros(B * self.size, dtype=dtype, device=self.rows.device).index_add_(0, self.flat, ones)
+            counts = self._counts[dtype] = counts.view(B, self.size)
         return counts
-
-    def counts(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """How many tokens each row holds: ``(B, size)``."""
-        return self._row_counts(torch.empty(0, dtype=dtype, device=self.rows.device)).view(self.shape[0], self.size)
 
     def coarser(self, rows: torch.Tensor, size: int) -> Groups:
         """The groups of a coarser merge of the same tokens (``rows`` into ``size``, every row of this merge inside
@@ -268,7 +266,7 @@ class Merge:
         """Average the tokens of ``x`` (B×N×C) that share a row: ``(B, size, C)``."""
         B, N, C = x.shape
         sums = x.new_zeros(B * self.size, C).index_add_(0, self.flat, x.reshape(B * N, C))
-        return (sums / self._row_counts(x)).view(B, self.size, C)
+        return (sums / self.counts(x.dtype).view(-1, 1)).view(B, self.size, C)
 
     def unmerge(self, x: torch.Tensor) -> torch.Tensor:
         """Give every token the row of ``x`` (B×size×C) it was merged into: ``(B, N, C)``."""
