@@ -236,7 +236,7 @@ def test_rounds_cut_repeats_to_the_deadline_but_keep_one(monkeypatch):
 
 
 def test_speed_times_sd3_transformer_forwards(tmp_path, monkeypatch):
-    """--model sd35 (shrunk here): vanilla, the ceiling (patched blocks' attention free) and the sd3 preset's phases,
+    """--model sd35 (shrunk here): vanilla, the ceiling (patched blocks' attention free), the sd3 and sd3-paper phases,
     weighted into "sd3"; UNet-only methods are refused."""
     from agentsd.bench import core
 
@@ -247,7 +247,8 @@ def test_speed_times_sd3_transformer_forwards(tmp_path, monkeypatch):
     common = ["bench", "speed", "--model", "sd35", "--repeats", "1", "--warmup", "0", "--out", str(out)]
     assert main([*common, "--sizes", "256", "--batch", "1"]) == 0
     entry = json.loads(out.read_text())["sizes"]["256"]
-    assert set(entry["times"]) == {"vanilla", "ceiling", "ceiling-softmax", "sd3-early", "sd3-late"}
+    phases = {f"{preset}-{k}" for preset in ("sd3", "sd3-paper") for k in ("early", "late")}
+    assert set(entry["times"]) == {"vanilla", "ceiling", "ceiling-softmax", *phases}
     assert "sd3-early" in entry["softmax_share_median"]
-    assert "sd3" in entry["speedup_median"]
+    assert {"sd3", "sd3-paper"} <= set(entry["speedup_median"])
     assert main([*common, "--sizes", "256", "--methods", "vanilla", "tomesd"]) == 2

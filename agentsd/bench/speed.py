@@ -141,9 +141,13 @@ METHODS: dict[str, Callable] = {
     # an SD 3 transformer: the sd3 preset's two phases, each for a whole call (on the blocks apply patches)
     "sd3-early": lambda unet, tokens: _agentsd(unet, (dataclasses.replace(PRESETS["sd3"][0], end=1.0),)),
     "sd3-late": lambda unet, tokens: _agentsd(unet, (dataclasses.replace(PRESETS["sd3"][1], end=1.0),)),
+    # the same for sd3-paper, which merges image tokens before the projections (it can save some of them too)
+    "sd3-paper-early": lambda unet, tokens: _agentsd(unet, (dataclasses.replace(PRESETS["sd3-paper"][0], end=1.0),)),
+    "sd3-paper-late": lambda unet, tokens: _agentsd(unet, (dataclasses.replace(PRESETS["sd3-paper"][1], end=1.0),)),
 }
-DIT_METHODS = ("vanilla", "ceiling", "ceiling-softmax", "sd3-early", "sd3-late")
+DIT_METHODS = ("vanilla", "ceiling", "ceiling-softmax", "sd3-early", "sd3-late", "sd3-paper-early", "sd3-paper-late")
 SD3_SHARE = PRESETS["sd3"][0].end
+SD3_PAPER_SHARE = PRESETS["sd3-paper"][0].end
 
 
 def time_forward(unet, inputs: dict) -> float:
@@ -217,6 +221,9 @@ def summarize(times: dict[str, list[float]]) -> dict:
             seconds["lean"] = LEAN_SHARE * seconds["lean-early"] + (1 - LEAN_SHARE) * seconds["lean-late"]
         if "sd3-early" in seconds and "sd3-late" in seconds:
             seconds["sd3"] = SD3_SHARE * seconds["sd3-early"] + (1 - SD3_SHARE) * seconds["sd3-late"]
+        if "sd3-paper-early" in seconds and "sd3-paper-late" in seconds:
+            early, late = seconds["sd3-paper-early"], seconds["sd3-paper-late"]
+            seconds["sd3-paper"] = SD3_PAPER_SHARE * early + (1 - SD3_PAPER_SHARE) * late
         summary[stat] = seconds
         if "vanilla" in seconds:
             vanilla = seconds["vanilla"]
@@ -323,7 +330,7 @@ def check_arguments(args: argparse.Namespace) -> None:
     methods = runs.METHODS if args.pipeline else METHODS
     if args.model == "sd35" and args.pipeline:
         raise ValueError("--model sd35 times transformer forwards (no --pipeline)")
-    dit_only = {"ceiling-softmax", "sd3-early", "sd3-late"}
+    dit_only = set(DIT_METHODS) - {"vanilla", "ceiling"}
     forwards = DIT_METHODS if args.model == "sd35" else [m for m in METHODS if m not in dit_only]
     args.methods = args.methods or list(runs.DEFAULT_METHODS if args.pipeline else forwards)
     unknown = [m for m in args.methods if m not in methods]
