@@ -44,15 +44,17 @@ def where_it_pays(root: Path) -> str:
         ("SD 1.5", 1024, "CPU, 2 cores", "UNet forwards", _speedup(cpu1024, 1024, "lean"), "–", "–", cpu1024),
     ]
     for size in (512, 1024):
+        lean = _speedup(cpu_runs, size, "lean").replace("–", "not yet")
         cells = (_speedup(cpu_runs, size, m) for m in ("fast", "deepcache+fast"))
-        rows.append(("SD 1.5", size, "CPU, 2 cores", "20-step runs", "not yet", *cells, cpu_runs))
+        rows.append(("SD 1.5", size, "CPU, 2 cores", "20-step runs", lean, *cells, cpu_runs))
     for model, name, sizes in (("SD 1.5", "sd15_runs", (512, 1024, 2048)), ("SDXL", "sdxl_runs", (1024,))):
         for size in sizes:
             cells = (_speedup(gpu[name], size, m) for m in ("fast", "deepcache+fast"))
             rows.append((model, size, "H100, fp16", "20-step runs", "not yet", *cells, gpu[name]))
     sd35 = _load(root, RESULTS / "speed_cpu_sd35.json")
-    default = _speedup(sd35, 1024, "sd3")
-    rows.append(("SD 3.5 medium", 1024, "CPU, 2 cores", "transformer forwards", f"{default} (sd3)", "–", "–", sd35))
+    for size in sorted(int(s) for s in (sd35 or {}).get("sizes", {"1024": None})):
+        default = f"{_speedup(sd35, size, 'sd3')} (sd3)"
+        rows.append(("SD 3.5 medium", size, "CPU, 2 cores", "transformer forwards", default, "–", "–", sd35))
     compiled = gpu["sd15_compile"]
     fast = f"{_speedup(compiled, 512, 'fast+compile')} (vanilla+compile {_speedup(compiled, 512, 'vanilla+compile')})"
     rows.append(("SD 1.5", 512, "H100, fp16", "20-step runs, compiled", "not yet", fast, "–", compiled))
