@@ -10,7 +10,8 @@ import pytest
 import torch
 from conftest import char_tokenizer
 
-from agentsd.bench.quality import load_prompts, psnr, ssim
+from agentsd.bench import git_commit
+from agentsd.bench.quality import _timing, load_prompts, psnr, ssim
 from agentsd.cli import main
 from agentsd.demo import MODEL_DIR
 
@@ -56,7 +57,25 @@ def test_resume_remakes_only_missing_batches_identically(single, tmp_path):
     assert (single / "images" / "agent" / "00003.png").read_bytes() == before
     made = json.loads(max((single / "timing").glob("*.json"), key=lambda p: p.stat().st_mtime).read_text())
     assert len(list((single / "timing").glob("*.json"))) == timing + 1
-    assert made == {"none": [0, 0.0], "tome": [0, 0.0], "agent": [2, made["agent"][1]]}  # one batch of two
+    methods = made["methods"]
+    assert methods == {"none": [0, 0.0], "tome": [0, 0.0], "agent": [2, methods["agent"][1]]}  # one batch of two
+    assert made["commit"] == git_commit()
+    rows = json.loads((single / "quality.json").read_text())["metrics"]["methods"]
+    assert all(row.get("made_at") == ([git_commit()] if git_commit() else None) for row in rows.values())
+
+
+def test_timing_pools_runs_and_names_the_commits_that_made_images(tmp_path):
+    (tmp_path / "timing").mkdir()
+    runs = [  # the first format (no commit), then two runs at two commits; a run that made no images names none
+        {"none": [4, 8.0], "agent": [4, 4.0]},
+        {"commit": "bbb", "methods": {"none": [0, 0.0], "agent": [2, 1.0], "tome": [6, 3.0]}},
+        {"commit": "aaa", "methods": {"tome": [2, 3.0]}},
+    ]
+    for k, run in enumerate(runs):
+        (tmp_path / "timing" / f"{k}-0.json").write_text(json.dumps(run))
+    seconds, made_at = _timing(tmp_path)
+    assert seconds == {"none": 2.0, "agent": 5.0 / 6, "tome": 6.0 / 8}
+    assert made_at == {"agent": ["bbb"], "tome": ["aaa", "bbb"]}
 
 
 def test_two_processes_under_accelerate_match_one(tmp_path):

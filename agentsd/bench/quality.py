@@ -212,10 +212,12 @@ def measure(args, prompts: list[str], scenes, out: Path) -> dict:
     features = inception(args.inception_weights) if args.inception_weights else evaluator
     reference_name = str(args.reference) if args.reference else "none" if "none" in args.methods else None
     reference = load_images(args.reference, 0) if args.reference else images.get("none")
-    timing = _timing(out)
+    timing, made_at = _timing(out)
     results = {}
     for method, imgs in images.items():
         row = {"images": len(imgs), "seconds_per_image": timing.get(method)}
+        if made_at.get(method):
+            row["made_at"] = made_at[method]
         if "none" in images and method != "none":  # vanilla against itself is no measurement
             pairs = [(imgs[i : i + 64], images["none"][i : i + 64]) for i in range(0, len(imgs), 64)]
             row["psnr_vs_none"] = float(torch.cat([psnr(a, b) for a, b in pairs]).clamp(max=100).mean())
@@ -234,14 +236,20 @@ def measure(args, prompts: list[str], scenes, out: Path) -> dict:
     return {"reference": reference_name, "methods": results}
 
 
-def _timing(out: Path) -> dict[str, float]:
-    """Seconds per image per method, pooled over every run and process that made images."""
-    made, spent = {}, {}
+def _timing(out: Path) -> tuple[dict[str, float], dict[str, list[str]]]:
+    """Seconds per image per method, pooled over every run and process that made images, and the commits that made
+    them (runs recorded before commits were: none)."""
+    made, spent, commits = {}, {}, {}
     for path in (out / "timing").glob("*.json"):
-        for method, (count, seconds) in json.loads(path.read_text()).items():
+        record = json.loads(path.read_text())
+        if "methods" not in record:  # the first format: {method: [images, seconds]}
+            record = {"commit": None, "methods": record}
+        for method, (count, seconds) in record["methods"].items():
             made[method] = made.get(method, 0) + count
             spent[method] = spent.get(method, 0.0) + seconds
-    return {m: spent[m] / made[m] for m in made if made[m]}
+            if count and record["commit"]:
+                commits.setdefault(method, set()).add(record["commit"])
+    return {m: spent[m] / made[m] for m in made if made[m]}, {m: sorted(c) for m, c in commits.items()}
 
 
 def table(results: dict) -> str:
@@ -361,7 +369,7 @@ def bench(args: argparse.Namespace, load) -> int:
         timing = {m: generate(pipe, m, prompts, mine, args.out / "images" / m, args) for m in args.methods}
     (args.out / "timing").mkdir(parents=True, exist_ok=True)
     stamp = f"{time.time_ns()}-{state.process_index}"
-    (args.out / "timing" / f"{stamp}.json").write_text(json.dumps(timing))
+    (args.out / "timing" / f"{stamp}.json").write_text(json.dumps({"commit": git_commit(), "methods": timing}))
     state.wait_for_everyone()
     if not state.is_main_process:
         return 0
