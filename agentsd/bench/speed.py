@@ -126,6 +126,11 @@ def _lean_phase(k: int, **changes) -> dict[int, tuple[Phase]]:
     return {level: (dataclasses.replace(phases[k], end=1.0, **changes),) for level, phases in PRESETS["lean"].items()}
 
 
+def _whole_call(preset: str, k: int) -> Callable:
+    """Phase ``k`` of a one-level preset for a whole call."""
+    return lambda unet, tokens: _agentsd(unet, (dataclasses.replace(PRESETS[preset][k], end=1.0),))
+
+
 # name -> patch(unet, latent_tokens), returning the function that undoes it
 METHODS: dict[str, Callable] = {
     "vanilla": lambda unet, tokens: lambda: None,
@@ -138,16 +143,21 @@ METHODS: dict[str, Callable] = {
     "ceiling": _ceiling,
     # an SD 3 transformer: its patched blocks' softmax attention free, projections kept (what agents can save at most)
     "ceiling-softmax": lambda unet, tokens: _swap(_dit_attentions(unet), _SoftmaxFree),
-    # an SD 3 transformer: the sd3 preset's two phases, each for a whole call (on the blocks apply patches)
-    "sd3-early": lambda unet, tokens: _agentsd(unet, (dataclasses.replace(PRESETS["sd3"][0], end=1.0),)),
-    "sd3-late": lambda unet, tokens: _agentsd(unet, (dataclasses.replace(PRESETS["sd3"][1], end=1.0),)),
-    # the same for sd3-paper, which merges image tokens before the projections (it can save some of them too)
-    "sd3-paper-early": lambda unet, tokens: _agentsd(unet, (dataclasses.replace(PRESETS["sd3-paper"][0], end=1.0),)),
-    "sd3-paper-late": lambda unet, tokens: _agentsd(unet, (dataclasses.replace(PRESETS["sd3-paper"][1], end=1.0),)),
+    # an SD 3 transformer: the sd3 preset's two phases, each for a whole call (on the blocks apply patches), and
+    # sd3-paper's, which merges image tokens before the projections (it can save some of them too)
+    "sd3-early": _whole_call("sd3", 0),
+    "sd3-late": _whole_call("sd3", 1),
+    "sd3-paper-early": _whole_call("sd3-paper", 0),
+    "sd3-paper-late": _whole_call("sd3-paper", 1),
 }
 DIT_METHODS = ("vanilla", "ceiling", "ceiling-softmax", "sd3-early", "sd3-late", "sd3-paper-early", "sd3-paper-late")
-SD3_SHARE = PRESETS["sd3"][0].end
-SD3_PAPER_SHARE = PRESETS["sd3-paper"][0].end
+# A preset over a run, weighted from its two phases timed for whole calls: name -> (early, late, early's share).
+WEIGHTED = {
+    "agentsd-paper": ("agentsd-agent", "agentsd-tome", AGENT_SHARE),
+    "lean": ("lean-early", "lean-late", LEAN_SHARE),
+    "sd3": ("sd3-early", "sd3-late", PRESETS["sd3"][0].end),
+    "sd3-paper": ("sd3-paper-early", "sd3-paper-late", PRESETS["sd3-paper"][0].end),
+}
 
 
 def time_forward(unet, inputs: dict) -> float:
@@ -209,21 +219,13 @@ def run(model, sizes, methods, repeats, warmup, batch, dtype, device, out: Path,
 
 def summarize(times: dict[str, list[float]]) -> dict:
     """Medians (and minima, robust to load spikes), speed-ups over vanilla, and the share of the
-    ceiling's saving each method reaches; the paper schedule is weighted from its two phases."""
+    ceiling's saving each method reaches; the two-phase presets (WEIGHTED) are weighted from their phases."""
     summary = {"times": times}
     for stat, reduce in (("median", statistics.median), ("min", min)):
         seconds = {name: reduce(ts) for name, ts in times.items()}
-        if "agentsd-agent" in seconds and "agentsd-tome" in seconds:
-            seconds["agentsd-paper"] = (
-                AGENT_SHARE * seconds["agentsd-agent"] + (1 - AGENT_SHARE) * seconds["agentsd-tome"]
-            )
-        if "lean-early" in seconds and "lean-late" in seconds:
-            seconds["lean"] = LEAN_SHARE * seconds["lean-early"] + (1 - LEAN_SHARE) * seconds["lean-late"]
-        if "sd3-early" in seconds and "sd3-late" in seconds:
-            seconds["sd3"] = SD3_SHARE * seconds["sd3-early"] + (1 - SD3_SHARE) * seconds["sd3-late"]
-        if "sd3-paper-early" in seconds and "sd3-paper-late" in seconds:
-            early, late = seconds["sd3-paper-early"], seconds["sd3-paper-late"]
-            seconds["sd3-paper"] = SD3_PAPER_SHARE * early + (1 - SD3_PAPER_SHARE) * late
+        for name, (early, late, share) in WEIGHTED.items():
+            if early in seconds and late in seconds:
+                seconds[name] = share * seconds[early] + (1 - share) * seconds[late]
         summary[stat] = seconds
         if "vanilla" in seconds:
             vanilla = seconds["vanilla"]
