@@ -20,18 +20,33 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import secrets
 import warnings
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from diffusers.models.attention import BasicTransformerBlock, JointTransformerBlock
+from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
+from diffusers.models.transformers.transformer_wan import WanTransformerBlock
 
 from . import calibrate as calibration
 from .attention import AgentAttnProcessor, AgentConfig, AgentState, Band, BlockMerge, MergedAttnProcessor
+from .families import DiTState, FluxAgentProcessor, WanAgentProcessor, check_dit_phase, flow_progress, scheduler_shift
 from .joint import JointAgentProcessor
-from .schedule import DEFAULT, DIT_DEFAULT, DIT_EDGE_BLOCKS, Schedule, _phases, progress, resolve_schedule
+from .schedule import (
+    DEFAULT,
+    DIT_DEFAULT,
+    DIT_EDGE_BLOCKS,
+    DIT_PRESETS,
+    FAMILY_DEFAULTS,
+    Schedule,
+    _phases,
+    progress,
+    resolve_schedule,
+)
 
 __all__ = ["apply", "attention_levels", "auto_max_downsample", "patched", "remove", "state_of"]
 
@@ -45,6 +60,8 @@ class _Patch:
     options: dict
     blocks: list = field(default_factory=list)  # (transformer block, its BlockMerge); of a DiT (block, its band)
     dit: bool = False  # an SD 3 transformer (or its ControlNet): joint-attention blocks banded by position
+    family: str | None = None  # "flux" or "wan": blocks banded by position, attention through agentsd.dit
+    scheduler: object = None  # () -> the pipeline's scheduler, whose time shift gives a flow model's progress
     patch_size: int = 1
     merge_crossattn: bool = False
     merge_mlp: bool = False
@@ -94,8 +111,9 @@ def apply(
     """
     denoisers, num_train_timesteps = _find_unets(model)
     dit = _is_dit(denoisers[0])
+    family = _flow_family(denoisers[0])
     if schedule is None:
-        schedule = DIT_DEFAULT if dit else DEFAULT
+        schedule = FAMILY_DEFAULTS[family] if family else DIT_DEFAULT if dit else DEFAULT
     calibration.load()  # thresholds `agentsd calibrate` measured on this machine, if any
     options = dict(
         schedule=schedule,
@@ -110,6 +128,28 @@ def apply(
     settings = dict(
         use_rand=bool(use_rand), k_scale2=float(k_scale2), k_shortcut=float(k_shortcut), attn_precision=attn_precision
     )
+    if family:
+        if max_downsample != "auto":
+            raise ValueError(f"max_downsample is for UNets: a {family} transformer has one level; choose blocks=")
+        plans = [_dit_bands(module, schedule, blocks) for module in denoisers]
+        for bands, _ in plans:
+            for band in bands:
+                for phase in band.phases:
+                    check_dit_phase(phase)
+        remove(model)
+        scheduler = _scheduler_ref(model)
+        for module, (bands, band_of_block) in zip(denoisers, plans):
+            state = DiTState(
+                tuple(band.phases for band in bands),
+                seed=secrets.randbits(32) if seed is None else int(seed),
+                use_rand=bool(use_rand),
+                k_scale2=float(k_scale2),
+                k_shortcut=float(k_shortcut),
+                attn_precision=attn_precision,
+            )
+            patch = _Patch(state, num_train_timesteps, options, dit=True, family=family, scheduler=scheduler)
+            _patch_flow(module, patch, band_of_block)
+        return model
     if dit:
         if max_downsample != "auto":
             raise ValueError("max_downsample is for UNets: an SD 3 transformer has one level; choose blocks= instead")
@@ -203,7 +243,8 @@ def state_of(unet) -> AgentState | None:
 _SUPPORTED = (
     "agentsd supports UNet pipelines (Stable Diffusion 1.x, 2.x, SDXL and their img2img, inpaint and ControlNet "
     "pipelines), Stable Diffusion 3 / 3.5 pipelines (SD3Transformer2DModel, and SD3ControlNetModel with joint "
-    "blocks), and bare UNet2DConditionModel / ControlNetModel / SD3Transformer2DModel"
+    "blocks), Flux.1 pipelines (FluxTransformer2DModel, FluxControlNetModel), Wan 2.x video pipelines "
+    "(WanTransformer3DModel), and those denoisers bare"
 )
 
 
@@ -211,18 +252,17 @@ def _find_unets(model) -> tuple[list[torch.nn.Module], int]:
     """The denoiser modules to patch (UNets, or SD 3 transformers) and the scheduler's number of training
     timesteps."""
     if isinstance(model, torch.nn.Module):
-        if _is_dit(model):
+        if _is_dit(model) or _flow_family(model):
             return [model], 1000
         if not hasattr(model, "down_blocks") or not _blocks(model):
             raise TypeError(
-                "expected a UNet2DConditionModel (or ControlNetModel) with transformer blocks or an "
-                f"SD3Transformer2DModel, got {type(model).__name__}"
+                f"expected a denoiser agentsd patches, got {type(model).__name__}: " + _SUPPORTED
             )
         return [model], 1000
     unet = getattr(model, "unet", None)
     transformer = getattr(model, "transformer", None)
     if not isinstance(unet, torch.nn.Module) and isinstance(transformer, torch.nn.Module):
-        if not _is_dit(transformer):
+        if not (_is_dit(transformer) or _flow_family(transformer)):
             raise TypeError(
                 f"{type(model).__name__} denoises with a {type(transformer).__name__}, which agentsd does not patch: "
                 + _SUPPORTED
@@ -230,13 +270,16 @@ def _find_unets(model) -> tuple[list[torch.nn.Module], int]:
         unet = transformer
     elif not isinstance(unet, torch.nn.Module):
         raise TypeError(
-            f"expected a diffusers pipeline with a `unet` or an SD 3 `transformer`, got {type(model).__name__}"
+            f"expected a diffusers pipeline with a `unet` or a `transformer`, got {type(model).__name__}; " + _SUPPORTED
         )
     denoisers = [unet]
+    second = getattr(model, "transformer_2", None)  # Wan 2.2's low-noise expert
+    if isinstance(second, torch.nn.Module) and _flow_family(second):
+        denoisers.append(second)
     controlnet = getattr(model, "controlnet", None)
     if controlnet is not None:
         for net in getattr(controlnet, "nets", [controlnet]):
-            if _blocks(net) or _is_dit(net):
+            if _blocks(net) or _is_dit(net) or _flow_family(net):
                 denoisers.append(net)
             elif hasattr(net, "transformer_blocks"):
                 warnings.warn(
@@ -256,8 +299,8 @@ def _is_dit(module: torch.nn.Module) -> bool:
 
 
 def _dit_bands(module: torch.nn.Module, schedule, blocks) -> tuple[tuple[Band, ...], dict[int, int]]:
-    """The bands of an SD 3 transformer's schedule and the band of each block it patches."""
-    count = len(module.transformer_blocks)
+    """The bands of a DiT's schedule and the band of each block it patches (blocks in the order they run)."""
+    count = len(_dit_blocks(module))
     if isinstance(schedule, Mapping):
         if blocks != "auto":
             raise ValueError("a {blocks: phases} schedule names its blocks: leave blocks='auto'")
@@ -266,8 +309,8 @@ def _dit_bands(module: torch.nn.Module, schedule, blocks) -> tuple[tuple[Band, .
         phases = resolve_schedule(schedule)
         if isinstance(phases, dict):
             raise ValueError(
-                f"{schedule!r} is a per-level UNet preset; an SD 3 transformer takes 'sd3', 'sd3-paper', a sequence of "
-                "Phase or {blocks: phases}"
+                f"{schedule!r} is a per-level UNet preset; a {type(module).__name__} takes a DiT preset "
+                f"({', '.join(DIT_PRESETS)}), a sequence of Phase or {{blocks: phases}}"
             )
         if blocks == "auto":
             blocks = range(DIT_EDGE_BLOCKS, count - DIT_EDGE_BLOCKS)
@@ -285,7 +328,7 @@ def _dit_bands(module: torch.nn.Module, schedule, blocks) -> tuple[tuple[Band, .
             of_block[index % count] = len(bands)
         resolved = resolve_schedule(phases) if isinstance(phases, str) else _phases(phases)
         if isinstance(resolved, dict):
-            raise ValueError(f"{phases!r} is a per-level UNet preset; a block range takes phases or an SD 3 preset")
+            raise ValueError(f"{phases!r} is a per-level UNet preset; a block range takes phases or a DiT preset")
         bands.append(Band(0, 1, resolved))
     if not of_block:
         warnings.warn(
@@ -294,6 +337,26 @@ def _dit_bands(module: torch.nn.Module, schedule, blocks) -> tuple[tuple[Band, .
             stacklevel=3,
         )
     return tuple(bands), of_block
+
+
+def _flow_family(module: torch.nn.Module) -> str | None:
+    """``"flux"`` for a Flux.1 transformer or ControlNet, ``"wan"`` for a Wan 2.x transformer, else ``None``."""
+    blocks = [*getattr(module, "transformer_blocks", []), *getattr(module, "single_transformer_blocks", [])]
+    if any(isinstance(b, (FluxTransformerBlock, FluxSingleTransformerBlock)) for b in blocks):
+        return "flux"
+    if any(isinstance(b, WanTransformerBlock) for b in getattr(module, "blocks", [])):
+        return "wan"
+    return None
+
+
+def _dit_blocks(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """A DiT's blocks in the order they run (Flux: the double-stream blocks, then the single-stream ones)."""
+    family = _flow_family(module)
+    if family == "flux":
+        return [*module.transformer_blocks, *getattr(module, "single_transformer_blocks", [])]
+    if family == "wan":
+        return list(module.blocks)
+    return list(module.transformer_blocks)
 
 
 def _blocks(module: torch.nn.Module) -> list[BasicTransformerBlock]:
@@ -420,12 +483,129 @@ def _patch_dit(module: torch.nn.Module, patch: _Patch, band_of_block: dict[int, 
     inner.__dict__[_ATTR] = patch
 
 
+_FLOW_PROCESSORS = {"flux": FluxAgentProcessor, "wan": WanAgentProcessor}
+
+
+def _scheduler_ref(model):
+    """``() -> scheduler`` of the pipeline given (read at every call: a scheduler swapped in later counts)."""
+    if isinstance(model, torch.nn.Module):
+        return lambda: None
+    ref = weakref.ref(model)
+    return lambda: getattr(ref(), "scheduler", None)
+
+
+@functools.lru_cache(maxsize=None)
+def _parameters(cls) -> tuple[str, ...]:
+    return tuple(inspect.signature(cls.forward).parameters)[1:]
+
+
+def _argument(module, args, kwargs, name: str):
+    """The value of ``module.forward``'s argument ``name`` in a call, positional or keyword (``None`` if absent)."""
+    if name in kwargs:
+        return kwargs[name]
+    names = _parameters(type(module))
+    index = names.index(name) if name in names else len(args)
+    return args[index] if index < len(args) else None
+
+
+class _GridsOfIds:
+    """The patch grids of Flux's image position ids ``(N, 3)``: one ``(1, rows, columns)`` grid per run of equal
+    first ids (Kontext appends its reference image as a second grid), or ``None`` where the ids do not lay the
+    tokens out row-major on whole grids. Read once per ids tensor: the pipelines pass the same one every step."""
+
+    def __init__(self):
+        self._ids, self._version, self._grids = None, None, None
+
+    def __call__(self, ids: torch.Tensor):
+        ids = ids[0] if ids.ndim == 3 else ids
+        if ids is self._ids and ids._version == self._version:
+            return self._grids
+        self._ids, self._version, self._grids = ids, ids._version, _grids_of(ids.detach().to("cpu", torch.long))
+        return self._grids
+
+
+def _grids_of(ids: torch.Tensor):
+    grids, start = [], 0
+    first = ids[:, 0]
+    while start < len(ids):
+        other = (first[start:] != first[start]).nonzero()
+        end = start + int(other[0]) if len(other) else len(ids)
+        rows, cols = ids[start:end, 1], ids[start:end, 2]
+        h, w = int(rows.max() - rows[0]) + 1, int(cols.max() - cols[0]) + 1
+        expected_rows = rows[0] + torch.arange(h).repeat_interleave(w)
+        expected_cols = cols[0] + torch.arange(w).repeat(h)
+        if end - start != h * w or not (torch.equal(rows, expected_rows) and torch.equal(cols, expected_cols)):
+            return None
+        grids.append((1, h, w))
+        start = end
+    return tuple(grids)
+
+
+def _patch_flow(module: torch.nn.Module, patch: _Patch, band_of_block: dict[int, int]) -> None:
+    """Patch the chosen blocks of a Flux or Wan transformer: an adapter in each one's self-attention, a pre-hook on
+    the transformer that reads the patch grid and the noise level once per call, a pre-hook on each block that hands
+    its input to the adapter as the matching metric."""
+    state, family = patch.state, patch.family
+    grids_of_ids = _GridsOfIds()
+    inner = _inner(module)
+
+    def transformer_pre_hook(mod, args, kwargs):
+        _wrap(patch)
+        hidden_states = _argument(inner, args, kwargs, "hidden_states")
+        timestep = _argument(inner, args, kwargs, "timestep")
+        if family == "flux":
+            grids = grids_of_ids(_argument(inner, args, kwargs, "img_ids"))
+            sigma = float(timestep.reshape(-1).max()) if timestep is not None else 1.0  # Flux is called with t / 1000
+        else:
+            p_t, p_h, p_w = inner.config.patch_size
+            _, _, f, h, w = hidden_states.shape
+            grids = ((f // p_t, h // p_h, w // p_w),)
+            sigma = float(timestep.reshape(-1).max()) / patch.num_train_timesteps  # Wan with t in [0, T]
+        latent_tokens = 0 if grids is None else grids[0][0] * grids[0][1] * grids[0][2]
+        scheduler = patch.scheduler()
+        shift = scheduler_shift(getattr(scheduler, "config", None), latent_tokens)
+        state.begin_call(grids, flow_progress(sigma, shift), hidden_states.shape[0], hidden_states.device)
+
+    def transformer_hook(mod, args, kwargs, output):
+        state.end_call()
+
+    blocks = _dit_blocks(module)
+    patch.blocks = [(blocks[index], band) for index, band in sorted(band_of_block.items())]
+    _wrap(patch)
+    patch.handles.append(module.register_forward_pre_hook(transformer_pre_hook, with_kwargs=True))
+    patch.handles.append(module.register_forward_hook(transformer_hook, with_kwargs=True))
+    for block, _ in patch.blocks:
+        patch.handles.append(block.register_forward_pre_hook(_flow_metric_hook, with_kwargs=True))
+    inner.__dict__[_ATTR] = patch
+
+
+def _flow_attention(block):
+    """The self-attention of a Flux block (``attn``) or a Wan block (``attn1``)."""
+    return block.attn1 if isinstance(block, WanTransformerBlock) else block.attn
+
+
+def _flow_metric_hook(block, args, kwargs):
+    """The block's image (or video) input is the matching metric of its attention."""
+    processor = _flow_attention(block).processor
+    if isinstance(processor, (FluxAgentProcessor, WanAgentProcessor)):
+        processor.begin_block(args[0] if args else kwargs["hidden_states"])
+
+
 def _joint_attentions(block) -> list:
     return [attn for attn in (block.attn, getattr(block, "attn2", None)) if attn is not None]
 
 
 def _wrap(patch: _Patch) -> None:
     """Give every patched attention an agentsd processor around whatever processor it has now."""
+    if patch.family:
+        kind = _FLOW_PROCESSORS[patch.family]
+        for block, band in patch.blocks:
+            attn = _flow_attention(block)
+            processor = attn.processor
+            if not (isinstance(processor, kind) and processor.state is patch.state):
+                fallback = processor.original if isinstance(processor, kind) else processor
+                attn.set_processor(kind(fallback, patch.state, band))
+        return
     if patch.dit:
         for block, band in patch.blocks:
             for attn in _joint_attentions(block):
@@ -449,6 +629,13 @@ def _wrap(patch: _Patch) -> None:
 
 def _unwrap(patch: _Patch) -> None:
     """Put back the processors agentsd wraps."""
+    if patch.family:
+        kind = _FLOW_PROCESSORS[patch.family]
+        for block, _ in patch.blocks:
+            attn = _flow_attention(block)
+            if isinstance(attn.processor, kind):
+                attn.set_processor(attn.processor.original)
+        return
     if patch.dit:
         for block, _ in patch.blocks:
             for attn in _joint_attentions(block):

@@ -11,6 +11,8 @@ __all__ = [
     "DEVICE_MIN_TOKENS",
     "DIT_DEFAULT",
     "DIT_EDGE_BLOCKS",
+    "DIT_PRESETS",
+    "FAMILY_DEFAULTS",
     "PRESETS",
     "Phase",
     "Schedule",
@@ -32,6 +34,8 @@ class Phase:
 
     Args to tinker with:
         sx, sy: window size; one dst token per window.
+        st: frames per window, for video DiTs (Wan): windows of st frames × sy rows × sx columns of the patch
+            grid. 1 on images (UNets take no other value).
         merge_crossattn: also run the block's cross-attention on the merged tokens (as ToMeSD's
             ``merge_crossattn``), unmerged before its residual add. Cheap in quality: on the 128² proving
             ground it cost ``fast`` 0.4 dB of PSNR against vanilla and no caption accuracy.
@@ -68,9 +72,10 @@ class Phase:
     min_tokens: int | None = 0
     tokens: str = "merged"
     agents: str = "merged"
+    st: int = 1
 
     def __post_init__(self):
-        for name in ("sx", "sy", "min_tokens"):
+        for name in ("sx", "sy", "st", "min_tokens"):
             value = getattr(self, name)
             if name == "min_tokens" and value is None:
                 continue
@@ -81,7 +86,7 @@ class Phase:
                 raise TypeError(f"Phase.{name} must be a bool, got {type(getattr(self, name)).__name__}")
         if self.min_tokens is not None and self.min_tokens < 0:
             raise ValueError(f"Phase.min_tokens must be >= 0, got {self.min_tokens}")
-        for name in ("sx", "sy"):
+        for name in ("sx", "sy", "st"):
             value = getattr(self, name)
             if value < 1:
                 raise ValueError(f"Phase.{name} must be >= 1, got {value}")
@@ -206,11 +211,33 @@ PRESETS: dict[str, Phases | dict[int, Phases]] = {
         Phase(end=0.4, sx=4, sy=4, ratio=0.4, agent_ratio=0.95, share_matching=True, min_tokens=None),
         Phase(end=1.0, sx=2, sy=2, ratio=0.4, share_matching=True, min_tokens=None),
     ),
+    # Flux.1 (double- and single-stream blocks, RoPE): the lean path on a DiT. While the layout forms, every image
+    # token attends through pooled agents, the mean of each 4x4 window of the rotated queries (one op, nothing to
+    # match); then every query attends over ToMe-merged image keys and values (2x2 windows, every src merged, one
+    # matching per call on the first patched block's input). Text queries attend exactly throughout.
+    "flux": (
+        Phase(end=0.4, sx=4, sy=4, ratio=0.0, agents="pooled", **_LEAN),
+        Phase(end=1.0, sx=2, sy=2, ratio=0.75, **_LEAN),
+    ),
+    # flux with ToMe-merged agents (each src token of a 4x4 window grid in its most similar dst's group).
+    "flux-merged": (
+        Phase(end=0.4, sx=4, sy=4, ratio=0.0, agent_ratio=0.95, **_LEAN),
+        Phase(end=1.0, sx=2, sy=2, ratio=0.75, **_LEAN),
+    ),
+    # Wan 2.x video: pooled agents over 3-D windows (3 latent frames x 2 rows x 4 columns of the patch grid: one agent
+    # per 24 tokens) while the layout and motion form, then every query over ToMe-merged keys and values
+    # (1x2x2 windows).
+    "wan": (
+        Phase(end=0.4, st=3, sy=2, sx=4, ratio=0.0, agents="pooled", **_LEAN),
+        Phase(end=1.0, st=1, sy=2, sx=2, ratio=0.75, **_LEAN),
+    ),
 }
 
 
 DEFAULT = "lean"  # what agentsd.apply(pipe) runs on a UNet
 DIT_DEFAULT = "sd3"  # and on an SD 3 transformer
+FAMILY_DEFAULTS = {"flux": "flux", "wan": "wan"}  # and on the other DiT families
+DIT_PRESETS = ("sd3", "sd3-paper", "flux", "flux-merged", "wan")  # the presets for DiTs (one level, bands of blocks)
 DIT_EDGE_BLOCKS = 2  # blocks at each end of a DiT that agentsd.apply leaves alone unless told (the sensitive ones)
 
 

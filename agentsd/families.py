@@ -1,0 +1,263 @@
+"""The DiT families agentsd patches through :mod:`agentsd.dit`: each adapter holds only what differs.
+
+An adapter is an attention processor that does what the family's own processor does up to its attention
+call (its projections, ``norm_q``/``norm_k``, its rotary embedding), hands the queries, keys and values to
+:func:`agentsd.dit.agent_attention` with the layout of the call, then applies the family's output
+projections. Wherever the phase leaves the block alone (or a call carries inputs the adapter does not
+handle: a mask, IP-Adapter states) it calls the processor it replaced.
+
+- Flux.1 (``FluxTransformer2DModel`` and its ControlNet): double-stream blocks attend over ``[T; X]`` built
+  from two streams, single-stream blocks get ``[T; X]`` already joined; RoPE over both.
+- Wan 2.x (``WanTransformer3DModel``): self-attention (``attn1``) over the video tokens of an f×h×w patch
+  grid; the cross-attention to the text is left alone.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.models.transformers import transformer_flux, transformer_wan
+
+from .dit import Layout, Window, agent_attention, dst_positions, num_windows, pool, random_offsets, tome_groups
+from .schedule import Phase, min_tokens_on, phase_at
+
+__all__ = ["DiTState", "FluxAgentProcessor", "WanAgentProcessor", "check_dit_phase"]
+
+
+def window(phase: Phase) -> Window:
+    return Window(phase.st, phase.sy, phase.sx)
+
+
+def check_dit_phase(phase: Phase) -> None:
+    """A DiT runs the lean path (``tokens="all"``), its groups taking every src token of a window."""
+    if not phase.merges:
+        return
+    if phase.tokens != "all":
+        raise ValueError(
+            f"{phase}: on Flux and Wan every token keeps its query (tokens='all'); merging tokens before the "
+            "projections (tokens='merged') is for UNets and SD 3"
+        )
+    full = 1 - 1 / (phase.st * phase.sy * phase.sx)
+    fraction = phase.agent_ratio if phase.agent_ratio is not None else (phase.ratio or None)
+    if fraction is not None and fraction < full - 1e-9:
+        raise ValueError(
+            f"{phase}: on Flux and Wan a ToMe group takes every src token of its window (one group per "
+            f"{phase.st}x{phase.sy}x{phase.sx} window): agent_ratio or ratio must be >= {full:.4f}"
+        )
+
+
+class DiTState:
+    """Per-model state of a patched DiT: written once per transformer call (eagerly, outside any compiled graph),
+    read by every adapter."""
+
+    def __init__(
+        self,
+        bands: tuple[tuple[Phase, ...], ...],
+        *,
+        seed: int,
+        use_rand: bool = True,
+        k_scale2: float = 0.3,
+        k_shortcut: float = 0.075,
+        attn_precision: str | None = None,
+    ):
+        if attn_precision not in (None, "fp32"):
+            raise ValueError(f"attn_precision must be None or 'fp32', got {attn_precision!r}")
+        self.bands, self.seed, self.use_rand = bands, seed, use_rand
+        self.k_scale2, self.k_shortcut, self.upcast = k_scale2, k_shortcut, attn_precision == "fp32"
+        self.grids: tuple[tuple[int, int, int], ...] | None = None
+        self.phases: tuple[Phase, ...] | None = None
+        self.progress: float | None = None
+        self.dst: dict[Window, torch.Tensor] = {}  # this call's dst positions of each merged window
+        self.groups: dict[Window, object] = {}  # this call's ToMe groups, made by the first block that needs them
+        self.calls = 0
+
+    @property
+    def phase(self) -> Phase | None:
+        return None if self.phases is None else self.phases[0]
+
+    def begin_call(self, grids, p: float, batch: int, device=None) -> None:
+        """Record the patch grids and pick every band's phase at sampling progress ``p``; draw the dst tokens of
+        the merged phases (at random for even batches, when ``use_rand``)."""
+        if self.grids != grids:
+            self.grids = grids
+        phases = tuple(phase_at(band, p) for band in self.bands)
+        if self.phases != phases:
+            self.phases = phases
+        self.progress = p
+        self.groups = {}
+        self.dst = {}
+        for phase in phases:
+            if phase.merges and phase.agents == "merged" and grids is not None:
+                win = window(phase)
+                if win not in self.dst:
+                    offsets = None
+                    if self.use_rand and batch % 2 == 0:
+                        offsets = random_offsets(grids, win, self.seed, self.calls, device=device)
+                    self.dst[win] = dst_positions(grids, win, offsets, device=device)
+        self.calls += 1
+
+    def end_call(self) -> None:
+        self.groups = {}
+
+
+class _AgentProcessor:
+    """What every adapter shares: the phase check, the agents or merged keys, the fallback."""
+
+    def __init__(self, original, state: DiTState, band: int):
+        self.original, self.state, self.band = original, state, band
+        self.block_input: torch.Tensor | None = None
+
+    def begin_block(self, block_input: torch.Tensor) -> None:
+        self.block_input = block_input
+
+    def _phase(self, image_tokens: torch.Tensor) -> Phase | None:
+        """This call's phase when it changes this block, else ``None``; ``image_tokens``: any tensor of the call."""
+        state = self.state
+        if state.phases is None or state.grids is None:
+            return None
+        phase = state.phases[self.band]
+        if not phase.merges:
+            return None
+        n = sum(f * h * w for f, h, w in state.grids)
+        compiling = torch.compiler.is_compiling()
+        if n < min_tokens_on(phase, image_tokens.device.type, image_tokens.dtype, compiling):
+            return None
+        if 2 * num_windows(state.grids, window(phase)) >= n:
+            return None  # as many groups as half the tokens: plain attention is what runs
+        return phase
+
+    def _attend(self, query, key, value, layout: Layout, phase: Phase, metric) -> torch.Tensor:
+        state = self.state
+        win = window(phase)
+        if phase.agents == "pooled":
+            groups = functools.partial(pool, grids=state.grids, window=win)
+        else:
+            groups = state.groups.get(win)
+            if groups is None:
+                groups = state.groups[win] = tome_groups(metric, state.dst[win])
+        agents = phase.agent_ratio is not None or phase.agents == "pooled"
+        return agent_attention(
+            query,
+            key,
+            value,
+            layout,
+            agents=groups if agents else None,
+            keys_of=None if agents else groups,
+            k_scale2=state.k_scale2,
+            k_shortcut=state.k_shortcut,
+            upcast=state.upcast,
+        )
+
+
+class FluxAgentProcessor(_AgentProcessor):
+    """Replaces the attention processor of a Flux double- or single-stream block."""
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb=None,
+        ip_hidden_states=None,
+    ):
+        metric, self.block_input = self.block_input, None
+        phase = None if attention_mask is not None or ip_hidden_states is not None else self._phase(hidden_states)
+        image = None if phase is None else sum(f * h * w for f, h, w in self.state.grids)
+        joint = encoder_hidden_states is not None
+        if phase is not None:
+            text = encoder_hidden_states.shape[1] if joint else hidden_states.shape[1] - image
+            if (joint and hidden_states.shape[1] != image) or text < 0 or metric is None or metric.shape[1] != image:
+                phase = None
+        if phase is None:
+            extra = {} if ip_hidden_states is None else {"ip_hidden_states": ip_hidden_states}
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, **extra)
+        query, key, value, text_query, text_key, text_value = transformer_flux._get_qkv_projections(
+            attn, hidden_states, encoder_hidden_states
+        )
+        query, key, value = (t.unflatten(-1, (-1, attn.head_dim)) for t in (query, key, value))
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        if joint:
+            text_query, text_key, text_value = (
+                t.unflatten(-1, (-1, attn.head_dim)) for t in (text_query, text_key, text_value)
+            )
+            text_query, text_key = attn.norm_added_q(text_query), attn.norm_added_k(text_key)
+            query = torch.cat([text_query, query], dim=1)
+            key = torch.cat([text_key, key], dim=1)
+            value = torch.cat([text_value, value], dim=1)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        layout = Layout(text, True, self.state.grids)
+        out = self._attend(query, key, value, layout, phase, metric).flatten(2, 3).to(query.dtype)
+        if not joint:
+            return out
+        image_out, text_out = layout.split(out)
+        image_out = attn.to_out[1](attn.to_out[0](image_out.contiguous()))
+        return image_out, attn.to_add_out(text_out.contiguous())
+
+
+def _wan_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Wan's rotary embedding: each pair of channels ``(x₀, x₁)`` rotated by the angle of its pair."""
+    even, odd = x[..., 0::2], x[..., 1::2]
+    c, s = cos[..., 0::2], sin[..., 1::2]
+    return torch.stack([even * c - odd * s, even * s + odd * c], dim=-1).flatten(-2).type_as(x)
+
+
+class WanAgentProcessor(_AgentProcessor):
+    """Replaces the self-attention (``attn1``) processor of a Wan block."""
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        rotary_emb=None,
+    ):
+        metric, self.block_input = self.block_input, None
+        phase = None
+        if encoder_hidden_states is None and attention_mask is None and attn.add_k_proj is None:
+            phase = self._phase(hidden_states)
+        image = None if phase is None else sum(f * h * w for f, h, w in self.state.grids)
+        if phase is not None and (hidden_states.shape[1] != image or metric is None or metric.shape[1] != image):
+            phase = None
+        if phase is None:
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+        query, key, value = transformer_wan._get_qkv_projections(attn, hidden_states, None)
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
+        if rotary_emb is not None:
+            query, key = _wan_rotary(query, *rotary_emb), _wan_rotary(key, *rotary_emb)
+        out = self._attend(query, key, value, Layout(0, True, self.state.grids), phase, metric)
+        out = out.flatten(2, 3).type_as(query)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def flow_progress(sigma: float, shift: float) -> float:
+    """Sampling progress of a flow-matching model called at noise level ``sigma`` under a time shift ``shift``:
+    ``1 - σ₀`` with ``σ₀`` the unshifted level (``σ = shift·σ₀ / (1 + (shift - 1)·σ₀)``). The pipelines space the
+    unshifted levels evenly over the steps, so this is the fraction of the steps done: "the first 40%" means the
+    first 40% of the steps on every family, whatever the image size shifts."""
+    sigma = min(max(float(sigma), 0.0), 1.0)
+    return 1.0 - sigma / (shift - (shift - 1.0) * sigma)
+
+
+def scheduler_shift(config, image_tokens: int) -> float:
+    """The time shift a flow-matching scheduler applies at ``image_tokens`` latent tokens (1.0 for none)."""
+    if config is None:
+        return 1.0
+    get = config.get if hasattr(config, "get") else functools.partial(getattr, config)
+    if get("use_dynamic_shifting", False):
+        base_len, max_len = get("base_image_seq_len", 256), get("max_image_seq_len", 4096)
+        base, top = get("base_shift", 0.5), get("max_shift", 1.15)
+        mu = image_tokens * (top - base) / (max_len - base_len) + base - (top - base) / (max_len - base_len) * base_len
+        return mu if get("time_shift_type", "exponential") == "linear" else math.exp(mu)
+    for name in ("flow_shift", "shift"):
+        value = get(name, None)
+        if value is not None:
+            return float(value)
+    return 1.0

@@ -1,0 +1,279 @@
+"""DESIGN.md §11 written out in float64, per batch element, per head, token loops where they make it plain.
+
+Slow and obviously right; shares no code with agentsd. A float64 copy of a Flux or Wan transformer whose chosen
+blocks attend by the formulas; everything else is the model's own.
+"""
+
+import copy
+import itertools
+
+import torch
+
+_M32 = 0xFFFFFFFF
+
+
+def _hash32(x):
+    x &= _M32
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & _M32
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & _M32
+    return x ^ (x >> 16)
+
+
+def softmax_attention(q, k, v, scale):
+    logits = (q @ k.T) * scale
+    weights = torch.exp(logits - logits.max(dim=-1, keepdim=True).values)
+    return (weights / weights.sum(dim=-1, keepdim=True)) @ v
+
+
+def windows(grids, st, sy, sx):
+    """Every whole window of every grid as a list of image-token positions (frame-major, then row-major). A window
+    larger than its grid in an axis takes the grid's size there."""
+    out, start = [], 0
+    for f, h, w in grids:
+        t, y, x = min(st, f), min(sy, h), min(sx, w)
+        for a, b, c in itertools.product(range(f // t), range(h // y), range(w // x)):
+            out.append([
+                start + (a * t + i) * h * w + (b * y + j) * w + (c * x + k)
+                for i, j, k in itertools.product(range(t), range(y), range(x))
+            ])
+        start += f * h * w
+    return out
+
+
+def tome_groups(metric, grids, st, sy, sx, seed=None, draw=None):
+    """Each window's dst (its first token, or the one at the drawn offset), and every other image token in the group
+    of the dst of highest cosine similarity of ``metric`` (N×C)."""
+    wins = windows(grids, st, sy, sx)
+    if seed is None:
+        dst = [win[0] for win in wins]
+    else:
+        key = ((seed * 0x9E3779B1) & _M32) + (((draw & _M32) * 0x7FEB352D) & _M32)
+        dst = [win[_hash32(_hash32(key + i)) % len(win)] for i, win in enumerate(wins)]
+    unit = metric / metric.norm(dim=-1, keepdim=True)
+    groups = {d: [d] for d in dst}
+    for p in range(metric.shape[0]):
+        if p in groups:
+            continue
+        sims = [float(unit[p] @ unit[d]) for d in dst]
+        groups[dst[max(range(len(dst)), key=lambda i: sims[i])]].append(p)
+    return list(groups.values())
+
+
+def flux_rotary(x, cos, sin):
+    """Flux's RoPE on x (S×D): channel pairs (2i, 2i+1) rotated, cos/sin given per channel."""
+    out = torch.empty_like(x)
+    out[:, 0::2] = x[:, 0::2] * cos[:, 0::2] - x[:, 1::2] * sin[:, 0::2]
+    out[:, 1::2] = x[:, 1::2] * cos[:, 1::2] + x[:, 0::2] * sin[:, 1::2]
+    return out
+
+
+def wan_rotary(x, cos, sin):
+    """Wan's RoPE on x (S×D): pair i rotated by cos of channel 2i and sin of channel 2i+1."""
+    out = torch.empty_like(x)
+    c, s = cos[:, 0::2], sin[:, 1::2]
+    out[:, 0::2] = x[:, 0::2] * c - x[:, 1::2] * s
+    out[:, 1::2] = x[:, 0::2] * s + x[:, 1::2] * c
+    return out
+
+
+def agent_heads(q_x, k, v, q_t, v_x, groups, *, agents, scale, k_scale2, k_shortcut, text_first=True):
+    """One head of §11: ``q_x`` (N×d) image queries, ``k``/``v`` every token's keys and values in sequence order,
+    ``q_t`` text queries (M×d), ``v_x`` the image values. Returns (image out N×d, text out M×d)."""
+    if agents:
+        a = torch.stack([q_x[g].mean(0) for g in groups])
+        v_a = softmax_attention(a, k, v, scale)
+        out_x = softmax_attention(q_x, a, v_a, scale**k_scale2) + k_shortcut * v_x
+        return out_x, softmax_attention(q_t, k, v, scale)
+    M = q_t.shape[0]
+    N = q_x.shape[0]
+    k_t, k_x = (k[:M], k[M:]) if text_first else (k[N:], k[:N])
+    v_t, v_x_all = (v[:M], v[M:]) if text_first else (v[N:], v[:N])
+    k2 = torch.cat([k_t, torch.stack([k_x[g].mean(0) for g in groups])])
+    v2 = torch.cat([v_t, torch.stack([v_x_all[g].mean(0) for g in groups])])
+    return softmax_attention(q_x, k2, v2, scale), softmax_attention(q_t, k2, v2, scale)
+
+
+class _Run:
+    def __init__(self, phases, seed):
+        self.phases, self.seed = phases, seed
+        self.p, self.grids, self.batch, self.call, self.groups = None, None, None, -1, {}
+
+    def phase(self):
+        return next((ph for ph in self.phases if self.p < ph.end), self.phases[-1])
+
+    def plan(self):
+        """(phase, groups-maker) or None where the block runs plain attention."""
+        phase = self.phase()
+        assert phase.min_tokens is not None, "the reference takes explicit thresholds"
+        n = sum(f * h * w for f, h, w in self.grids)
+        if not phase.merges or n < phase.min_tokens:
+            return None
+        if 2 * len(windows(self.grids, phase.st, phase.sy, phase.sx)) >= n:
+            return None
+        return phase
+
+    def groups_of(self, phase, metric, b):
+        win = (phase.st, phase.sy, phase.sx)
+        if phase.agents == "pooled":
+            return windows(self.grids, *win)
+        if (b, win) not in self.groups:  # the first patched block of the call matches, the others reuse it
+            rand = self.seed is not None and self.batch % 2 == 0
+            self.groups[(b, win)] = tome_groups(
+                metric, self.grids, *win, seed=self.seed if rand else None, draw=self.call
+            )
+        return self.groups[(b, win)]
+
+
+def _split_heads(t, heads):
+    return t.reshape(t.shape[0], heads, -1).transpose(0, 1)  # (heads, S, d)
+
+
+def reference_flux(transformer, phases, blocks, *, k_scale2=0.3, k_shortcut=0.075, seed=None):
+    """A float64 copy of a Flux transformer whose ``blocks`` (double-stream first, then single-stream) follow §11 with
+    ``p = 1 - σ`` (a bare transformer: no time shift); ``ref(**forward kwargs)`` returns its output."""
+    ref = copy.deepcopy(transformer).double()
+    run = _Run(phases, seed)
+
+    class Processor:
+        def __init__(self, original):
+            self.original, self.block_input = original, None
+
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+            phase = run.plan()
+            if phase is None:
+                return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+            H = attn.heads
+            N = sum(f * h * w for f, h, w in run.grids)
+            cos, sin = image_rotary_emb
+            outs, texts = [], []
+            for b in range(hidden_states.shape[0]):
+                if encoder_hidden_states is not None:
+                    image, text = hidden_states[b], encoder_hidden_states[b]
+                    tq, tk, tv = attn.add_q_proj(text), attn.add_k_proj(text), attn.add_v_proj(text)
+                    tq = attn.norm_added_q(tq.unflatten(-1, (H, -1))).flatten(-2)
+                    tk = attn.norm_added_k(tk.unflatten(-1, (H, -1))).flatten(-2)
+                else:
+                    text, image = hidden_states[b, :-N], hidden_states[b, -N:]
+                    tq, tk, tv = attn.to_q(text), attn.to_k(text), attn.to_v(text)
+                    tq = attn.norm_q(tq.unflatten(-1, (H, -1))).flatten(-2)
+                    tk = attn.norm_k(tk.unflatten(-1, (H, -1))).flatten(-2)
+                q, k, v = attn.to_q(image), attn.to_k(image), attn.to_v(image)
+                q = attn.norm_q(q.unflatten(-1, (H, -1))).flatten(-2)
+                k = attn.norm_k(k.unflatten(-1, (H, -1))).flatten(-2)
+                M = text.shape[0]
+                q_all, k_all, v_all = (_split_heads(torch.cat([t, x]), H) for t, x in ((tq, q), (tk, k), (tv, v)))
+                groups = run.groups_of(phase, self.block_input[b], b)
+                agents = phase.agent_ratio is not None or phase.agents == "pooled"
+                head_x, head_t = [], []
+                for i in range(H):
+                    qi = flux_rotary(q_all[i], cos, sin)
+                    ki = flux_rotary(k_all[i], cos, sin)
+                    d = qi.shape[-1]
+                    ox, ot = agent_heads(
+                        qi[M:], ki, v_all[i], qi[:M], v_all[i][M:], groups, agents=agents, scale=d**-0.5,
+                        k_scale2=k_scale2, k_shortcut=k_shortcut,
+                    )
+                    head_x.append(ox)
+                    head_t.append(ot)
+                out_x, out_t = torch.cat(head_x, -1), torch.cat(head_t, -1)
+                if encoder_hidden_states is not None:
+                    outs.append(attn.to_out[1](attn.to_out[0](out_x)))
+                    texts.append(attn.to_add_out(out_t))
+                else:
+                    outs.append(torch.cat([out_t, out_x]))
+            if encoder_hidden_states is not None:
+                return torch.stack(outs), torch.stack(texts)
+            return torch.stack(outs)
+
+    all_blocks = [*ref.transformer_blocks, *ref.single_transformer_blocks]
+    for index in blocks:
+        block = all_blocks[index]
+        processor = Processor(block.attn.processor)
+        block.attn.set_processor(processor)
+
+        def hook(module, args, kwargs, processor=processor):
+            processor.block_input = kwargs["hidden_states"]
+
+        block.register_forward_pre_hook(hook, with_kwargs=True)
+
+    def call(*, hidden_states, timestep, img_ids, **kwargs):
+        ids = img_ids.long()
+        grids, start = [], 0
+        while start < len(ids):
+            end = start
+            while end < len(ids) and ids[end, 0] == ids[start, 0]:
+                end += 1
+            h = int(ids[start:end, 1].max() - ids[start, 1]) + 1
+            grids.append((1, h, (end - start) // h))
+            start = end
+        run.grids, run.p = tuple(grids), 1 - float(timestep.reshape(-1)[0])
+        run.batch, run.call, run.groups = hidden_states.shape[0], run.call + 1, {}
+        kwargs = {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in kwargs.items()}
+        with torch.no_grad():
+            return ref(
+                hidden_states=hidden_states.double(), timestep=timestep.double(), img_ids=img_ids.double(), **kwargs
+            ).sample
+
+    return call
+
+
+def reference_wan(transformer, phases, blocks, *, k_scale2=0.3, k_shortcut=0.075, seed=None):
+    """A float64 copy of a Wan transformer whose ``blocks`` follow §11 in self-attention (no text there) with
+    ``p = 1 - t/1000`` (a bare transformer: no time shift)."""
+    ref = copy.deepcopy(transformer).double()
+    run = _Run(phases, seed)
+
+    class Processor:
+        def __init__(self, original):
+            self.original, self.block_input = original, None
+
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+            phase = run.plan()
+            if phase is None:
+                return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+            H = attn.heads
+            cos, sin = (t.reshape(t.shape[1], -1) for t in rotary_emb)
+            outs = []
+            for b in range(hidden_states.shape[0]):
+                x = hidden_states[b]
+                q, k, v = attn.norm_q(attn.to_q(x)), attn.norm_k(attn.to_k(x)), attn.to_v(x)
+                q, k, v = _split_heads(q, H), _split_heads(k, H), _split_heads(v, H)
+                groups = run.groups_of(phase, self.block_input[b], b)
+                agents = phase.agent_ratio is not None or phase.agents == "pooled"
+                heads = []
+                for i in range(H):
+                    qi, ki = wan_rotary(q[i], cos, sin), wan_rotary(k[i], cos, sin)
+                    empty = qi[:0]
+                    ox, _ = agent_heads(
+                        qi, ki, v[i], empty, v[i], groups, agents=agents, scale=qi.shape[-1] ** -0.5,
+                        k_scale2=k_scale2, k_shortcut=k_shortcut,
+                    )
+                    heads.append(ox)
+                outs.append(attn.to_out[1](attn.to_out[0](torch.cat(heads, -1))))
+            return torch.stack(outs)
+
+    for index in blocks:
+        block = ref.blocks[index]
+        processor = Processor(block.attn1.processor)
+        block.attn1.set_processor(processor)
+
+        def hook(module, args, kwargs, processor=processor):
+            processor.block_input = args[0] if args else kwargs["hidden_states"]
+
+        block.register_forward_pre_hook(hook, with_kwargs=True)
+
+    def call(*, hidden_states, timestep, encoder_hidden_states, **kwargs):
+        p_t, p_h, p_w = ref.config.patch_size
+        _, _, f, h, w = hidden_states.shape
+        run.grids, run.p = ((f // p_t, h // p_h, w // p_w),), 1 - float(timestep.reshape(-1).max()) / 1000
+        run.batch, run.call, run.groups = hidden_states.shape[0], run.call + 1, {}
+        with torch.no_grad():
+            return ref(
+                hidden_states=hidden_states.double(),
+                timestep=timestep,
+                encoder_hidden_states=encoder_hidden_states.double(),
+                **kwargs,
+            ).sample
+
+    return call
+

@@ -1,0 +1,150 @@
+"""Flux and Wan through agentsd.dit: equal to the float64 reference of DESIGN.md §11, and remove restores vanilla."""
+
+import pytest
+import torch
+from diffusers import FluxPipeline, FluxTransformer2DModel, WanTransformer3DModel
+from reference_dit import reference_flux, reference_wan
+
+import agentsd
+from agentsd import Phase
+
+
+def tiny_flux(seed=0):
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=8,
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=16,
+        axes_dims_rope=(4, 6, 6),
+    ).eval()
+
+
+def tiny_wan(seed=0):
+    torch.manual_seed(seed)
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=4,
+        out_channels=4,
+        text_dim=16,
+        freq_dim=32,
+        ffn_dim=32,
+        num_layers=3,
+        rope_max_seq_len=32,
+    ).eval()
+
+
+def flux_inputs(batch, grids, t, seed=1):
+    """Forward kwargs of a Flux call over image grids ``[(h, w), ...]`` (a second grid as Kontext's reference)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = []
+    for k, (h, w) in enumerate(grids):
+        grid = FluxPipeline._prepare_latent_image_ids(1, h, w, "cpu", torch.float32)
+        grid[:, 0] = k
+        ids.append(grid)
+    img_ids = torch.cat(ids)
+    return dict(
+        hidden_states=torch.randn(batch, len(img_ids), 8, generator=g),
+        encoder_hidden_states=torch.randn(batch, 5, 32, generator=g),
+        pooled_projections=torch.randn(batch, 16, generator=g),
+        timestep=torch.full((batch,), t),
+        img_ids=img_ids,
+        txt_ids=torch.zeros(5, 3),
+    )
+
+
+def wan_inputs(batch, frames, h, w, t, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return dict(
+        hidden_states=torch.randn(batch, 4, frames, 2 * h, 2 * w, generator=g),
+        timestep=torch.full((batch,), t),
+        encoder_hidden_states=torch.randn(batch, 6, 16, generator=g),
+    )
+
+
+def phases(agents, window, late_window):
+    """An agent phase to p = 0.4, then merged keys and values; explicit thresholds (the reference takes them)."""
+    st, sy, sx = window
+    early = dict(agents="pooled") if agents == "pooled" else dict(agent_ratio=1 - 1 / (st * sy * sx))
+    lt, ly, lx = late_window
+    return (
+        Phase(end=0.4, st=st, sy=sy, sx=sx, ratio=0.0, tokens="all", min_tokens=0, **early),
+        Phase(end=1.0, st=lt, sy=ly, sx=lx, ratio=1 - 1 / (lt * ly * lx), tokens="all", min_tokens=0),
+    )
+
+
+def _forward(model, kwargs):
+    with torch.no_grad():
+        return model(**kwargs, return_dict=False)[0]
+
+
+FLUX_CASES = [  # (batch, grids, agents): windows that tile the grid and ones that leave a ragged border
+    (1, [(8, 12)], "pooled"),
+    (2, [(8, 12)], "merged"),
+    (2, [(6, 10)], "pooled"),
+    (1, [(6, 10)], "merged"),
+    (2, [(8, 8), (4, 8)], "pooled"),  # two grids (Kontext's latent and reference image)
+    (2, [(8, 8), (4, 8)], "merged"),
+]
+
+
+@pytest.mark.parametrize("batch,grids,agents", FLUX_CASES)
+@pytest.mark.parametrize("t", [0.9, 0.3], ids=["agent-phase", "late-phase"])
+def test_flux_equals_the_reference(batch, grids, agents, t):
+    model = tiny_flux()
+    schedule = phases(agents, (1, 4, 4), (1, 2, 2))
+    blocks = [1, 2, 3]  # the second double-stream block and both single-stream ones
+    ref = reference_flux(model, schedule, blocks, seed=7)
+    agentsd.apply(model, schedule, blocks=blocks, seed=7)
+    kwargs = flux_inputs(batch, grids, t)
+    for _ in range(2):  # a second call takes the next random dst draw
+        expected = ref(**kwargs)
+        out = _forward(model, kwargs)
+        assert agentsd.state_of(model).phase is schedule[0 if t > 0.6 else 1]
+        torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+    vanilla = tiny_flux()
+    assert (out - _forward(vanilla, kwargs)).abs().max() > 1e-3  # it acted
+
+
+WAN_CASES = [  # (batch, frames, h, w, agents): frame counts the frame window does not divide, ragged grids
+    (1, 4, 4, 8, "pooled"),
+    (2, 5, 4, 6, "pooled"),
+    (2, 5, 5, 6, "merged"),
+    (1, 3, 4, 8, "merged"),
+]
+
+
+@pytest.mark.parametrize("batch,frames,h,w,agents", WAN_CASES)
+@pytest.mark.parametrize("t", [900, 300], ids=["agent-phase", "late-phase"])
+def test_wan_equals_the_reference(batch, frames, h, w, agents, t):
+    model = tiny_wan()
+    schedule = phases(agents, (2, 2, 2), (1, 2, 2))
+    blocks = [0, 1, 2]
+    ref = reference_wan(model, schedule, blocks, seed=3)
+    agentsd.apply(model, schedule, blocks=blocks, seed=3)
+    kwargs = wan_inputs(batch, frames, h, w, t)
+    for _ in range(2):
+        expected = ref(**kwargs)
+        out = _forward(model, kwargs)
+        torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+    assert (out - _forward(tiny_wan(), kwargs)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("family", ["flux", "wan"])
+def test_remove_restores_vanilla_bit_for_bit(family):
+    model = tiny_flux() if family == "flux" else tiny_wan()
+    kwargs = flux_inputs(2, [(8, 12)], 0.9) if family == "flux" else wan_inputs(2, 5, 4, 8, 900)
+    processors = dict(model.attn_processors)
+    vanilla = _forward(model, kwargs)
+    schedule = phases("pooled", (1, 4, 4) if family == "flux" else (2, 2, 2), (1, 2, 2))
+    agentsd.apply(model, schedule, blocks=range(3))
+    assert not torch.equal(_forward(model, kwargs), vanilla)
+    agentsd.remove(model)
+    assert all(model.attn_processors[name] is p for name, p in processors.items())
+    assert torch.equal(_forward(model, kwargs), vanilla)
