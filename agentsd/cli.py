@@ -88,10 +88,15 @@ def _parser() -> argparse.ArgumentParser:
     quality.set_defaults(run=_bench_quality)
     suite = bench.add_parser("suite", help="the GPU suite: SD 1.5 and SDXL, forwards and whole runs, compile")
     suite.set_defaults(run=_bench_suite)
+    blocks = bench.add_parser(
+        "blocks", help="time Flux or Wan blocks at the real width and token count: vanilla, ceilings, preset phases"
+    )
+    blocks.set_defaults(run=_bench_blocks)
     ops = bench.add_parser("ops", help="count the kernel ops of one UNet call per preset and phase")
     ops.set_defaults(run=_bench_ops)
     report = bench.add_parser("report", help="render the tables of README.md and docs/ from benchmarks/results/")
     report.set_defaults(run=_bench_report)
+    from .bench import blocks as blocks_bench
     from .bench import ops as ops_bench
     from .bench import quality as quality_bench
     from .bench import report as report_bench
@@ -99,6 +104,7 @@ def _parser() -> argparse.ArgumentParser:
     from .bench import suite as suite_bench
 
     speed_bench.add_arguments(speed)
+    blocks_bench.add_arguments(blocks)
     quality_bench.add_arguments(quality)
     suite_bench.add_arguments(suite)
     ops_bench.add_arguments(ops)
@@ -149,6 +155,15 @@ def _bench_report(args) -> int:
 
     try:
         return report.bench(args)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+
+
+def _bench_blocks(args) -> int:
+    from .bench import blocks
+
+    try:
+        return blocks.bench(args)
     except ValueError as error:
         raise UsageError(str(error)) from None
 
