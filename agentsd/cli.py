@@ -76,9 +76,16 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--size", help="WIDTHxHEIGHT or N, multiples of 8 (default: the model's own)")
     gen.add_argument("--num-images", type=int, default=1)
+    gen.add_argument("--frames", type=int, help="video pipelines (Wan): frames per video (default: the pipeline's)")
     gen.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps")
     gen.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA, else fp32), fp32, fp16, bf16")
-    gen.add_argument("-o", "--output", type=Path, default=Path("out.png"))
+    gen.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        default=Path("out.png"),
+        help="a .png; for a video pipeline a .mp4 (needs imageio and imageio-ffmpeg) or a .png name for its frames",
+    )
     gen.set_defaults(run=generate)
 
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(title="benchmarks")
@@ -263,8 +270,10 @@ def generate(args) -> int:
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
     if args.num_images < 1:
         raise UsageError(f"--num-images must be >= 1, got {args.num_images}")
-    if args.output.suffix.lower() != ".png":
-        raise UsageError(f"--output must be a .png file, got {args.output}")
+    if args.output.suffix.lower() not in (".png", ".mp4"):
+        raise UsageError(f"--output must be a .png file (or a .mp4 for a video pipeline), got {args.output}")
+    if args.frames is not None and args.frames < 1:
+        raise UsageError(f"--frames must be >= 1, got {args.frames}")
     size = _size(args.size)
     schedule = _schedule(args.schedule)
     args.guidance = _guidance(args.guidance, args.model)
@@ -273,6 +282,14 @@ def generate(args) -> int:
     pipe, model_name = _load(args.model, device, dtype)
     if getattr(pipe, "unet", None) is None and any(m.startswith("deepcache") for m in methods):
         raise UsageError(f"DeepCache caches UNet features; {type(pipe).__name__} has no UNet: drop deepcache")
+    video = _is_video(pipe)
+    if not video and (args.frames is not None or args.output.suffix.lower() == ".mp4"):
+        raise UsageError(f"--frames and a .mp4 --output are for video pipelines; {type(pipe).__name__} makes images")
+    if video and args.output.suffix.lower() == ".mp4":
+        from diffusers.utils.import_utils import is_imageio_available
+
+        if not is_imageio_available():
+            raise UsageError("writing a .mp4 needs imageio: pip install imageio imageio-ffmpeg (or give a .png name)")
 
     renders = {}
     for _ in range(repeats):  # interleaved, so that drift in the machine's load hits every method alike
@@ -292,7 +309,9 @@ def generate(args) -> int:
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
     }
-    if args.compare:
+    if video:
+        paths = _save_video(renders, args.output, meta)
+    elif args.compare:
         grid = _grid(renders)
         grid.save(
             args.output,
@@ -306,11 +325,46 @@ def generate(args) -> int:
         paths = _numbered(args.output, len(render.images))
         for image, path in zip(render.images, paths):
             image.save(path, pnginfo=_png_info({**meta, "method": render.method, "settings": render.settings}))
+    unit = "video" if video else "image"
     for render in renders:
         fastest = f" (fastest of {repeats} runs)" if repeats > 1 else ""
-        print(f"{render.method}: {render.seconds_per_image:.2f} s/image{fastest}")
+        print(f"{render.method}: {render.seconds_per_image:.2f} s/{unit}{fastest}")
     print("saved " + ", ".join(str(p) for p in paths))
     return 0
+
+
+def _is_video(pipe) -> bool:
+    import inspect
+
+    return "num_frames" in inspect.signature(type(pipe).__call__).parameters
+
+
+def _save_video(renders: list[Render], output: Path, meta: dict) -> list[Path]:
+    """Each video's frames, the methods side by side in every frame (one method: its frames as they are), as a .mp4
+    (``export_to_video``) or as numbered .png frames; the first video of a batch."""
+    from PIL import Image
+
+    frames = []
+    for k in range(len(renders[0].images[0])):
+        parts = [render.images[0][k] for render in renders]
+        if len(parts) == 1:
+            frames.append(parts[0])
+            continue
+        frames.append(
+            _grid([Render(r.method, [part], r.seconds_per_image, r.settings) for r, part in zip(renders, parts)])
+        )
+    if output.suffix.lower() == ".mp4":
+        from diffusers.utils import export_to_video
+
+        export_to_video(frames, str(output), fps=16)
+        return [output]
+    paths = [output.with_name(f"{output.stem}-f{k:03d}.png") for k in range(len(frames))]
+    info = _png_info(
+        {**meta, "methods": [r.method for r in renders], "settings": {r.method: r.settings for r in renders}}
+    )
+    for frame, path in zip(frames, paths):
+        Image.Image.save(frame, path, pnginfo=info)
+    return paths
 
 
 def _guidance(value: float | None, model: str | None) -> float:
@@ -461,26 +515,31 @@ def _render(pipe, method: str, schedule, args, size) -> Render:
     if base != "none":
         schedule = schedule if base == "agent" else base
         if schedule is None:  # the model's default
-            from .patch import _find_unets, _is_dit
-            from .schedule import DEFAULT, DIT_DEFAULT
+            from .patch import default_schedule
 
-            schedule = DIT_DEFAULT if _is_dit(_find_unets(pipe)[0][0]) else DEFAULT
+            schedule = default_schedule(pipe)
         agentsd.apply(pipe, schedule, seed=args.seed)
         undo.append(lambda: agentsd.remove(pipe))
         settings["schedule"] = _describe(schedule)
     pipe.set_progress_bar_config(disable=False, desc=f"{method:5s}", leave=True)
     height, width = size if size else (None, None)
     try:
-        start = time.perf_counter()
-        images = pipe(
-            args.prompt,
+        options = dict(
             num_inference_steps=args.steps,
             guidance_scale=args.guidance,
             height=height,
             width=width,
-            num_images_per_prompt=args.num_images,
             generator=torch.Generator("cpu").manual_seed(args.seed),
-        ).images
+        )
+        if _is_video(pipe):
+            options.update(num_videos_per_prompt=args.num_images, output_type="pil")
+            if args.frames is not None:
+                options["num_frames"] = args.frames
+        else:
+            options["num_images_per_prompt"] = args.num_images
+        start = time.perf_counter()
+        out = pipe(args.prompt, **options)
+        images = out.frames if _is_video(pipe) else out.images  # a video: a list of frames
         seconds = time.perf_counter() - start
     finally:
         for fn in reversed(undo):

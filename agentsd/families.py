@@ -241,9 +241,10 @@ def flow_progress(sigma: float, shift: float) -> float:
     """Sampling progress of a flow-matching model called at noise level ``sigma`` under a time shift ``shift``:
     ``1 - σ₀`` with ``σ₀`` the unshifted level (``σ = shift·σ₀ / (1 + (shift - 1)·σ₀)``). The pipelines space the
     unshifted levels evenly over the steps, so this is the fraction of the steps done: "the first 40%" means the
-    first 40% of the steps on every family, whatever the image size shifts."""
+    first 40% of the steps on every family, whatever the image size shifts. Rounded to 1e-4, so that a step that
+    lies on a phase's end in exact arithmetic (step 20 of 50 at 0.4) is not pushed before it by float rounding."""
     sigma = min(max(float(sigma), 0.0), 1.0)
-    return 1.0 - sigma / (shift - (shift - 1.0) * sigma)
+    return round(1.0 - sigma / (shift - (shift - 1.0) * sigma), 4)
 
 
 def scheduler_shift(config, image_tokens: int) -> float:

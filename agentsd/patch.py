@@ -48,7 +48,7 @@ from .schedule import (
     resolve_schedule,
 )
 
-__all__ = ["apply", "attention_levels", "auto_max_downsample", "patched", "remove", "state_of"]
+__all__ = ["apply", "attention_levels", "auto_max_downsample", "default_schedule", "patched", "remove", "state_of"]
 
 _ATTR = "_agentsd_patch"
 
@@ -113,7 +113,7 @@ def apply(
     dit = _is_dit(denoisers[0])
     family = _flow_family(denoisers[0])
     if schedule is None:
-        schedule = FAMILY_DEFAULTS[family] if family else DIT_DEFAULT if dit else DEFAULT
+        schedule = default_schedule(model)
     calibration.load()  # thresholds `agentsd calibrate` measured on this machine, if any
     options = dict(
         schedule=schedule,
@@ -178,6 +178,13 @@ def apply(
             _patch(module, _Patch(states[-1], num_train_timesteps, options))
     _watch_scheduler(getattr(model, "scheduler", None), states, num_train_timesteps)
     return model
+
+
+def default_schedule(model) -> str:
+    """The preset :func:`apply` runs on ``model`` when no schedule is given."""
+    denoisers, _ = _find_unets(model)
+    family = _flow_family(denoisers[0])
+    return FAMILY_DEFAULTS[family] if family else DIT_DEFAULT if _is_dit(denoisers[0]) else DEFAULT
 
 
 def remove(model) -> None:
@@ -255,9 +262,7 @@ def _find_unets(model) -> tuple[list[torch.nn.Module], int]:
         if _is_dit(model) or _flow_family(model):
             return [model], 1000
         if not hasattr(model, "down_blocks") or not _blocks(model):
-            raise TypeError(
-                f"expected a denoiser agentsd patches, got {type(model).__name__}: " + _SUPPORTED
-            )
+            raise TypeError(f"expected a denoiser agentsd patches, got {type(model).__name__}: " + _SUPPORTED)
         return [model], 1000
     unet = getattr(model, "unet", None)
     transformer = getattr(model, "transformer", None)

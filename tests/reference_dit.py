@@ -32,10 +32,12 @@ def windows(grids, st, sy, sx):
     for f, h, w in grids:
         t, y, x = min(st, f), min(sy, h), min(sx, w)
         for a, b, c in itertools.product(range(f // t), range(h // y), range(w // x)):
-            out.append([
-                start + (a * t + i) * h * w + (b * y + j) * w + (c * x + k)
-                for i, j, k in itertools.product(range(t), range(y), range(x))
-            ])
+            out.append(
+                [
+                    start + (a * t + i) * h * w + (b * y + j) * w + (c * x + k)
+                    for i, j, k in itertools.product(range(t), range(y), range(x))
+                ]
+            )
         start += f * h * w
     return out
 
@@ -170,8 +172,16 @@ def reference_flux(transformer, phases, blocks, *, k_scale2=0.3, k_shortcut=0.07
                     ki = flux_rotary(k_all[i], cos, sin)
                     d = qi.shape[-1]
                     ox, ot = agent_heads(
-                        qi[M:], ki, v_all[i], qi[:M], v_all[i][M:], groups, agents=agents, scale=d**-0.5,
-                        k_scale2=k_scale2, k_shortcut=k_shortcut,
+                        qi[M:],
+                        ki,
+                        v_all[i],
+                        qi[:M],
+                        v_all[i][M:],
+                        groups,
+                        agents=agents,
+                        scale=d**-0.5,
+                        k_scale2=k_scale2,
+                        k_shortcut=k_shortcut,
                     )
                     head_x.append(ox)
                     head_t.append(ot)
@@ -245,8 +255,16 @@ def reference_wan(transformer, phases, blocks, *, k_scale2=0.3, k_shortcut=0.075
                     qi, ki = wan_rotary(q[i], cos, sin), wan_rotary(k[i], cos, sin)
                     empty = qi[:0]
                     ox, _ = agent_heads(
-                        qi, ki, v[i], empty, v[i], groups, agents=agents, scale=qi.shape[-1] ** -0.5,
-                        k_scale2=k_scale2, k_shortcut=k_shortcut,
+                        qi,
+                        ki,
+                        v[i],
+                        empty,
+                        v[i],
+                        groups,
+                        agents=agents,
+                        scale=qi.shape[-1] ** -0.5,
+                        k_scale2=k_scale2,
+                        k_shortcut=k_shortcut,
                     )
                     heads.append(ox)
                 outs.append(attn.to_out[1](attn.to_out[0](torch.cat(heads, -1))))
@@ -276,4 +294,3 @@ def reference_wan(transformer, phases, blocks, *, k_scale2=0.3, k_shortcut=0.075
             ).sample
 
     return call
-

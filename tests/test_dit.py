@@ -1,5 +1,7 @@
 """Flux and Wan through agentsd.dit: equal to the float64 reference of DESIGN.md §11, and remove restores vanilla."""
 
+import copy
+
 import pytest
 import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel, WanTransformer3DModel
@@ -148,3 +150,72 @@ def test_remove_restores_vanilla_bit_for_bit(family):
     agentsd.remove(model)
     assert all(model.attn_processors[name] is p for name, p in processors.items())
     assert torch.equal(_forward(model, kwargs), vanilla)
+
+
+def test_other_transformers_say_what_is_supported():
+    from diffusers import PixArtTransformer2DModel
+
+    class PixArtLike:
+        transformer = PixArtTransformer2DModel(
+            sample_size=8, num_layers=1, attention_head_dim=8, num_attention_heads=2, in_channels=4,
+            cross_attention_dim=16, caption_channels=16, norm_type="ada_norm_single", out_channels=8,
+        )  # fmt: skip
+
+    with pytest.raises(TypeError, match="PixArtTransformer2DModel.*Stable Diffusion 3.*Flux.1.*Wan 2.x"):
+        agentsd.apply(PixArtLike())
+    with pytest.raises(TypeError, match="PixArtTransformer2DModel.*FluxTransformer2DModel.*WanTransformer3DModel"):
+        agentsd.apply(PixArtLike.transformer)
+
+
+def test_dit_phases_are_checked():
+    """What a Flux or Wan patch cannot do is refused, not ignored."""
+    with pytest.raises(ValueError, match="tokens='all'"):
+        agentsd.apply(tiny_flux(), "sd3-paper")
+    with pytest.raises(ValueError, match="every src token"):
+        agentsd.apply(tiny_flux(), [Phase(sx=2, sy=2, ratio=0.5, tokens="all")])
+    with pytest.raises(ValueError, match="max_downsample is for UNets"):
+        agentsd.apply(tiny_wan(), max_downsample=2)
+    with pytest.raises(ValueError, match="per-level UNet preset"):
+        agentsd.apply(tiny_wan(), "lean")
+    with pytest.raises(ValueError, match="has blocks 0..3"):
+        agentsd.apply(tiny_flux(), blocks=[4])
+
+
+@pytest.mark.parametrize("family", ["flux", "wan"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_is_finite(family, dtype):
+    model = (tiny_flux() if family == "flux" else tiny_wan()).to(dtype)
+    schedule = phases("merged", (1, 4, 4) if family == "flux" else (2, 2, 2), (1, 2, 2))
+    agentsd.apply(model, schedule, blocks=range(3))
+    for t in (0.9, 0.3) if family == "flux" else (900, 300):
+        kwargs = flux_inputs(2, [(8, 12)], t) if family == "flux" else wan_inputs(2, 5, 4, 6, t)
+        kwargs = {k: v.to(dtype) if v.is_floating_point() and k != "timestep" else v for k, v in kwargs.items()}
+        out = _forward(model, kwargs)
+        assert out.dtype == dtype and torch.isfinite(out).all()
+
+
+def test_flux_with_peft_lora_on_the_attention_projections():
+    """A LoRA on every attention projection (Flux users load these most) runs inside agentsd's adapter: the output
+    equals the reference on the same model with the LoRA merged into its weights."""
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    model = tiny_flux()
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+    model.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
+    merged = copy.deepcopy(model)
+    for module in merged.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+    schedule = phases("pooled", (1, 4, 4), (1, 2, 2))
+    ref = reference_flux(merged, schedule, [1, 2, 3])
+    kwargs = flux_inputs(1, [(8, 12)], 0.9)
+    without = _forward(model, kwargs)
+    agentsd.apply(model, schedule, blocks=[1, 2, 3])
+    out = _forward(model, kwargs)
+    torch.testing.assert_close(out.double(), ref(**kwargs), atol=1e-5, rtol=1e-5)
+    model.disable_adapters()
+    assert (out - _forward(model, kwargs)).abs().max() > 1e-3  # the LoRA counted
+    model.enable_adapters()
+    agentsd.remove(model)
+    assert torch.equal(_forward(model, kwargs), without)

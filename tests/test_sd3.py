@@ -200,28 +200,6 @@ def test_default_schedule_and_blocks():
         agentsd.apply(tiny_unet(), "paper", blocks=[0])
 
 
-def test_other_transformer_pipelines_say_what_is_supported():
-    from diffusers import FluxTransformer2DModel
-
-    class FluxLike:
-        transformer = FluxTransformer2DModel(
-            patch_size=1,
-            in_channels=4,
-            num_layers=1,
-            num_single_layers=1,
-            attention_head_dim=8,
-            num_attention_heads=2,
-            joint_attention_dim=16,
-            pooled_projection_dim=8,
-            axes_dims_rope=(2, 2, 4),
-        )
-
-    with pytest.raises(TypeError, match="FluxTransformer2DModel.*Stable Diffusion 3"):
-        agentsd.apply(FluxLike())
-    with pytest.raises(TypeError, match="SD3Transformer2DModel"):
-        agentsd.apply(FluxLike.transformer)
-
-
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_is_finite(dtype):
     model = tiny_sd3("sd3.5").to(dtype)
