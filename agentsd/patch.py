@@ -61,7 +61,7 @@ class _Patch:
     blocks: list = field(default_factory=list)  # (transformer block, its BlockMerge); of a DiT (block, its band)
     dit: bool = False  # an SD 3 transformer (or its ControlNet): joint-attention blocks banded by position
     family: str | None = None  # "flux" or "wan": blocks banded by position, attention through agentsd.dit
-    scheduler: object = None  # () -> the pipeline's scheduler, whose time shift gives a flow model's progress
+    scheduler: object = lambda: None  # () -> the pipeline's scheduler, whose time shift gives a flow model's progress
     patch_size: int = 1
     merge_crossattn: bool = False
     merge_mlp: bool = False
@@ -173,7 +173,8 @@ def apply(
     for k, (module, config) in enumerate(zip(denoisers, configs)):
         states.append(AgentState(config, secrets.randbits(32) if seed is None else int(seed)))
         if dit:
-            _patch_dit(module, _Patch(states[-1], num_train_timesteps, options, dit=True), plans[k][1])
+            patch = _Patch(states[-1], num_train_timesteps, options, dit=True, scheduler=_scheduler_ref(model))
+            _patch_dit(module, patch, plans[k][1])
         else:
             _patch(module, _Patch(states[-1], num_train_timesteps, options))
     _watch_scheduler(getattr(model, "scheduler", None), states, num_train_timesteps)
@@ -468,9 +469,12 @@ def _patch_dit(module: torch.nn.Module, patch: _Patch, band_of_block: dict[int, 
         timestep = kwargs["timestep"] if "timestep" in kwargs else args[3]
         if isinstance(timestep, torch.Tensor):
             timestep = timestep.reshape(-1)[0]
-        p = progress(timestep, patch.num_train_timesteps)
         size = patch.patch_size
-        state.begin_call(sample.shape[-2] // size, sample.shape[-1] // size, p, sample.device)
+        height, width = sample.shape[-2] // size, sample.shape[-1] // size
+        # flow matching: the noise level with the scheduler's shift undone (as on Flux and Wan)
+        shift = scheduler_shift(getattr(patch.scheduler(), "config", None), height * width)
+        p = flow_progress(float(timestep) / patch.num_train_timesteps, shift)
+        state.begin_call(height, width, p, sample.device)
 
     blocks = module.transformer_blocks
     patch.blocks = [

@@ -120,7 +120,9 @@ def generate(pipe, steps=3, output_type="pt", **kwargs):
             guidance_scale=4.0, max_sequence_length=16, generator=generator, output_type=output_type, **kwargs,
         )  # fmt: skip
         return out.frames
-    if isinstance(pipe, (FluxImg2ImgPipeline, FluxKontextPipeline)):
+    if not isinstance(pipe, (FluxPipeline, FluxImg2ImgPipeline, FluxKontextPipeline)):  # SD 3
+        kwargs.setdefault("guidance_scale", 3.0)
+    elif isinstance(pipe, (FluxImg2ImgPipeline, FluxKontextPipeline)):
         kwargs.setdefault("image", Image.new("RGB", (32, 32), (120, 60, 200)))
     if isinstance(pipe, FluxImg2ImgPipeline):
         kwargs.setdefault("strength", 0.8)
@@ -173,15 +175,23 @@ def _phases_per_step(pipe, steps, size=32):
     return seen
 
 
-@pytest.mark.parametrize("family,steps", [("flux", 28), ("wan", 50), ("flux", 10)])
-def test_phases_switch_after_the_first_40_percent_of_the_steps(tmp_path, family, steps):
-    """The pipelines' defaults (Flux: 28 steps, its size-shifted schedule; Wan: 50 UniPC steps, flow shift 3): the
-    agent phase runs the first ceil(0.4 n) steps, whatever the shift does to the noise levels."""
-    pipe = flux_pipeline(tmp_path) if family == "flux" else wan_pipeline(tmp_path)
-    agentsd.apply(pipe, FLUX_PHASES if family == "flux" else WAN_PHASES, blocks=range(3), seed=0)
+@pytest.mark.parametrize("family,steps,switch", [("flux", 28, 12), ("wan", 50, 20), ("sd3", 28, 11), ("flux", 10, 4)])
+def test_phases_switch_where_the_docs_say(tmp_path, family, steps, switch):
+    """The pipelines' default schedulers (Flux: 28 steps, shifted by the image size; Wan: 50 UniPC steps, flow shift 3;
+    SD 3: 28 steps, shift 3): the agent phase runs while the unshifted noise level is above 0.6, the steps that
+    docs/dits.md lists, whatever the shift does to the noise levels."""
+    if family == "sd3":
+        from test_sd3 import FORCED, tiny_sd3_pipeline
+
+        pipe = tiny_sd3_pipeline(tmp_path)
+        pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)  # SD 3's own scheduler config
+        pipe.set_progress_bar_config(disable=True)
+        agentsd.apply(pipe, FORCED, blocks=range(6), seed=0)
+    else:
+        pipe = flux_pipeline(tmp_path) if family == "flux" else wan_pipeline(tmp_path)
+        agentsd.apply(pipe, FLUX_PHASES if family == "flux" else WAN_PHASES, blocks=range(3), seed=0)
     seen = _phases_per_step(pipe, steps)
-    per_step = seen if family == "flux" else seen[::2]  # Wan runs the conditional and unconditional calls apart
-    switch = -(-4 * steps // 10)
+    per_step = seen[::2] if family == "wan" else seen  # Wan runs the conditional and unconditional calls apart
     assert per_step == [0] * switch + [1] * (steps - switch)
 
 

@@ -229,7 +229,10 @@ def summarize(model: str, times: dict[str, dict[str, list[float]]]) -> dict:
     return summary
 
 
-def run(model: str, sizes: list[str], methods: list[str], repeats: int, warmup: int, dtype, device, out: Path) -> dict:
+def run(
+    model: str, sizes: list[str], methods: list[str], repeats: int, warmup: int, dtype, device, out: Path,
+    deadline: float | None = None,
+) -> dict:  # fmt: skip
     family, _, counts, name = MODELS[model]
     net = build(model, device, dtype)
     table = methods_for(model)
@@ -292,7 +295,7 @@ def run(model: str, sizes: list[str], methods: list[str], repeats: int, warmup: 
         return result
 
     interleave(results, out, sizes, methods, enable=enable, once=timed_once, summarize=summary, warmup=warmup,
-               repeats=repeats)  # fmt: skip
+               repeats=repeats, deadline=deadline)  # fmt: skip
     return results
 
 
@@ -376,7 +379,7 @@ def bench(args: argparse.Namespace) -> int:
     else:
         results = run(
             args.model, args.sizes, args.methods, args.repeats, args.warmup, getattr(torch, args.dtype),
-            torch.device(args.device), args.out,
+            torch.device(args.device), args.out, getattr(args, "deadline", None),
         )  # fmt: skip
     write_report(args.out, table(results), plot(results))
     return 0

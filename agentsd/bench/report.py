@@ -55,6 +55,17 @@ def where_it_pays(root: Path) -> str:
     for size in sorted(int(s) for s in (sd35 or {}).get("sizes", {"1024": None})):
         default = f"{_speedup(sd35, size, 'sd3')} (sd3)"
         rows.append(("SD 3.5 medium", size, "CPU, 2 cores", "transformer forwards", default, "–", "–", sd35))
+    for model, name, preset, label in (
+        ("Flux.1", "speed_cpu_flux.json", "flux", "{}²"),
+        ("Wan 2.1 1.3B", "speed_cpu_wan.json", "wan", "{}: 832×480, 81 frames"),
+    ):
+        results = _load(root, RESULTS / name)
+        for size, summary in (results or {}).get("sizes", {}).items():
+            value = summary.get("speedup", {}).get(preset)
+            default = "–" if value is None else f"{value:.2f}× ({preset}, over a run)"
+            rows.append(
+                (model, label.format(size), "CPU, 2 cores", "blocks at the real width", default, "–", "–", results)
+            )
     compiled = gpu["sd15_compile"]
     fast = f"{_speedup(compiled, 512, 'fast+compile')} (vanilla+compile {_speedup(compiled, 512, 'vanilla+compile')})"
     rows.append(("SD 1.5", 512, "H100, fp16", "20-step runs, compiled", "not yet", fast, "–", compiled))
@@ -63,7 +74,8 @@ def where_it_pays(root: Path) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for model, size, device, kind, lean, fast, deep, results in rows:
-        lines.append(f"| {model} | {size}² | {device} | {kind} | {lean} | {fast} | {deep} | {_commit(results)} |")
+        size = f"{size}²" if isinstance(size, int) else size
+        lines.append(f"| {model} | {size} | {device} | {kind} | {lean} | {fast} | {deep} | {_commit(results)} |")
     return "\n".join(lines)
 
 

@@ -3,7 +3,8 @@
 Whole 20-step runs, fp16 on CUDA: SD 1.5 at 512², 1024², 2048²; SDXL at 1024² and 2048², and SDXL's hi-res
 pass (image-to-image at 2048², strength 0.5); vanilla, the ceilings, ``paper``, ``fast``, ``lean`` (the
 default), DeepCache and DeepCache + ``lean``; torch.compile (default mode and CUDA graphs) for vanilla and
-``lean``; UNet forwards, then SD 3.5-medium transformer forwards (1024², 2048²), last. The parts run in order
+``lean``; UNet forwards, then SD 3.5-medium transformer forwards (1024², 2048²), then Flux.1 (1024², 2048²) and
+Wan 2.1 1.3B (480p, 81 frames) blocks at the real width in bf16 (``agentsd bench blocks``), last. The parts run in order
 of what they tell (cheap, broad ones first) under a time budget (``--budget``, 8 minutes by default): a part
 that would start after the budget is spent is left out, and a part under way takes fewer repeats (at least
 one) rather than run over; ``suite.json`` records what ran, how long and what was left out. Each part writes
@@ -54,7 +55,11 @@ PARTS = [
     ("sdxl", "img2img", [2048], BIG),
     ("sd15", "forward", [512, 1024, 2048], None),
     ("sd35", "forward", [1024, 2048], None),  # SD 3.5 medium's transformer: vanilla, ceiling, the sd3 preset
+    # Flux.1 and Wan 2.1 blocks at the real width and token count, in bf16 (as their users run them)
+    ("flux", "blocks", ["1024", "2048"], None),
+    ("wan", "blocks", ["480p"], None),
 ]
+DIT_DTYPE = "bfloat16"
 IMG2IMG_STRENGTH = 0.5
 # the same modes on a tiny UNet at small sizes (the CPU check): SD 1.5's parts, its 2048² runs aside; CUDA graphs
 # need CUDA, so the CPU check compiles in the default mode only
@@ -93,6 +98,22 @@ def parts(args: argparse.Namespace, tiny_folder: Path | None) -> list[argparse.N
     """One ``bench speed`` invocation per part: the arguments it runs with, in the order they run."""
     out = []
     for model, mode, sizes, methods in TINY_PARTS if args.tiny else PARTS:
+        if mode == "blocks":
+            out.append(
+                argparse.Namespace(
+                    model=model,
+                    sizes=sizes,
+                    methods=None,
+                    repeats=args.repeats,
+                    warmup=1,
+                    dtype=DIT_DTYPE,
+                    device=args.device,
+                    out=args.out / f"{model}_blocks.json",
+                    report=False,
+                    kind="blocks",
+                )  # fmt: skip
+            )
+            continue
         pipeline = mode != "forward"
         out.append(
             argparse.Namespace(
@@ -166,7 +187,7 @@ def run_checks(args: argparse.Namespace, tiny_folder: Path, deadline: float) -> 
 
 def run_part(part: argparse.Namespace, deadline: float) -> dict:
     """Measure one part unless it is already measured or the budget is spent; its entry in ``suite.json``."""
-    name = f"{part.out.stem} {' '.join(f'{s}²' for s in part.sizes)}"
+    name = f"{part.out.stem} {' '.join(f'{s}²' if isinstance(s, int) else s for s in part.sizes)}"
     measured = json.loads(part.out.read_text()) if part.out.exists() else {"sizes": {}}
     if all(str(size) in measured["sizes"] for size in part.sizes):
         print(f"{name}: already measured, skipped")
@@ -176,7 +197,12 @@ def run_part(part: argparse.Namespace, deadline: float) -> dict:
     began = time.monotonic()
     part.deadline = deadline
     try:
-        speed.bench(part)
+        if getattr(part, "kind", None) == "blocks":
+            from . import blocks
+
+            blocks.bench(part)
+        else:
+            speed.bench(part)
         measured = json.loads(part.out.read_text())["sizes"] if part.out.exists() else {}
         missing = [f"{size}²" for size in part.sizes if str(size) not in measured]
         status = f"left out {', '.join(missing)}: time budget spent" if missing else "measured"
@@ -200,7 +226,12 @@ def write_summary(args: argparse.Namespace, log: list[dict], seconds: float) -> 
     )
     lines = [f"Suite on {card}: {seconds:.0f} s (budget {args.budget:.0f} s).", ""]
     lines += [f"- {entry['part']}: {entry['status']}" for entry in log]
-    tables = [(runs if results.get("kind") == "pipeline" else speed).table(results) for results in done.values()]
+    from . import blocks
+
+    def module(results):  # whole runs say so; block timings carry the model's block counts
+        return runs if results.get("kind") == "pipeline" else blocks if "blocks" in results else speed
+
+    tables = [module(results).table(results) for results in done.values()]
     summary = args.out / "suite.md"
     summary.write_text("\n".join(lines) + "\n\n" + "\n\n".join(tables) + "\n")
     return summary

@@ -1,0 +1,58 @@
+"""``agentsd bench blocks`` on tiny Flux and Wan configs: the JSON, and the model time summed from its blocks."""
+
+import argparse
+import json
+
+import pytest
+
+from agentsd.bench import blocks
+
+
+@pytest.fixture
+def tiny(monkeypatch):
+    flux = {**blocks.FLUX, "attention_head_dim": 16, "num_attention_heads": 2, "joint_attention_dim": 32}
+    flux.update(pooled_projection_dim=16, axes_dims_rope=(4, 6, 6))
+    wan = {**blocks.WAN_1_3B, "num_attention_heads": 2, "attention_head_dim": 12, "text_dim": 16, "freq_dim": 32}
+    wan.update(ffn_dim=32, rope_max_seq_len=64)
+    monkeypatch.setitem(blocks.MODELS, "flux", ("flux", flux, {"double": 19, "single": 38}, "tiny flux"))
+    monkeypatch.setitem(blocks.MODELS, "wan", ("wan", wan, {"block": 30}, "tiny wan"))
+    monkeypatch.setitem(blocks.VIDEO_SIZES, "tiny", (9, 128, 128))
+    monkeypatch.setattr(blocks, "TEXT_TOKENS", 7)
+
+
+def _bench(argv):
+    parser = argparse.ArgumentParser()
+    blocks.add_arguments(parser)
+    return blocks.bench(parser.parse_args(argv))
+
+
+@pytest.mark.parametrize("model,size", [("flux", "256"), ("wan", "tiny")])
+def test_blocks_bench_writes_every_method_and_sums_the_model(tiny, tmp_path, model, size):
+    out = tmp_path / "r.json"
+    assert _bench(["--model", model, "--sizes", size, "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    summary = results["sizes"][size]
+    counts = results["blocks"]
+    assert set(summary["times"]) == set(blocks.methods_for(model))
+    block = summary["block_median"]
+    # vanilla: every block of each kind at its kind's time
+    assert summary["model_s"]["vanilla"] == pytest.approx(sum(n * block["vanilla"][k] for k, n in counts.items()))
+    # a preset's phase: the two edge blocks at each end run vanilla, the rest the method
+    early = f"{model}-early"
+    kinds = list(counts)
+    edges = {k: 2 * ((i == 0) + (i == len(kinds) - 1)) for i, k in enumerate(kinds)}
+    expected = sum(edges[k] * block["vanilla"][k] + (n - edges[k]) * block[early][k] for k, n in counts.items())
+    assert summary["model_s"][early] == pytest.approx(expected)
+    # the preset over a run: its phases weighted by their share of sampling
+    late = summary["model_s"][f"{model}-late"]
+    assert summary["model_s"][model] == pytest.approx(0.4 * summary["model_s"][early] + 0.6 * late)
+    assert out.with_suffix(".md").read_text().count("|") > 10
+
+
+def test_blocks_bench_refuses_what_it_cannot_time(tiny, tmp_path):
+    with pytest.raises(ValueError, match="vanilla must be timed"):
+        _bench(["--model", "flux", "--methods", "flux-early", "--out", str(tmp_path / "r.json")])
+    with pytest.raises(ValueError, match="unknown method"):
+        _bench(["--model", "wan", "--methods", "vanilla", "sd3-early", "--out", str(tmp_path / "r.json")])
+    with pytest.raises(ValueError, match="takes sizes"):
+        _bench(["--model", "wan", "--sizes", "1024", "--out", str(tmp_path / "r.json")])
