@@ -38,6 +38,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def main(argv: list[str] | None = None) -> int:
+    _quiet_libraries()
     parser = _parser()
     try:
         args = parser.parse_args(argv)
@@ -50,18 +51,46 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _quiet_libraries() -> None:
+    """What the libraries print that does not concern a command's user (transformers' notices about image processors
+    no command uses, the nested "Loading weights" bars), silenced for the command line only: importing agentsd
+    changes no library's settings."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    diffusers_logging.disable_progress_bar()
+
+
+_GENERATE_HELP = """models: the shipped demo model (default; offline, 128² images), or any diffusers folder or hub id of
+Stable Diffusion 1.x/2.x/XL/3/3.5, Flux.1 (txt2img, img2img, Kontext, ...) or Wan 2.x video.
+methods: none; agent (the --schedule, by default the model's default: lean on a UNet, sd3, flux or wan on those
+DiTs); any preset: {presets}; deepcache and deepcache+<agent or preset> (UNets, pip install deepcache).
+example: agentsd generate "a small red circle on the left" --compare none,lean,fast -o grid.png"""
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="agentsd", description="Training-free agent attention for Stable Diffusion.")
+    from . import __version__
+    from .schedule import PRESETS
+
+    parser = _Parser(prog="agentsd", description="Training-free agent attention for Stable Diffusion and DiTs.")
+    parser.add_argument("--version", action="version", version=f"agentsd {__version__}")
     commands = parser.add_subparsers(title="commands")
 
-    gen = commands.add_parser("generate", help="generate images, with or without token merging")
-    gen.add_argument("prompt")
+    gen = commands.add_parser(
+        "generate",
+        help="generate images (or videos), with or without agent attention",
+        epilog=_GENERATE_HELP.format(presets=", ".join(PRESETS)),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    gen.add_argument("prompt", nargs="?", help="what to draw, in quotes")
     gen.add_argument("--model", help="hub id or local diffusers folder (default: the shipped demo model)")
     gen.add_argument(
         "--method",
         default="agent",
-        help="none, agent (the --schedule; default), a preset (lean, paper, fast, tome), deepcache, or "
-        "deepcache+<agent or preset>",
+        help="none, agent (the --schedule; default), a preset, deepcache, or deepcache+<agent or preset>",
     )
     gen.add_argument("--compare", help="comma-separated methods rendered from the same seed into one grid")
     gen.add_argument(
@@ -132,8 +161,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _calibrate(args) -> int:
-    from . import calibrate
-    from .bench import core
+    from . import calibration
+    from .bench import calibrate, core
 
     if args.repeats < 1 or (args.sizes and min(args.sizes) < 8):
         raise UsageError("--repeats must be >= 1 and --sizes at least 8 pixels")
@@ -150,7 +179,7 @@ def _calibrate(args) -> int:
         compiled=args.compile,
         repeats=args.repeats,
     )
-    print(f"{result['key']}: the lean path from {result['min_tokens']} tokens (saved to {calibrate.cache_path()})")
+    print(f"{result['key']}: the lean path from {result['min_tokens']} tokens (saved to {calibration.cache_path()})")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1) + "\n")
@@ -249,6 +278,8 @@ def _bench_quality(args) -> int:
 
 
 def generate(args) -> int:
+    if not args.prompt:
+        raise UsageError('generate needs a prompt, e.g.: agentsd generate "a small red circle on the left" -o out.png')
     methods = _methods(args.compare if args.compare else args.method)
     if not args.compare and len(methods) > 1:
         raise UsageError(f"--method takes one method, got {args.method!r}; use --compare to render several")
@@ -483,7 +514,7 @@ def _load(model: str | None, device, dtype):
         source, options = model, {}
     try:
         # DiffusionPipeline picks the class (SD 1.x/2.x, SDXL, ...) from the folder's model_index.json.
-        pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=dtype, **options)
+        pipe = DiffusionPipeline.from_pretrained(source, dtype=dtype, **options)
     except (OSError, ValueError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UsageError(f"could not load model {model!r}: {first_line}") from None

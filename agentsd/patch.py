@@ -32,7 +32,7 @@ from diffusers.models.attention import BasicTransformerBlock, JointTransformerBl
 from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
 from diffusers.models.transformers.transformer_wan import WanTransformerBlock
 
-from . import calibrate as calibration
+from . import calibration
 from .attention import AgentAttnProcessor, AgentConfig, AgentState, Band, BlockMerge, MergedAttnProcessor
 from .families import DiTState, FluxAgentProcessor, WanAgentProcessor, check_dit_phase, flow_progress, scheduler_shift
 from .joint import JointAgentProcessor

@@ -140,7 +140,7 @@ ACCELERATOR_MIN_TOKENS = 32768
 LEAN_DEVICE_MIN_TOKENS = {"cpu": 1024}
 LEAN_ACCELERATOR_MIN_TOKENS = 16384
 # Lean thresholds measured on this machine's devices by `agentsd calibrate`, by (device type, dtype, "eager" or
-# "compiled"), loaded by agentsd.calibrate.load(): they take precedence over the two lines above.
+# "compiled"), loaded by agentsd.calibration.load(): they take precedence over the two lines above.
 CALIBRATED_MIN_TOKENS: dict[tuple[str, str, str], int] = {}
 
 

@@ -462,7 +462,7 @@ def train_unet(run: Run, text_encoder, latents: torch.Tensor, ids: torch.Tensor,
     c = run.config
     torch.manual_seed(c["seed"] + 2)
     if c["init"]:
-        unet = UNet2DConditionModel.from_pretrained(Path(c["init"]) / "model" / "unet", torch_dtype=torch.float32)
+        unet = UNet2DConditionModel.from_pretrained(Path(c["init"]) / "model" / "unet", dtype=torch.float32)
         mismatched = {k: v for k, v in UNET_CONFIG.items() if _listed(unet.config[k]) != _listed(v)}
         if mismatched:
             raise ValueError(f"--init UNet differs from this recipe's UNET_CONFIG in {sorted(mismatched)}")
@@ -529,8 +529,8 @@ def reuse(run: Run) -> tuple[AutoencoderKL, CLIPTextModel]:
     run.out.mkdir(parents=True, exist_ok=True)
     if init.resolve() != run.out.resolve():
         shutil.copyfile(init / "evaluator.safetensors", run.evaluator_weights)
-    vae = AutoencoderKL.from_pretrained(init / "model" / "vae", torch_dtype=torch.float32).eval()
-    text_encoder = CLIPTextModel.from_pretrained(init / "model" / "text_encoder", torch_dtype=torch.float32)
+    vae = AutoencoderKL.from_pretrained(init / "model" / "vae", dtype=torch.float32).eval()
+    text_encoder = CLIPTextModel.from_pretrained(init / "model" / "text_encoder", dtype=torch.float32)
     run.log("init", 0, folder=str(init))
     return vae.requires_grad_(False), text_encoder.eval().requires_grad_(False)
 

@@ -95,7 +95,7 @@ def _tokens_grid(latent_side: int) -> int:
 
 
 def load_vae() -> AutoencoderKL:
-    return AutoencoderKL.from_pretrained(MODEL_DIR / "vae", torch_dtype=torch.float32).eval().requires_grad_(False)
+    return AutoencoderKL.from_pretrained(MODEL_DIR / "vae", dtype=torch.float32).eval().requires_grad_(False)
 
 
 def build_cache(run: demo.Run, vae: AutoencoderKL, tokenizer) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> None:
     run.spent_before = run.config["spent_s"]
     tokenizer = demo.make_tokenizer()
     vae = load_vae()
-    clip = CLIPTextModel.from_pretrained(MODEL_DIR / "text_encoder", torch_dtype=torch.float32)
+    clip = CLIPTextModel.from_pretrained(MODEL_DIR / "text_encoder", dtype=torch.float32)
     clip = clip.eval().requires_grad_(False)
     if args.export:
         _, _, factors = build_cache(run, vae, tokenizer)

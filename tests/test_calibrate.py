@@ -7,7 +7,8 @@ import torch
 from conftest import tiny_unet, unet_inputs
 
 import agentsd
-from agentsd import calibrate, schedule
+from agentsd import calibration, schedule
+from agentsd.bench import calibrate
 from agentsd.cli import main
 
 
@@ -32,7 +33,7 @@ def test_threshold_is_where_every_phase_pays_from_there_on(tiny_model, monkeypat
     result = calibrate.calibrate("cpu", torch.float32, model=tiny_model, sizes=sizes, repeats=1)
     assert [row["pays"] for row in result["sizes"].values()] == [False, True, True]
     assert result["min_tokens"] == result["sizes"]["64"]["tokens"] == (64 // 8) ** 2
-    cached = json.loads(calibrate.cache_path().read_text())
+    cached = json.loads(calibration.cache_path().read_text())
     assert cached["cpu | float32 | eager"]["min_tokens"] == 64
     assert schedule.CALIBRATED_MIN_TOKENS == {("cpu", "float32", "eager"): 64}
 
@@ -43,7 +44,7 @@ def test_threshold_is_where_every_phase_pays_from_there_on(tiny_model, monkeypat
         vanilla = unet(sample, 500, context).sample
         agentsd.apply(unet, seed=0)
         assert not torch.equal(unet(sample, 500, context).sample, vanilla)
-        calibrate.cache_path().unlink()
+        calibration.cache_path().unlink()
         agentsd.apply(unet, seed=0)  # no calibration: the 1,024-token default leaves it alone
         assert torch.equal(unet(sample, 500, context).sample, vanilla)
     assert schedule.CALIBRATED_MIN_TOKENS == {}
@@ -53,7 +54,7 @@ def test_no_size_pays_puts_the_threshold_past_the_largest(tiny_model, monkeypatc
     monkeypatch.setattr(calibrate, "_time", lambda fn, repeats, device: 1.0)  # never faster
     result = calibrate.calibrate("cpu", torch.float32, model=tiny_model, sizes=(32, 64), repeats=1, save=False)
     assert result["min_tokens"] == 4 * (64 // 8) ** 2
-    assert not calibrate.cache_path().exists()
+    assert not calibration.cache_path().exists()
 
 
 def test_calibrate_command_times_real_forwards(tiny_model, tmp_path, capsys):
@@ -61,9 +62,19 @@ def test_calibrate_command_times_real_forwards(tiny_model, tmp_path, capsys):
     assert main([*args, "--out", str(tmp_path / "cal.json")]) == 0
     out = capsys.readouterr().out
     assert "64² (64 tokens): vanilla" in out and "the lean path from" in out
-    entry = json.loads(calibrate.cache_path().read_text())["cpu | float32 | eager"]
+    entry = json.loads(calibration.cache_path().read_text())["cpu | float32 | eager"]
     assert json.loads((tmp_path / "cal.json").read_text()) == entry
     assert entry["sizes"]["64"]["vanilla_s"] > 0 and entry["sizes"]["64"]["4x4_s"] > 0
-    calibrate.cache_path().unlink()
-    calibrate.load()
+    calibration.cache_path().unlink()
+    calibration.load()
     assert main(["calibrate", "--device", "cpu", "--model", "nowhere"]) == 2
+
+
+def test_the_core_imports_no_measuring_code():
+    """The house's arrows point down: agentsd (apply, the processors) never imports agentsd.bench."""
+    import subprocess
+    import sys
+
+    code = "import sys, agentsd, agentsd.patch; print(sorted(m for m in sys.modules if m.startswith('agentsd')))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "agentsd.calibration" in loaded and "agentsd.bench" not in loaded

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -129,3 +130,35 @@ def test_hub_model_while_offline(monkeypatch, capsys):
 def test_folder_that_is_not_a_pipeline(tmp_path, capsys):
     assert main(["generate", "a red circle", "--model", str(tmp_path)]) == 2
     assert "model_index.json" in capsys.readouterr().err
+
+
+def test_first_command_prints_no_warnings(tmp_path):
+    """The README's first command, as a user runs it (a new process): progress bars, timings and the file written;
+    no warning and no library notice or loading bar."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out.png"
+    command = [sys.executable, "-m", "agentsd", "generate", "a small red circle on the left", "--steps", "2"]
+    command += ["--compare", "none,lean", "--repeats", "1", "-o", str(out)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TRANSFORMERS_", "PYTHONWARNINGS"))}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    printed = done.stdout + done.stderr
+    assert done.returncode == 0, printed
+    assert "warning" not in printed.lower() and "Loading" not in printed, printed
+    assert "none: " in done.stdout and "lean: " in done.stdout and f"saved {out}" in done.stdout
+    assert printed.count(" 0/2 [") == 2  # one progress bar per generation (each starts once at 0/2)
+
+
+def test_version_help_and_a_missing_prompt(capsys):
+    from agentsd import __version__
+
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.strip() == f"agentsd {__version__}"
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    shown = capsys.readouterr().out
+    assert "demo model" in shown and "Flux.1" in shown and "lean on a UNet" in shown and "fast" in shown
+    assert main(["generate"]) == 2
+    assert 'agentsd generate "a small red circle on the left"' in capsys.readouterr().err

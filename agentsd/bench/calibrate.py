@@ -7,8 +7,8 @@ UNet forwards on the device itself (batch 2, as guidance runs), vanilla against 
 with only the highest-resolution level patched, at growing sizes, in both of the preset's phases,
 and keeps the smallest token count from which the patched forward is faster at that size and every
 larger one. The result is cached per device name, dtype and eager/compiled in
-``$XDG_CACHE_HOME/agentsd/calibration.json`` (``~/.cache``); :func:`load` (run by ``agentsd.apply``)
-puts it where ``Phase(min_tokens=None)`` looks first.
+``$XDG_CACHE_HOME/agentsd/calibration.json`` (``~/.cache``, :mod:`agentsd.calibration`), which
+``agentsd.apply`` reads.
 
     agentsd calibrate                       # CUDA, fp16, eager: about a minute on a recent GPU
     agentsd calibrate --compile             # the same under torch.compile (minutes: one graph per size)
@@ -17,36 +17,18 @@ puts it where ``Phase(min_tokens=None)`` looks first.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
-from . import schedule
-from .schedule import PRESETS
+from agentsd import calibration
+from agentsd.schedule import PRESETS
 
-__all__ = ["cache_path", "calibrate", "load"]
+__all__ = ["calibrate"]
 
 SIZES = {"cpu": (256, 384, 512), "default": (512, 768, 1024, 1536, 2048)}  # image sides; SD 1.5 latents are /8
 MARGIN = 0.98  # the patched forward must take at most this share of vanilla's time
-
-
-def cache_path() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "agentsd" / "calibration.json"
-
-
-def device_name(device: torch.device) -> str:
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return device.type
-
-
-def _key(device: torch.device, dtype: torch.dtype, compiled: bool) -> str:
-    return f"{device_name(device)} | {str(dtype).removeprefix('torch.')} | {'compiled' if compiled else 'eager'}"
 
 
 def _time(fn, repeats: int, device: torch.device) -> float:
@@ -80,7 +62,7 @@ def calibrate(
     """
     import agentsd
 
-    from .bench.core import random_unet, unet_inputs
+    from .core import random_unet, unet_inputs
 
     device = torch.device(device)
     unet, factor, name = random_unet(model, device, dtype)
@@ -117,7 +99,7 @@ def calibrate(
             break
         min_tokens = rows[str(size)]["tokens"]
     result = {
-        "key": _key(device, dtype, compiled),
+        "key": calibration.key(device, dtype, compiled),
         "min_tokens": min_tokens,
         "model": name,
         "torch": torch.__version__,
@@ -125,32 +107,5 @@ def calibrate(
         "sizes": rows,
     }
     if save:
-        path = cache_path()
-        cached = json.loads(path.read_text()) if path.is_file() else {}
-        cached[result["key"]] = result
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(cached, indent=1) + "\n")
-        load()
+        calibration.save(result)
     return result
-
-
-def load() -> dict[tuple[str, str, str], int]:
-    """Read the cache into ``schedule.CALIBRATED_MIN_TOKENS`` for the devices of this machine; returns it."""
-    path = cache_path()
-    found = {}
-    if path.is_file():
-        try:
-            cached = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            cached = {}
-        names = {"cpu": "cpu"}
-        if torch.cuda.is_available():
-            names["cuda"] = device_name(torch.device("cuda"))
-        for device_type, name in names.items():
-            for entry in cached.values():
-                card, dtype, mode = (part.strip() for part in entry["key"].split("|"))
-                if card == name:
-                    found[(device_type, dtype, mode)] = int(entry["min_tokens"])
-    schedule.CALIBRATED_MIN_TOKENS.clear()
-    schedule.CALIBRATED_MIN_TOKENS.update(found)
-    return found
