@@ -64,8 +64,9 @@ def _quiet_libraries() -> None:
     diffusers_logging.disable_progress_bar()
 
 
-_GENERATE_HELP = """models: the shipped demo model (default; offline, 128² images), or any diffusers folder or hub id of
-Stable Diffusion 1.x/2.x/XL/3/3.5, Flux.1 (txt2img, img2img, Kontext, ...) or Wan 2.x video.
+_GENERATE_HELP = """models: the shipped models (demo, the default: a UNet; demo-flux: a miniature Flux.1; offline,
+128² images), or any diffusers folder or hub id of Stable Diffusion 1.x/2.x/XL/3/3.5, Flux.1 (txt2img, img2img,
+Kontext, ...) or Wan 2.x video.
 methods: none; agent (the --schedule, by default the model's default: lean on a UNet, sd3, flux or wan on those
 DiTs); any preset: {presets}; deepcache and deepcache+<agent or preset> (UNets, pip install deepcache).
 example: agentsd generate "a small red circle on the left" --compare none,lean,fast -o grid.png"""
@@ -86,7 +87,9 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     gen.add_argument("prompt", nargs="?", help="what to draw, in quotes")
-    gen.add_argument("--model", help="hub id or local diffusers folder (default: the shipped demo model)")
+    gen.add_argument(
+        "--model", help="demo (default), demo-flux (the shipped models), or a hub id or local diffusers folder"
+    )
     gen.add_argument(
         "--method",
         default="agent",
@@ -294,9 +297,7 @@ def generate(args) -> int:
         except ImportError:
             raise UsageError("the deepcache methods need the deepcache package: pip install deepcache") from None
     if args.steps is None:
-        from .demo import STEPS
-
-        args.steps = STEPS if args.model is None else 50
+        args.steps = _demo_setting(args.model, 1) or 50
     if args.steps < 1:
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
     if args.num_images < 1:
@@ -398,12 +399,29 @@ def _save_video(renders: list[Render], output: Path, meta: dict) -> list[Path]:
     return paths
 
 
-def _guidance(value: float | None, model: str | None) -> float:
-    """The guidance scale asked for, else the demo model's own (no model given) or Stable Diffusion's 7.5."""
-    if value is None:
-        from .demo import GUIDANCE
+# The models shipped in the package, by the name --model takes: the names in agentsd.demo of their loader and of
+# the steps and guidance their quality was measured at.
+_DEMOS = {
+    "demo": ("load_pipeline", "STEPS", "GUIDANCE"),
+    "demo-flux": ("load_flux_pipeline", "FLUX_STEPS", "FLUX_GUIDANCE"),
+}
 
-        return GUIDANCE if model is None else 7.5
+
+def _demo_setting(model: str | None, k: int):
+    """Entry ``k`` of a shipped model's row of ``_DEMOS`` (``None`` is ``demo``), looked up in agentsd.demo; ``None``
+    for other models."""
+    name = model or "demo"
+    if name not in _DEMOS:
+        return None
+    from . import demo
+
+    return getattr(demo, _DEMOS[name][k])
+
+
+def _guidance(value: float | None, model: str | None) -> float:
+    """The guidance scale asked for, else a shipped model's own (``demo`` without ``--model``) or 7.5."""
+    if value is None:
+        return _demo_setting(model, 2) or 7.5
     if not math.isfinite(value):
         raise UsageError(f"--guidance must be a finite number, got {value}")
     return value
@@ -493,10 +511,12 @@ def _dtype(text: str, device):
 
 def _load(model: str | None, device, dtype):
     """The pipeline and a name for it; clear errors for folders that are not there and hubs out of reach."""
-    if model is None:
-        from .demo import load_pipeline
-
-        return load_pipeline(device=device, dtype=dtype), "agentsd-demo"
+    if (model or "demo") in _DEMOS:
+        try:
+            pipe = _demo_setting(model, 0)(device=device, dtype=dtype)
+        except FileNotFoundError as error:
+            raise UsageError(str(error)) from None
+        return pipe, "agentsd-demo" if model in (None, "demo") else f"agentsd-{model}"
     from diffusers import DiffusionPipeline
 
     path = Path(model).expanduser()

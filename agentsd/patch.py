@@ -83,23 +83,24 @@ def apply(
     """Patch a diffusers pipeline (its UNet or SD 3 transformer, and its ControlNet if any) or a bare denoiser.
 
     Important args:
-        model: a pipeline with a ``unet`` (Stable Diffusion 1.x, 2.x, SDXL) or an SD 3 / 3.5 ``transformer``, or a
-            ``UNet2DConditionModel``, ``ControlNetModel``, ``SD3Transformer2DModel`` or ``SD3ControlNetModel``.
-        schedule: ``None`` takes the default: ``"lean"`` on a UNet (every token attends through ToMe-merged agents, a
-            few dense ops per block, each level only where it has enough tokens to pay on its device), ``"sd3"`` on
-            an SD 3 transformer (the same in joint attention). Presets: ``"paper"`` (AgentSD's published setting:
-            agents early, then ToMe, at every size), ``"tome"`` (ToMeSD's default), ``"fast"`` (two levels,
-            cross-attention merged too, where it pays), ``"sd3-paper"``; or a sequence of :class:`~agentsd.Phase`
-            ordered by ``end``; or, on a UNet, ``{level: phases}`` with level 0 the highest-resolution level that
-            has self-attention, 1 the next, and so on; on an SD 3 transformer, ``{blocks: phases}`` with ``blocks``
-            a block index or a ``range`` of them.
+        model: a pipeline with a ``unet`` (Stable Diffusion 1.x, 2.x, SDXL) or a ``transformer`` (SD 3 / 3.5, Flux.1,
+            Wan 2.x; a ControlNet and Wan 2.2's second expert are patched too), or the denoiser itself.
+        schedule: ``None`` takes the model's default: ``"lean"`` on a UNet (every token attends through ToMe-merged
+            agents, a few dense ops per block, each level only where it has enough tokens to pay on its device),
+            ``"sd3"``, ``"flux"`` or ``"wan"`` on those DiTs (the lean path at the point where the model attends).
+            Presets: ``"paper"`` (AgentSD's published setting: agents early, then ToMe, at every size), ``"tome"``
+            (ToMeSD's default), ``"fast"`` (two levels, cross-attention merged too, where it pays), ``"pooled"``,
+            ``"sd3-paper"``, ``"flux-merged"``; or a sequence of :class:`~agentsd.Phase` ordered by ``end``; or, on a
+            UNet, ``{level: phases}`` with level 0 the highest-resolution level that has self-attention, 1 the next,
+            and so on; on a DiT, ``{blocks: phases}`` with ``blocks`` a block index or a ``range`` of them.
 
     Args to tinker with:
         max_downsample: (UNet) deepest level a sequence of phases patches, as a downsampling factor;
             ``"auto"`` takes the highest-resolution level that has self-attention (1 for SD 1.x/2.x,
             2 for SDXL). A ``{level: phases}`` schedule names its levels instead.
-        blocks: (SD 3) the blocks a sequence of phases patches, by index; ``"auto"`` leaves the first and last
-            ``DIT_EDGE_BLOCKS`` (2) alone, the most sensitive ones.
+        blocks: (DiTs) the blocks a sequence of phases patches, by index in the order they run (Flux: the
+            double-stream blocks, then the single-stream ones); ``"auto"`` leaves the first and last
+            ``DIT_EDGE_BLOCKS`` (2) alone, the most sensitive ones; ``"all"`` patches every block.
         use_rand: pick each window's dst token at random (off for odd batch sizes).
         k_scale2: exponent of the softmax scale in the agent broadcast.
         k_shortcut: weight of the ``V`` shortcut added to the agent output.
@@ -320,6 +321,8 @@ def _dit_bands(module: torch.nn.Module, schedule, blocks) -> tuple[tuple[Band, .
             )
         if blocks == "auto":
             blocks = range(DIT_EDGE_BLOCKS, count - DIT_EDGE_BLOCKS)
+        elif blocks == "all":
+            blocks = range(count)
         groups = [(blocks, phases)]
     bands, of_block = [], {}
     for key, phases in groups:

@@ -21,6 +21,7 @@ its share of the images; the main process then measures them all from the folder
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ from pathlib import Path
 import torch
 
 from agentsd.bench import git_commit, pyplot, write_report
+from agentsd.schedule import PRESETS, Phase, resolve_schedule
 
 # method -> agentsd schedule (None: unpatched); "deepcache" methods also enable DeepCache's step caching
 METHODS = {
@@ -44,8 +46,33 @@ METHODS = {
     "deepcache+agent": "paper",
     "deepcache+fast": "fast",
     "deepcache+lean": "lean",
+    "flux": "flux",
+    "flux-merged": "flux-merged",
+    "wan": "wan",
+    # the ablation of the Flux preset on the DiT proving ground: agents in every block (the edges too), agents for the
+    # whole run, agents for the first 40% and nothing after (no lean late phase)
+    "flux-all-blocks": {"schedule": "flux", "blocks": "all"},
+    "flux-whole-run": {"schedule": (dataclasses.replace(PRESETS["flux"][0], end=1.0),)},
+    "flux-no-late": {"schedule": (PRESETS["flux"][0], Phase(end=1.0, ratio=0.0))},
 }
 DEFAULT_METHODS = ["none", "tome", "agent"]
+
+
+def apply_kwargs(method: str, force: bool = False) -> dict | None:
+    """``agentsd.apply``'s arguments for ``method`` (``None``: unpatched); ``force`` acts at every token count
+    (``min_tokens=0``): the DiT proving ground's 256-token grid lies below every device's threshold."""
+    spec = METHODS[method]
+    if spec is None:
+        return None
+    kwargs = dict(spec) if isinstance(spec, dict) else {"schedule": spec}
+    if force:
+        phases = resolve_schedule(kwargs["schedule"])
+
+        def forced(group):
+            return tuple(dataclasses.replace(phase, min_tokens=0) for phase in group)
+
+        kwargs["schedule"] = {k: forced(v) for k, v in phases.items()} if isinstance(phases, dict) else forced(phases)
+    return kwargs
 
 
 IMAGENET_CLASSES = Path(__file__).with_name("data") / "imagenet_classes.txt"
@@ -98,8 +125,9 @@ def generate(pipe, method: str, prompts: list[str], batches: list[list[int]], fo
     cache = _deepcache(pipe) if method.startswith("deepcache") and todo else None
     try:
         for batch in tqdm(todo, desc=method, disable=not todo):
-            if METHODS[method] is not None:
-                agentsd.apply(pipe, METHODS[method], seed=args.seed + batch[0])
+            kwargs = apply_kwargs(method, getattr(args, "force", False))
+            if kwargs is not None:
+                agentsd.apply(pipe, **kwargs, seed=args.seed + batch[0])
             began = time.perf_counter()
             images = pipe(
                 [prompts[i] for i in batch],
@@ -337,6 +365,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guidance", type=float, help="default: 7.5, or the demo model's own")
     parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i; demo prompts use it too")
     parser.add_argument("--batch", type=int, default=25)
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="act at every token count (min_tokens=0): the DiT proving ground's 256 tokens",
+    )
     parser.add_argument("--reference", type=Path, help="folder of real images for FID/KID (default: vanilla's)")
     parser.add_argument(
         "--real-vs-real",
