@@ -5,6 +5,7 @@ vanilla caption accuracy on held-out one- and two-object captions, the time of a
 4-image generation, and (with ``--run``) the training recipe's wall time from its log.
 
     python benchmarks/eval_demo.py --run runs/demo
+    python benchmarks/eval_demo.py --flux --run runs/flux --guidance 2 3 4.5   # the DiT proving ground
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from agentsd.demo import MODEL_DIR, Evaluator, load_pipeline, prompts, sample
+from agentsd.demo import FLUX_MODEL_DIR, MODEL_DIR, Evaluator, load_flux_pipeline, load_pipeline, prompts, sample
 from agentsd.demo.evaluator import WEIGHTS
 
 RESULTS = Path(__file__).parent / "results" / "demo_model.json"
@@ -125,15 +126,18 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=50)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--run", type=Path, help="training run folder, for the recipe's wall time")
-    parser.add_argument("--model", type=Path, default=MODEL_DIR, help="pipeline folder (default: the shipped one)")
+    parser.add_argument("--flux", action="store_true", help="the DiT proving ground (a FluxPipeline folder)")
+    parser.add_argument("--model", type=Path, help="pipeline folder (default: the shipped one)")
     parser.add_argument("--evaluator", type=Path, default=WEIGHTS, help="evaluator weights (default: the shipped)")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, help="default: results/demo_model.json (--flux: demo_flux_model.json)")
     parser.add_argument("--real-n", type=int, default=1000, help="images per set for the real-vs-real FID/KID")
     parser.add_argument("--real-dir", type=Path, help="write the first real set here (a bench quality reference)")
     parser.add_argument(
         "--real-only", action="store_true", help="only write the real set (--real-dir) and its real-vs-real FID/KID"
     )
     args = parser.parse_args()
+    args.model = args.model or (FLUX_MODEL_DIR if args.flux else MODEL_DIR)
+    args.out = args.out or (RESULTS.with_name("demo_flux_model.json") if args.flux else RESULTS)
     torch.set_num_threads(args.threads)
     if args.real_only:
         scale = real_scale(Evaluator.load(args.evaluator), args.real_n, args.seed, args.real_dir)
@@ -142,7 +146,7 @@ def main() -> None:
         print(json.dumps(scale))
         return
 
-    pipe = load_pipeline(dtype=torch.float32, folder=args.model)
+    pipe = (load_flux_pipeline if args.flux else load_pipeline)(dtype=torch.float32, folder=args.model)
     evaluator = Evaluator.load(args.evaluator)
     real = {}
     for k in (1, 2):

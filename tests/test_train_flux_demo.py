@@ -1,0 +1,93 @@
+"""The DiT proving ground's recipe (``benchmarks/train_flux_demo.py``) end to end with tiny settings, its loader
+(``agentsd.demo.load_flux_pipeline``, ``--model demo-flux``) and the quality bench's DiT methods on it."""
+
+import json
+
+import pytest
+import torch
+from conftest import load_script
+from safetensors.torch import load_file
+
+import agentsd
+from agentsd.bench.quality import apply_kwargs
+from agentsd.demo import data, load_flux_pipeline
+
+TINY = ["cache_size=64", "text_steps=2", "text_batch=16", "dit_batch=4", "dit_warmup=4"]
+
+
+def _train(recipe, run, out):
+    recipe.main(["--run", str(run), "--out", str(out), "--dit-steps", "3"] + [a for kv in TINY for a in ("--set", kv)])
+
+
+@pytest.fixture(scope="module")
+def recipe():
+    return load_script("train_flux_demo")
+
+
+@pytest.fixture(scope="module")
+def trained(recipe, tmp_path_factory):
+    root = tmp_path_factory.mktemp("flux")
+    _train(recipe, root / "run", root / "out")
+    return root
+
+
+def test_recipe_writes_a_flux_pipeline_the_loader_samples_at_its_settings(trained):
+    pipe = load_flux_pipeline(folder=trained / "out" / "model")
+    assert type(pipe).__mro__[1].__name__ == "FluxPipeline"
+    vae = pipe.vae.config
+    assert vae.shift_factor is not None and vae.scaling_factor > 0  # what the Flux pipeline reads
+    image = pipe("a small red circle on the left", num_inference_steps=2, output_type="pt").images
+    assert image.shape == (1, 3, data.IMAGE_SIZE, data.IMAGE_SIZE) and torch.isfinite(image).all()
+    grid = (data.IMAGE_SIZE // 4 // 2,) * 2  # factor-4 VAE, 2x2 packing: 16x16 = 256 tokens
+    agentsd.apply(pipe, **apply_kwargs("flux", force=True), seed=0)
+    patched = pipe("a small red circle on the left", num_inference_steps=2, output_type="pt").images
+    assert agentsd.state_of(pipe.transformer).grids == ((1, *grid),)
+    assert (patched - image).abs().max() > 1e-4
+    agentsd.remove(pipe)
+
+
+def test_recipe_logs_its_stages_and_budget(trained):
+    rows = [json.loads(line) for line in (trained / "run" / "log.jsonl").read_text().splitlines()]
+    assert {"cache", "t5", "dit", "done"} <= {r["stage"] for r in rows}
+    config = json.loads((trained / "run" / "config.json").read_text())
+    assert config["dit_steps"] == 3 and config["spent_s"] > 0
+
+
+def test_recipe_resumes_from_its_checkpoints(recipe, trained, tmp_path):
+    """A finished run folder trains nothing more and exports the same weights."""
+    before = len((trained / "run" / "log.jsonl").read_text().splitlines())
+    _train(recipe, trained / "run", tmp_path / "again")
+    rows = [json.loads(line) for line in (trained / "run" / "log.jsonl").read_text().splitlines()[before:]]
+    assert not [r for r in rows if "loss" in r]
+    part = "transformer/diffusion_pytorch_model.safetensors"
+    first, again = (load_file(root / "model" / part) for root in (trained / "out", tmp_path / "again"))
+    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
+
+
+def test_ablation_methods_patch_what_they_say(trained):
+    pipe = load_flux_pipeline(folder=trained / "out" / "model")
+    count = len(pipe.transformer.transformer_blocks) + len(pipe.transformer.single_transformer_blocks)
+    for method, patched in (("flux", count - 4), ("flux-all-blocks", count)):
+        agentsd.apply(pipe, **apply_kwargs(method, force=True))
+        assert len(pipe.transformer._agentsd_patch.blocks) == patched
+    agentsd.apply(pipe, **apply_kwargs("flux-no-late", force=True))
+    assert [p.merges for p in agentsd.state_of(pipe.transformer).bands[0]] == [True, False]
+    agentsd.apply(pipe, **apply_kwargs("flux-whole-run", force=True))
+    assert [p.end for p in agentsd.state_of(pipe.transformer).bands[0]] == [1.0]
+    assert all(p.min_tokens == 0 for p in agentsd.state_of(pipe.transformer).bands[0])
+    agentsd.remove(pipe)
+
+
+def test_cli_names_the_proving_ground(trained, monkeypatch, tmp_path, capsys):
+    from agentsd import demo
+    from agentsd.cli import main
+
+    monkeypatch.setattr(demo, "FLUX_MODEL_DIR", trained / "out" / "model")
+    monkeypatch.setattr(demo.flux, "FLUX_MODEL_DIR", trained / "out" / "model")
+    monkeypatch.setattr(
+        demo, "load_flux_pipeline", lambda **kw: load_flux_pipeline(folder=trained / "out" / "model", **kw)
+    )
+    out = tmp_path / "grid.png"
+    args = ["generate", "a small red circle on the left", "--model", "demo-flux", "--compare", "none,flux"]
+    assert main(args + ["--steps", "2", "--repeats", "1", "-o", str(out)]) == 0
+    assert out.is_file() and "flux: " in capsys.readouterr().out
