@@ -48,15 +48,18 @@ class Layout(NamedTuple):
         text_first: the text precedes the image tokens (``[T; X]``: Flux, Qwen-Image) or follows them (SD 3).
         grids: ``(frames, rows, columns)`` of each image grid, in sequence order (Flux Kontext appends its
             reference image's grid to the latent's); tokens of a grid are frame-major, then row-major.
+        image_tokens: the number of image tokens where they lie on no grid (SD 3's ToMe-merged tokens); 0: the
+            grids' tokens.
     """
 
     text: int
     text_first: bool
     grids: tuple[tuple[int, int, int], ...]
+    image_tokens: int = 0  # the image tokens' count where they lie on no grid (merged before the projections)
 
     @property
     def image(self) -> int:
-        return sum(f * h * w for f, h, w in self.grids)
+        return self.image_tokens or sum(f * h * w for f, h, w in self.grids)
 
     def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(image, text)`` parts of ``x`` along dim 1."""
@@ -170,18 +173,24 @@ def agent_attention(
         agents: averages groups of image tokens (``(B, N, C) -> (B, n, C)``): the agents are its mean of the
             image queries (:func:`pool` or :func:`tome_groups`, bound to the grids).
         keys_of: averages groups of image tokens for the keys and values alone (the late phase: no agents).
+            Neither: plain softmax attention of every query over every key.
         scale: the model's softmax scale (``head_dim^-1/2`` if ``None``).
         upcast: compute both softmax products in float32.
 
     Returns:
         ``(B, S, heads, head_dim)`` in the input's dtype and layout.
     """
-    if (agents is None) == (keys_of is None):
-        raise ValueError("agent_attention takes agents or keys_of, one of the two")
+    if agents is not None and keys_of is not None:
+        raise ValueError("agent_attention takes agents or keys_of, not both")
     dtype = query.dtype
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     if upcast:
         query, key, value = query.float(), key.float(), value.float()
+    if agents is None and keys_of is None:  # plain softmax attention (SD 3's ToMe phase, on merged tokens)
+        out = F.scaled_dot_product_attention(
+            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), scale=scale
+        )
+        return out.transpose(1, 2).to(dtype)
     q_image, q_text = layout.split(query)
     if keys_of is not None:
         k_image, k_text = layout.split(key)

@@ -324,15 +324,22 @@ def _heads(t, heads):
     return t.reshape(t.shape[0], heads, -1).transpose(0, 1)  # (heads, n, d)
 
 
-def joint_reference(attn, image, text, *, tome=None, agents=None, kv_groups=None, k_scale2=0.3, k_shortcut=0.075):
-    """DESIGN.md §10 for one batch element: image tokens ``image`` (N×C), text ``text`` (M×C, ``None`` for SD 3.5's
-    image-only attn2, which then follows the UNet formulas).
+def joint_reference(attn, image, text, *, tome=None, agent_groups=None, kv_groups=None, k_scale2=0.3, k_shortcut=0.075):
+    """DESIGN.md §10 with §11's agents, for one batch element: image tokens ``image`` (N×C), text ``text`` (M×C,
+    ``None`` for SD 3.5's image-only attn2, which then follows the UNet formulas).
 
     ``tome``: ToMe groups (lists of token positions) the image tokens merge into before the projections;
-    ``agents``: agent tokens (n×C, before ``to_q``); ``kv_groups``: groups whose means give the image keys and
-    values. Returns (image output N×C, text output M×C or ``None``).
+    ``agent_groups``: groups of token positions whose agents are the mean of their tokens' queries (after the
+    norms; a token merged by ``tome`` brings its merged row's query); ``kv_groups``: groups whose means of the
+    image keys and values (after the norms) replace them. Image-only (SD 3.5's attn2, the UNet formulas): the agents
+    and merged keys are the projections of the groups' mean tokens. Returns (image output N×C, text output M×C or
+    ``None``).
     """
     tokens = image if tome is None else torch.stack([image[g].mean(0) for g in tome])
+    row_of = list(range(image.shape[0]))
+    for row, group in enumerate(tome or []):
+        for p in group:
+            row_of[p] = row
     H = attn.heads
 
     def project(linear, norm, x):
@@ -340,14 +347,24 @@ def joint_reference(attn, image, text, *, tome=None, agents=None, kv_groups=None
         return t if norm is None else norm(t)
 
     q_x, v_own = project(attn.to_q, attn.norm_q, tokens), project(attn.to_v, None, tokens)
-    kv_source = tokens if kv_groups is None else torch.stack([tokens[g].mean(0) for g in kv_groups])
-    keys, values = project(attn.to_k, attn.norm_k, kv_source), project(attn.to_v, None, kv_source)
+    keys, values = project(attn.to_k, attn.norm_k, tokens), v_own
+    unet_formulas = text is None  # SD 3.5's attn2: agents and merged keys are projected (and normed) means of tokens
+    if kv_groups is not None and unet_formulas:
+        kv_source = torch.stack([tokens[g].mean(0) for g in kv_groups])
+        keys, values = project(attn.to_k, attn.norm_k, kv_source), project(attn.to_v, None, kv_source)
+    elif kv_groups is not None:
+        keys = torch.stack([keys[:, g].mean(1) for g in kv_groups], 1)
+        values = torch.stack([values[:, g].mean(1) for g in kv_groups], 1)
     q_t = None
     if text is not None:
         q_t = project(attn.add_q_proj, attn.norm_added_q, text)
         keys = torch.cat([keys, project(attn.add_k_proj, attn.norm_added_k, text)], 1)
         values = torch.cat([values, project(attn.add_v_proj, None, text)], 1)
-    a = None if agents is None else project(attn.to_q, attn.norm_q, agents)
+    a = None
+    if agent_groups is not None and unet_formulas:
+        a = project(attn.to_q, attn.norm_q, torch.stack([image[g].mean(0) for g in agent_groups]))
+    elif agent_groups is not None:
+        a = torch.stack([q_x[:, [row_of[p] for p in g]].mean(1) for g in agent_groups], 1)
     s = attn.scale
     out_x, out_t = [], []
     for i in range(H):
@@ -425,14 +442,14 @@ def reference_transformer(transformer, phases, blocks, *, k_scale2=0.3, k_shortc
                     if phase.agent_ratio is not None:
                         groups = groups_for(x_b, b, phase, int(N * phase.agent_ratio))
                         if 2 * len(groups) < len(settings["tome"]):
-                            settings["agents"] = torch.stack([y_b[g].mean(0) for g in groups])
+                            settings["agent_groups"] = groups
                 else:
                     k = int(N * (phase.ratio if phase.agent_ratio is None else phase.agent_ratio))
                     groups = groups_for(x_b, b, phase, k)
                     if phase.agent_ratio is None:
                         settings["kv_groups"] = groups
                     elif 2 * len(groups) < N:  # else plain attention
-                        settings["agents"] = torch.stack([y_b[g].mean(0) for g in groups])
+                        settings["agent_groups"] = groups
                 out, text_out = joint_reference(attn, y_b, text, k_scale2=k_scale2, k_shortcut=k_shortcut, **settings)
                 outs.append(out)
                 texts.append(text_out)

@@ -8,21 +8,7 @@ import copy
 import itertools
 
 import torch
-
-_M32 = 0xFFFFFFFF
-
-
-def _hash32(x):
-    x &= _M32
-    x = ((x ^ (x >> 16)) * 0x45D9F3B) & _M32
-    x = ((x ^ (x >> 16)) * 0x45D9F3B) & _M32
-    return x ^ (x >> 16)
-
-
-def softmax_attention(q, k, v, scale):
-    logits = (q @ k.T) * scale
-    weights = torch.exp(logits - logits.max(dim=-1, keepdim=True).values)
-    return (weights / weights.sum(dim=-1, keepdim=True)) @ v
+from reference import _M32, _hash32, softmax_attention
 
 
 def windows(grids, st, sy, sx):

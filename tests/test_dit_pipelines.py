@@ -147,6 +147,29 @@ def test_flux_pipelines_act_and_remove_restores_vanilla_bit_for_bit(tmp_path, cl
     assert torch.equal(generate(pipe), vanilla)
 
 
+def test_flux_controlnet_pipeline_patches_the_controlnet_too(tmp_path):
+    from diffusers import FluxControlNetModel, FluxControlNetPipeline
+
+    base = flux_pipeline(tmp_path)
+    torch.manual_seed(1)
+    controlnet = FluxControlNetModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=T5_DIM, pooled_projection_dim=CROSS_DIM, axes_dims_rope=(4, 6, 6),
+    ).eval()  # fmt: skip
+    pipe = FluxControlNetPipeline(**base.components, controlnet=controlnet)
+    pipe.set_progress_bar_config(disable=True)
+    control = Image.new("RGB", (32, 32), (200, 200, 200))
+    vanilla = generate(pipe, control_image=control)
+    agentsd.apply(pipe, FLUX_PHASES, blocks=range(3), seed=0)
+    assert agentsd.state_of(pipe.controlnet) is not None and agentsd.state_of(pipe.transformer) is not None
+    patched = generate(pipe, control_image=control)
+    assert agentsd.state_of(pipe.controlnet).grids == ((1, 8, 8),)
+    assert (patched - vanilla).abs().max() > 1e-4
+    agentsd.remove(pipe)
+    assert agentsd.state_of(pipe.controlnet) is None
+    assert torch.equal(generate(pipe, control_image=control), vanilla)
+
+
 @pytest.mark.parametrize("cls", [WanPipeline, WanImageToVideoPipeline])
 def test_wan_pipelines_act_and_remove_restores_vanilla_bit_for_bit(tmp_path, cls):
     pipe = wan_pipeline(tmp_path, cls)

@@ -30,6 +30,7 @@ import agentsd
 from agentsd import PRESETS
 from agentsd.bench import pyplot, write_report
 from agentsd.bench.core import interleave, machine, resume
+from agentsd.bench.speed import _SoftmaxFree
 from agentsd.schedule import DIT_EDGE_BLOCKS
 
 # Published configs (the diffusers configs of FLUX.1-dev and Wan 2.1 T2V 1.3B / 14B).
@@ -136,21 +137,6 @@ class _Free:
         if encoder_hidden_states is not None and hasattr(attn, "to_add_out"):  # Flux's double-stream attention
             return torch.zeros_like(hidden_states), torch.zeros_like(encoder_hidden_states)
         return torch.zeros_like(hidden_states)
-
-
-class _SoftmaxFree:
-    """The attention with its softmax products free (``scaled_dot_product_attention`` returns zeros)."""
-
-    def __init__(self, original):
-        self.original = original
-
-    def __call__(self, *args, **kwargs):
-        sdpa = torch.nn.functional.scaled_dot_product_attention
-        torch.nn.functional.scaled_dot_product_attention = lambda query, key, value, **_: torch.zeros_like(query)
-        try:
-            return self.original(*args, **kwargs)
-        finally:
-            torch.nn.functional.scaled_dot_product_attention = sdpa
 
 
 def _swap(net, wrap):
