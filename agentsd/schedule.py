@@ -231,13 +231,19 @@ PRESETS: dict[str, Phases | dict[int, Phases]] = {
         Phase(end=0.4, st=3, sy=2, sx=4, ratio=0.0, agents="pooled", **_LEAN),
         Phase(end=1.0, st=1, sy=2, sx=2, ratio=0.75, **_LEAN),
     ),
+    # Wan, harder: one agent per 3x4x4 window (48 tokens), then keys and values merged over 2x2x2 windows (8 tokens).
+    "wan-fast": (
+        Phase(end=0.4, st=3, sy=4, sx=4, ratio=0.0, agents="pooled", **_LEAN),
+        Phase(end=1.0, st=2, sy=2, sx=2, ratio=0.875, **_LEAN),
+    ),
 }
 
 
 DEFAULT = "lean"  # what agentsd.apply(pipe) runs on a UNet
 DIT_DEFAULT = "sd3"  # and on an SD 3 transformer
 FAMILY_DEFAULTS = {"flux": "flux", "wan": "wan"}  # and on the other DiT families
-DIT_PRESETS = ("sd3", "sd3-paper", "flux", "flux-merged", "wan")  # the presets for DiTs (one level, bands of blocks)
+# the presets for DiTs (one level, bands of blocks)
+DIT_PRESETS = ("sd3", "sd3-paper", "flux", "flux-merged", "wan", "wan-fast")
 DIT_EDGE_BLOCKS = 2  # blocks at each end of a DiT that agentsd.apply leaves alone unless told (the sensitive ones)
 
 

@@ -67,7 +67,7 @@ MODELS = {
 }
 TEXT_TOKENS = 512
 VIDEO_SIZES = {"480p": (81, 480, 832), "720p": (81, 720, 1280)}  # frames, height, width in pixels
-PRESETS_OF = {"flux": ("flux", "flux-merged"), "wan": ("wan",)}
+PRESETS_OF = {"flux": ("flux", "flux-merged"), "wan": ("wan", "wan-fast")}
 
 
 def grid(family: str, size: str) -> tuple[int, int, int]:

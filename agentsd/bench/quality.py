@@ -49,6 +49,7 @@ METHODS = {
     "flux": "flux",
     "flux-merged": "flux-merged",
     "wan": "wan",
+    "wan-fast": "wan-fast",
     # the ablation of the Flux preset on the DiT proving ground: agents in every block (the edges too), agents for the
     # whole run, agents for the first 40% and nothing after (no lean late phase)
     "flux-all-blocks": {"schedule": "flux", "blocks": "all"},
