@@ -56,11 +56,12 @@ def where_it_pays(root: Path) -> str:
         default = f"{_speedup(sd35, size, 'sd3')} (sd3)"
         rows.append(("SD 3.5 medium", size, "CPU, 2 cores", "transformer forwards", default, "–", "–", sd35))
     for model, name, preset, label in (
-        ("Flux.1", "speed_cpu_flux.json", "flux", "{}²"),
-        ("Wan 2.1 1.3B", "speed_cpu_wan.json", "wan", "{}: 832×480, 81 frames"),
+        ("Flux.1", "flux", "flux", "{}²"),
+        ("Wan 2.1 1.3B", "wan", "wan", "{}: 832×480, 81 frames"),
     ):
-        results = _load(root, RESULTS / name)
-        for size, summary in (results or {}).get("sizes", {}).items():
+        measured = [(results, size, summary) for results in _blocks_results(root, name) for size, summary in
+                    results["sizes"].items()]  # fmt: skip
+        for results, size, summary in sorted(measured, key=lambda row: row[1].zfill(8)):
             value = summary.get("speedup", {}).get(preset)
             default = "–" if value is None else f"{value:.2f}× ({preset}, over a run)"
             rows.append(
@@ -117,7 +118,22 @@ def quality_demo128(root: Path) -> str:
     return "\n".join(lines)
 
 
-TABLES = {"where-it-pays": where_it_pays, "ops": ops, "quality-demo128": quality_demo128}
+def _blocks_results(root: Path, model: str) -> list[dict]:
+    """Every ``bench blocks`` result file of ``model``: ``speed_cpu_<model>.json`` and ``speed_cpu_<model>_<size>.json``
+    (a size measured at another commit goes to a file of its own: one file never mixes commits)."""
+    files = [root / RESULTS / f"speed_cpu_{model}.json", *sorted((root / RESULTS).glob(f"speed_cpu_{model}_*.json"))]
+    return [json.loads(f.read_text()) for f in files if f.is_file()]
+
+
+def dit_blocks(root: Path) -> str:
+    """Flux.1 and Wan blocks at the real width (``agentsd bench blocks``): each result file's table."""
+    from .blocks import table
+
+    found = [results for model in ("flux", "wan", "wan14b") for results in _blocks_results(root, model)]
+    return "\n\n".join(table(results) for results in found) or "(no bench blocks results)"
+
+
+TABLES = {"where-it-pays": where_it_pays, "ops": ops, "quality-demo128": quality_demo128, "dit-blocks": dit_blocks}
 _BLOCK = re.compile(r"(<!-- report:([a-z0-9-]+) -->\n)(.*?)(<!-- /report:\2 -->)", re.S)
 
 
