@@ -253,7 +253,7 @@ _SUPPORTED = (
     "agentsd supports UNet pipelines (Stable Diffusion 1.x, 2.x, SDXL and their img2img, inpaint and ControlNet "
     "pipelines), Stable Diffusion 3 / 3.5 pipelines (SD3Transformer2DModel, and SD3ControlNetModel with joint "
     "blocks), Flux.1 pipelines (FluxTransformer2DModel, FluxControlNetModel), Wan 2.x video pipelines "
-    "(WanTransformer3DModel), and those denoisers bare"
+    "(WanTransformer3DModel), and those denoisers bare, UNet2DConditionModel and ControlNetModel too"
 )
 
 

@@ -276,7 +276,13 @@ def main(argv: list[str] | None = None) -> None:
         "--set", type=_setting, action="append", default=[], metavar="KEY=VALUE", help="any other config value"
     )
     parser.add_argument("--export", action="store_true", help="write the EMA weights as they are now, and stop")
+    parser.add_argument(
+        "--keep", type=Path, help="write a compact checkpoint (config, log, T5 and EMA weights in fp16) here, and stop"
+    )
+    parser.add_argument("--resume", type=Path, help="start the run folder from a compact checkpoint (--keep's)")
     args = parser.parse_args(argv)
+    if args.resume is not None:
+        _unpack(args.resume, args.run)
     torch.set_num_threads(args.threads)
     overrides = {**dict(args.set), "minutes": args.minutes, "dit_steps": args.dit_steps}
     run = demo.Run(args.run, overrides, args.out, defaults=DEFAULTS)
@@ -285,6 +291,9 @@ def main(argv: list[str] | None = None) -> None:
     vae = load_vae()
     clip = CLIPTextModel.from_pretrained(MODEL_DIR / "text_encoder", dtype=torch.float32)
     clip = clip.eval().requires_grad_(False)
+    if args.keep is not None:
+        _pack(run, args.keep)
+        return
     if args.export:
         _, _, factors = build_cache(run, vae, tokenizer)
         t5 = train_t5(run, tokenizer)
@@ -303,6 +312,50 @@ def main(argv: list[str] | None = None) -> None:
         p.data.copy_(s)
     export(run.model_dir, vae, clip, t5, tokenizer, model.eval(), factors)
     run.log("done", 0, spent_s=run.config["spent_s"])
+
+
+def _pack(run: demo.Run, folder: Path) -> None:
+    """A compact checkpoint a later machine resumes from (the run folder is not committed): config, log, the T5 and
+    the transformer's EMA weights in fp16 (12 MB; the optimizer state and the latent cache are made again)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "log.jsonl"):
+        shutil.copyfile(run.folder / name, folder / name)
+    saved = torch.load(run.folder / "dit.pt", weights_only=False)
+    t5 = torch.load(run.folder / "t5.pt", weights_only=False)
+    half = {"step": saved["step"], "updates": saved["ema"]["updates"]}
+    half["ema"] = [t.half() for t in saved["ema"]["shadow"]]
+    half["t5"] = {k: v.half() for k, v in t5["t5"].items()}
+    half["probe"] = t5["probe"]
+    half["t5_step"] = t5["step"]
+    torch.save(half, folder / "checkpoint.pt")
+    run.log("keep", saved["step"], folder=str(folder))
+
+
+def _unpack(folder: Path, run_folder: Path) -> None:
+    """Make a run folder from :func:`_pack`'s checkpoint: the transformer restarts from its EMA weights (and a fresh
+    optimizer), the T5 as trained; the latent cache is made again (seeded: the same latents)."""
+    if (run_folder / "config.json").exists():
+        raise SystemExit(f"--resume: {run_folder} exists already; it resumes by itself")
+    run_folder.mkdir(parents=True)
+    for name in ("config.json", "log.jsonl"):
+        shutil.copyfile(folder / name, run_folder / name)
+    half = torch.load(folder / "checkpoint.pt", weights_only=False)
+    model = FluxTransformer2DModel(**FLUX_CONFIG)
+    with torch.no_grad():
+        for p, s in zip(model.parameters(), half["ema"]):
+            p.copy_(s.float())
+    opt = torch.optim.AdamW(model.parameters())
+    shadow = [p.detach().clone() for p in model.parameters()]
+    ema = {"shadow": shadow, "updates": half["updates"]}
+    torch.save({"step": half["step"], "transformer": model.state_dict(), "opt": opt.state_dict(), "ema": ema},
+               run_folder / "dit.pt")  # fmt: skip
+    t5 = T5EncoderModel(T5Config(**T5_CONFIG))
+    t5.load_state_dict({k: v.float() for k, v in half["t5"].items()})
+    probe = torch.nn.Linear(T5_CONFIG["d_model"], len(data.POSITIONS) * sum(demo._ATTRIBUTE_HEADS))
+    probe.load_state_dict(half["probe"])
+    opt = torch.optim.AdamW([*t5.parameters(), *probe.parameters()]).state_dict()
+    torch.save({"step": half["t5_step"], "t5": t5.state_dict(), "probe": probe.state_dict(), "opt": opt},
+               run_folder / "t5.pt")  # fmt: skip
 
 
 def _setting(text: str) -> tuple[str, object]:

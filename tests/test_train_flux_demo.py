@@ -91,3 +91,18 @@ def test_cli_names_the_proving_ground(trained, monkeypatch, tmp_path, capsys):
     args = ["generate", "a small red circle on the left", "--model", "demo-flux", "--compare", "none,flux"]
     assert main(args + ["--steps", "2", "--repeats", "1", "-o", str(out)]) == 0
     assert out.is_file() and "flux: " in capsys.readouterr().out
+
+
+def test_a_compact_checkpoint_resumes_the_run(recipe, trained, tmp_path):
+    """--keep packs what a later machine needs (the run folder is not committed); --resume starts a run folder from
+    it: the transformer from its EMA weights, the T5 as trained, the step count and budget as they were."""
+    recipe.main(["--run", str(trained / "run"), "--out", str(tmp_path / "o"), "--keep", str(tmp_path / "keep")])
+    recipe.main(["--run", str(tmp_path / "run"), "--out", str(tmp_path / "out"), "--resume", str(tmp_path / "keep")])
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (
+        config["dit_steps"] == 3
+        and config["spent_s"] >= json.loads((tmp_path / "keep" / "config.json").read_text())["spent_s"]
+    )
+    part = "transformer/diffusion_pytorch_model.safetensors"
+    first, resumed = (load_file(root / "model" / part) for root in (trained / "out", tmp_path / "out"))
+    assert first.keys() == resumed.keys() and all(torch.equal(first[k], resumed[k]) for k in first)  # fp16 both
