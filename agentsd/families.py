@@ -68,6 +68,7 @@ class DiTState:
         self.bands, self.seed, self.use_rand = bands, seed, use_rand
         self.k_scale2, self.k_shortcut, self.upcast = k_scale2, k_shortcut, attn_precision == "fp32"
         self.grids: tuple[tuple[int, int, int], ...] | None = None
+        self.image_tokens = 0  # the grids' tokens, counted once per new layout
         self.phases: tuple[Phase, ...] | None = None
         self.progress: float | None = None
         self.dst: dict[Window, torch.Tensor] = {}  # this call's dst positions of each merged window
@@ -83,6 +84,7 @@ class DiTState:
         the merged phases (at random for even batches, when ``use_rand``)."""
         if self.grids != grids:
             self.grids = grids
+            self.image_tokens = 0 if grids is None else sum(f * h * w for f, h, w in grids)
         phases = tuple(phase_at(band, p) for band in self.bands)
         if self.phases != phases:
             self.phases = phases
@@ -121,7 +123,7 @@ class _AgentProcessor:
         phase = state.phases[self.band]
         if not phase.merges:
             return None
-        n = sum(f * h * w for f, h, w in state.grids)
+        n = state.image_tokens
         compiling = torch.compiler.is_compiling()
         if n < min_tokens_on(phase, image_tokens.device.type, image_tokens.dtype, compiling):
             return None
@@ -166,7 +168,7 @@ class FluxAgentProcessor(_AgentProcessor):
     ):
         metric, self.block_input = self.block_input, None
         phase = None if attention_mask is not None or ip_hidden_states is not None else self._phase(hidden_states)
-        image = None if phase is None else sum(f * h * w for f, h, w in self.state.grids)
+        image = self.state.image_tokens
         joint = encoder_hidden_states is not None
         if phase is not None:
             text = encoder_hidden_states.shape[1] if joint else hidden_states.shape[1] - image
@@ -222,7 +224,7 @@ class WanAgentProcessor(_AgentProcessor):
         phase = None
         if encoder_hidden_states is None and attention_mask is None and attn.add_k_proj is None:
             phase = self._phase(hidden_states)
-        image = None if phase is None else sum(f * h * w for f, h, w in self.state.grids)
+        image = self.state.image_tokens
         if phase is not None and (hidden_states.shape[1] != image or metric is None or metric.shape[1] != image):
             phase = None
         if phase is None:
