@@ -124,6 +124,7 @@ DEFAULTS = dict(
     uncond_prob=0.1,
     min_snr=5.0,
     init=None,
+    test_n=1000,  # held-out scenes each stage is scored on at its end (the VAE's reconstructions: half as many)
 )
 # Disjoint seed ranges of the generator's training stream, one per stage (run seed k adds k * 10**8).
 _EVAL_SEEDS, _VAE_SEEDS, _CACHE_SEEDS, _TEXT_SEEDS = 1_000_000, 2_000_000, 3_000_000, 4_000_000
@@ -140,7 +141,7 @@ class Run:
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / "config.json"
         if path.exists():  # resuming: the recorded config wins
-            self.config = json.loads(path.read_text())
+            self.config = {**defaults, **json.loads(path.read_text())}  # settings added since keep their defaults
         else:
             self.config = {**defaults, **{k: v for k, v in overrides.items() if v is not None}}
             self.save_config()
@@ -264,7 +265,7 @@ def train_evaluator(run: Run) -> None:
     model.eval()
     run.out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(run.evaluator_weights))
-    test = data.sample(1000, seed=0, num_objects=None, split="test")
+    test = data.sample(c["test_n"], seed=0, num_objects=None, split="test")
     scores = Evaluator.load(run.evaluator_weights).accuracy(test.images, test.scenes)
     run.log("evaluator", c["eval_steps"], test_accuracy=scores.overall, scores=scores.__dict__)
 
@@ -330,7 +331,7 @@ def train_vae(run: Run) -> AutoencoderKL:
             )
     vae.eval().requires_grad_(False)
     with torch.no_grad():
-        test = data.sample(500, seed=0, num_objects=None, split="test")
+        test = data.sample(c["test_n"] // 2, seed=0, num_objects=None, split="test")
         z = vae.encode(_to_unit(test.images)).latent_dist.mean
         decoded = ((vae.decode(z).sample.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     vae.register_to_config(scaling_factor=round(1 / z.std().item(), 5))
@@ -431,7 +432,7 @@ def train_text_encoder(run: Run, tokenizer) -> CLIPTextModel:
             run.log("text", step, loss=round(loss.item(), 4), lr=lr_at(step))
     encoder.eval().requires_grad_(False)
     with torch.no_grad():
-        test = data.prompts(1000, seed=0, num_objects=None)
+        test = data.prompts(c["test_n"], seed=0, num_objects=None)
         scores = score(decode(logits(test)), test)  # the evaluator's scoring, on the probe's readings
     run.log("text", c["text_steps"], test_accuracy=scores.overall)
     return encoder

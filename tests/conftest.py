@@ -35,6 +35,13 @@ def load_script(name: str):
     return module
 
 
+def compile_graphs(module: torch.nn.Module) -> torch.nn.Module:
+    """``torch.compile`` as the tests use it: dynamo's graphs (breaks, one per phase, no recompiles) and AOT
+    autograd's trace of them, run eagerly. Inductor's code generation adds minutes on a CPU and nothing agentsd
+    controls; the GPU suite compiles with inductor on the card (``agentsd bench suite``)."""
+    return torch.compile(module, backend="aot_eager")
+
+
 def tiny_unet(layout: str = "sd", seed: int = 0) -> UNet2DConditionModel:
     """A few-hundred-kB UNet with the block layout of SD 1.x (attention at the top level) or SDXL (none there)."""
     torch.manual_seed(seed)

@@ -191,6 +191,7 @@ def test_gpu_suite_runs_end_to_end_on_cpu_at_a_tiny_size(tmp_path, capsys):
     assert (out / "tiny_runs.png").stat().st_size > 1000 and "lean+compile" in (out / "suite.md").read_text()
     checks = json.loads((out / "checks.json").read_text())
     assert checks["passed"] and checks["compile"]["default"]["graph_breaks"] == 0
+    assert checks["compile_backend"] == "aot_eager" and runs.COMPILE_BACKEND == "inductor"  # the CPU check's, undone
     assert checks["no_sync"] == {"tiny, lean forced": "not applicable: needs CUDA"}
     log = json.loads((out / "suite.json").read_text())
     assert [p["status"] for p in log["parts"]] == ["passed"] + ["measured"] * 3 and log["seconds"] < log["budget_s"]

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import tiny_pipeline, tiny_sdxl_pipeline, tiny_sdxl_refiner, tiny_unet, unet_inputs
+from conftest import compile_graphs, tiny_pipeline, tiny_sdxl_pipeline, tiny_sdxl_refiner, tiny_unet, unet_inputs
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0, SlicedAttnProcessor
 
 import agentsd
@@ -119,11 +119,11 @@ def test_compiled_unet_in_a_pipeline_run(tmp_path, schedule, compile_first):
     torch._dynamo.reset()
     counters.clear()
     if compile_first:
-        pipe.unet = torch.compile(unet)
+        pipe.unet = compile_graphs(unet)
         agentsd.apply(pipe, schedule, seed=0)
     else:
         agentsd.apply(pipe, schedule, seed=0)
-        pipe.unet = torch.compile(unet)
+        pipe.unet = compile_graphs(unet)
     compiled = generate().images  # the pipeline passes tensor timesteps
     assert not counters["graph_break"], dict(counters["graph_break"])
     phases = agentsd.schedule.resolve_schedule(schedule)
@@ -364,7 +364,7 @@ def test_compiled_unet_with_shared_matching():
     agentsd.apply(unet, schedule, seed=0)
     eager = [run(unet, sample, context) for _ in range(2)]
     torch._dynamo.reset()
-    compiled = torch.compile(unet)
+    compiled = compile_graphs(unet)
     agentsd.apply(compiled, schedule, seed=0)
     assert not torch.equal(eager[0], eager[1])  # each call draws new dst tokens
     for expected in eager:

@@ -4,7 +4,7 @@ vanilla bit for bit."""
 
 import pytest
 import torch
-from conftest import CROSS_DIM, _text_encoder_config, char_tokenizer
+from conftest import CROSS_DIM, _text_encoder_config, char_tokenizer, compile_graphs
 from diffusers import (
     AutoencoderKL,
     AutoencoderKLWan,
@@ -228,7 +228,7 @@ def test_compiled_transformer_in_a_pipeline(tmp_path):
     agentsd.remove(pipe)
     torch._dynamo.reset()
     counters.clear()
-    pipe.transformer = torch.compile(pipe.transformer)
+    pipe.transformer = compile_graphs(pipe.transformer)
     agentsd.apply(pipe, FLUX_PHASES, blocks=range(3), seed=0)
     compiled = generate(pipe, steps=4)
     graphs = counters["stats"]["unique_graphs"]

@@ -5,7 +5,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import CROSS_DIM, _text_encoder_config, _tiny_vae, char_tokenizer
+from conftest import CROSS_DIM, _text_encoder_config, _tiny_vae, char_tokenizer, compile_graphs
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 from reference import reference_transformer
 
@@ -220,7 +220,7 @@ def test_compiled_transformer_in_a_pipeline(tmp_path):
     agentsd.remove(pipe)
     torch._dynamo.reset()
     counters.clear()
-    pipe.transformer = torch.compile(pipe.transformer)
+    pipe.transformer = compile_graphs(pipe.transformer)
     agentsd.apply(pipe, FORCED, blocks=range(6), seed=0)
     compiled = generate(pipe, steps=4)
     graphs = counters["stats"]["unique_graphs"]

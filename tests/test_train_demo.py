@@ -18,8 +18,10 @@ TINY = [
     "cache_size=64",
     "text_steps=2",
     "text_batch=16",
-    "unet_batch=8",
+    "unet_batch=2",
     "unet_warmup=4",
+    "unet_bf16=false",
+    "test_n=16",
 ]
 
 

@@ -67,7 +67,7 @@ def no_sync(pipe, size: int, schedule) -> str:
         agentsd.remove(pipe)
 
 
-def compiled(pipe, size: int, mode: str | None, schedule) -> dict:
+def compiled(pipe, size: int, mode: str | None, schedule, backend: str = "inductor") -> dict:
     """Graph breaks, graphs and the largest difference to eager of a compiled, patched pipeline run."""
     from torch._dynamo.utils import counters
 
@@ -77,7 +77,7 @@ def compiled(pipe, size: int, mode: str | None, schedule) -> dict:
     unet = pipe.unet
     torch._dynamo.reset()
     counters.clear()
-    pipe.unet = torch.compile(unet, mode=mode)
+    pipe.unet = torch.compile(unet, mode=mode, **({} if backend == "inductor" else {"backend": backend}))
     agentsd.apply(pipe, schedule, seed=0)
     try:
         images = _generate(pipe, size)
@@ -115,8 +115,9 @@ def run(device, dtype, tiny_folder: Path, full_model: str | None = "sd15", full_
     pipe = pipe.to(device=device, dtype=dtype)
     results["no_sync"]["tiny, lean forced"] = no_sync(pipe, 128, forced())
     modes = MODES if device.type == "cuda" else {"default": None}
+    results["compile_backend"] = runs.COMPILE_BACKEND
     for name, mode in modes.items():
-        results["compile"][name] = compiled(pipe, 128, mode, forced())
+        results["compile"][name] = compiled(pipe, 128, mode, forced(), runs.COMPILE_BACKEND)
         print(f"compile {name}: {results['compile'][name]}", flush=True)
     if full_model and device.type == "cuda":
         with tempfile.TemporaryDirectory() as folder, torch.device(device):

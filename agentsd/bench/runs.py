@@ -107,18 +107,22 @@ def _ceiling(pipe, levels: set[int], whole_blocks: bool, size: int) -> Callable[
     return undo
 
 
-# one compiled wrapper per UNet and mode: repeats reuse its compiled graphs
-_COMPILED: dict[tuple[int, str | None], torch.nn.Module] = {}
+# one compiled wrapper per UNet, mode and backend: repeats reuse its compiled graphs
+_COMPILED: dict[tuple[int, str | None, str], torch.nn.Module] = {}
 COMPILE_MODES = {"compile": None, "compile-cg": "reduce-overhead", "compile-max": "max-autotune-no-cudagraphs"}
+# torch.compile's backend for the "+compile" methods; the GPU suite's CPU check (``bench suite --tiny`` on a CPU)
+# sets "aot_eager": dynamo's graphs and AOT tracing as on a GPU, without minutes of inductor's C++ code generation
+COMPILE_BACKEND = "inductor"
 
 
 def _compile(pipe, mode: str | None = None) -> Callable[[], None]:
     """``pipe.unet = torch.compile(pipe.unet, mode=mode)``, as diffusers' docs do; agentsd applied after it hooks
     the wrapper. ``"reduce-overhead"`` replays CUDA graphs."""
     unet = pipe.unet
-    key = (id(unet), mode)
+    key = (id(unet), mode, COMPILE_BACKEND)
     if key not in _COMPILED:
-        _COMPILED[key] = torch.compile(unet, mode=mode)
+        options = {} if COMPILE_BACKEND == "inductor" else {"backend": COMPILE_BACKEND}
+        _COMPILED[key] = torch.compile(unet, mode=mode, **options)
     pipe.unet = _COMPILED[key]
 
     def undo():
