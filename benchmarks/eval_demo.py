@@ -26,9 +26,10 @@ RESULTS = Path(__file__).parent / "results" / "demo_model.json"
 
 
 def weight_sizes(model_dir: Path = MODEL_DIR, evaluator: Path = WEIGHTS) -> dict[str, int]:
-    """Bytes of each weights file, by path relative to the model folder's parent."""
-    files = sorted(model_dir.glob("*/*.safetensors")) + [evaluator]
-    return {str(f.relative_to(model_dir.parent)): f.stat().st_size for f in files}
+    """Bytes of each weights file: the model's by path relative to the model folder's parent, the evaluator's by
+    its file name (it need not lie beside the model)."""
+    sizes = {str(f.relative_to(model_dir.parent)): f.stat().st_size for f in sorted(model_dir.glob("*/*.safetensors"))}
+    return {**sizes, evaluator.name: evaluator.stat().st_size}
 
 
 def generate(pipe, captions: list[str], steps: int, guidance: float, seed: int, batch: int) -> torch.Tensor:

@@ -26,3 +26,13 @@ def test_real_only_writes_the_reference_set_and_its_floor(tmp_path, monkeypatch)
     scale = json.loads(out.read_text())
     assert scale["n"] == 8 and scale["streams"] == [0, 1] and scale["fid"] > 0
     assert sorted(p.name for p in real.iterdir()) == [f"{i:05d}.png" for i in range(8)]
+
+
+def test_weight_sizes_of_a_model_folder_outside_the_package(tmp_path):
+    """A trained run's model (``--model runs/.../model``) and the shipped evaluator: each file's size, by name."""
+    module = load_script("eval_demo")
+    (tmp_path / "model" / "transformer").mkdir(parents=True)
+    (tmp_path / "model" / "transformer" / "diffusion_pytorch_model.safetensors").write_bytes(b"x" * 10)
+    sizes = module.weight_sizes(tmp_path / "model")
+    assert sizes["model/transformer/diffusion_pytorch_model.safetensors"] == 10
+    assert sizes["evaluator.safetensors"] == module.WEIGHTS.stat().st_size and len(sizes) == 2

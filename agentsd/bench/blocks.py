@@ -288,7 +288,7 @@ def run(
 def table(results: dict) -> str:
     lines = [
         f"{results['model']}: blocks timed at the real width and token count, {results['dtype']}, {results['device']} "
-        f"({results['threads']} threads), commit {results['commit']}",
+        f"({results['threads']} thread{'' if results['threads'] == 1 else 's'}), commit {results['commit']}",
         "",
         f"Model time = the sum over its blocks (edge blocks, {results['edge_blocks']} at each end, vanilla); a preset "
         "over a run weights its phases by their share of sampling.",

@@ -58,15 +58,16 @@ def where_it_pays(root: Path) -> str:
     for model, name, preset, label in (
         ("Flux.1", "flux", "flux", "{}²"),
         ("Wan 2.1 1.3B", "wan", "wan", "{}: 832×480, 81 frames"),
+        ("Wan 2.1 14B", "wan14b", "wan", "{}: 832×480, 81 frames"),
     ):
         measured = [(results, size, summary) for results in _blocks_results(root, name) for size, summary in
                     results["sizes"].items()]  # fmt: skip
         for results, size, summary in sorted(measured, key=lambda row: row[1].zfill(8)):
             value = summary.get("speedup", {}).get(preset)
             default = "–" if value is None else f"{value:.2f}× ({preset}, over a run)"
-            rows.append(
-                (model, label.format(size), "CPU, 2 cores", "blocks at the real width", default, "–", "–", results)
-            )
+            threads = results.get("threads", 2)
+            device = f"CPU, {threads} {'thread' if threads == 1 else 'cores'}"
+            rows.append((model, label.format(size), device, "blocks at the real width", default, "–", "–", results))
     compiled = gpu["sd15_compile"]
     fast = f"{_speedup(compiled, 512, 'fast+compile')} (vanilla+compile {_speedup(compiled, 512, 'vanilla+compile')})"
     rows.append(("SD 1.5", 512, "H100, fp16", "20-step runs, compiled", "not yet", fast, "–", compiled))
@@ -88,13 +89,13 @@ def ops(root: Path) -> str:
     return "(no ops_sd15.json)" if results is None else table(results)
 
 
-def quality_demo128(root: Path) -> str:
-    """Quality on the 128² proving ground (``agentsd bench quality``): one-object captions, and the two-object set
-    where it was measured (``quality_demo128_two``)."""
-    results = _load(root, RESULTS / "quality_demo128" / "quality.json")
+def quality_demo128(root: Path, folder: str = "quality_demo128") -> str:
+    """Quality on a proving ground (``agentsd bench quality``): one-object captions in ``folder``, and the
+    two-object set where it was measured (``<folder>_two``)."""
+    results = _load(root, RESULTS / folder / "quality.json")
     if results is None:
-        return "(no quality_demo128/quality.json)"
-    two = _load(root, RESULTS / "quality_demo128_two" / "quality.json")
+        return f"(no {folder}/quality.json)"
+    two = _load(root, RESULTS / f"{folder}_two" / "quality.json")
     two_rows = (two or {}).get("metrics", {}).get("methods", {})
     floor = results["metrics"].get("real_vs_real_fid")
     lines = [
@@ -133,7 +134,18 @@ def dit_blocks(root: Path) -> str:
     return "\n\n".join(table(results) for results in found) or "(no bench blocks results)"
 
 
-TABLES = {"where-it-pays": where_it_pays, "ops": ops, "quality-demo128": quality_demo128, "dit-blocks": dit_blocks}
+def quality_demo_flux(root: Path) -> str:
+    """Quality on the DiT proving ground (the miniature Flux.1), as on the UNet's."""
+    return quality_demo128(root, "quality_demo_flux")
+
+
+TABLES = {
+    "where-it-pays": where_it_pays,
+    "ops": ops,
+    "quality-demo128": quality_demo128,
+    "quality-demo-flux": quality_demo_flux,
+    "dit-blocks": dit_blocks,
+}
 _BLOCK = re.compile(r"(<!-- report:([a-z0-9-]+) -->\n)(.*?)(<!-- /report:\2 -->)", re.S)
 
 
