@@ -128,6 +128,8 @@ DEFAULTS = dict(
 )
 # Disjoint seed ranges of the generator's training stream, one per stage (run seed k adds k * 10**8).
 _EVAL_SEEDS, _VAE_SEEDS, _CACHE_SEEDS, _TEXT_SEEDS = 1_000_000, 2_000_000, 3_000_000, 4_000_000
+# what a resumed run folder may be given anew (the rest of its config stays as it started)
+BUDGET = {"minutes", "unet_steps", "dit_steps"}
 _CHECKPOINT_EVERY_S = 120
 _EXPORT_RESERVE_S = 60
 
@@ -140,12 +142,30 @@ class Run:
         self.evaluator_weights, self.model_dir = out / "evaluator.safetensors", out / "model"
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / "config.json"
-        if path.exists():  # resuming: the recorded config wins
-            self.config = {**defaults, **json.loads(path.read_text())}  # settings added since keep their defaults
+        self.start = time.time()
+        if path.exists():  # resuming: the recorded config, settings added since at their defaults
+            self.config = {**defaults, **json.loads(path.read_text())}
+            given = {k: v for k, v in overrides.items() if v is not None and self.config.get(k) != v}
+            refused = [f"{k}={v!r} (it ran with {self.config.get(k)!r})" for k, v in given.items() if k not in BUDGET]
+            if refused:
+                raise SystemExit(
+                    f"{folder} resumes with the settings it started with; {', '.join(refused)} would change them "
+                    f"(only {', '.join(sorted(BUDGET))} may): start a new run folder"
+                )
+            fixed = [k for k in ("unet_steps", "dit_steps") if self.config.get(k) is not None and k not in given]
+            if "minutes" in given and fixed:
+                key = fixed[0]
+                raise SystemExit(
+                    f"{folder}: its step count is fixed ({key}={self.config[key]}), so minutes={given['minutes']} "
+                    f"alone would change nothing: give the step count (--{key.replace('_', '-')}) too"
+                )
+            if given:  # another budget or step count: the steps left and the lr schedule follow it
+                self.config.update(given)
+                self.save_config()
+                self.log("budget", 0, **given)
         else:
             self.config = {**defaults, **{k: v for k, v in overrides.items() if v is not None}}
             self.save_config()
-        self.start = time.time()
 
     def adopt_threads(self) -> None:
         """Follow ``<run>/threads`` if it exists: a long run yields a core while other work runs, then takes it back."""

@@ -84,6 +84,29 @@ def test_recipe_rejects_unknown_settings(recipe, tmp_path):
         recipe.main(["--run", str(tmp_path / "run"), "--set", "unet_lr=fast"])
 
 
+def test_a_resumed_run_refuses_other_settings_but_takes_a_new_budget(recipe, trained, tmp_path):
+    """A run folder keeps the settings it started with: another one given on resuming is refused, not ignored;
+    the step count (with or without the minutes) may change, and is logged."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained / "run", run)
+    base = ["--run", str(run), "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit, match=r"unet_batch=3 \(it ran with 2\)"):
+        recipe.main(base + ["--set", "unet_batch=3"])
+    with pytest.raises(SystemExit, match="minutes=200.0 alone would change nothing"):
+        recipe.main(base + ["--minutes", "200"])
+    _train(recipe, run, tmp_path / "out")  # the settings it ran with: nothing changes, nothing is refused
+    settings = [a for kv in TINY for a in ("--set", kv)]
+    recipe.main(base + ["--threads", "1", "--unet-steps", "4", "--minutes", "200", *settings])
+    rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert {"stage": "budget", "unet_steps": 4, "minutes": 200.0}.items() <= next(
+        r for r in rows if r["stage"] == "budget"
+    ).items()
+    assert torch.load(run / "unet.pt", weights_only=False)["step"] == 4  # one more step than it had
+    assert json.loads((run / "config.json").read_text())["unet_steps"] == 4
+
+
 def test_recipe_continues_from_a_trained_model(recipe, trained, tmp_path):
     init = trained / "out"
     args = ["--run", str(tmp_path / "run"), "--out", str(tmp_path / "out"), "--init", str(init), "--unet-steps", "2"]
