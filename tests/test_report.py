@@ -34,3 +34,22 @@ def test_unknown_table_is_one_clear_line(tmp_path, capsys):
     (tmp_path / "README.md").write_text("<!-- report:nothing -->\n<!-- /report:nothing -->\n")
     assert main(["bench", "report", "--root", str(tmp_path)]) == 2
     assert "unknown report table 'nothing'" in capsys.readouterr().err
+
+
+def test_a_size_re_measured_at_another_commit_takes_its_row(tmp_path):
+    """SD 3.5: speed_cpu_sd35_<size>.json (a re-measure, its own commit and threads) replaces that size's row of
+    speed_cpu_sd35.json; the other size keeps its own."""
+    results = tmp_path / "benchmarks" / "results"
+    results.mkdir(parents=True)
+
+    def write(name, commit, threads, sizes):
+        rows = {str(s): {"speedup_median": {"sd3": speedup}} for s, speedup in sizes.items()}
+        (results / name).write_text(json.dumps({"commit": commit, "threads": threads, "sizes": rows}))
+
+    write("speed_cpu_sd35.json", "aaaa", 2, {2048: 1.98, 1024: 1.29})
+    write("speed_cpu_sd35_1024.json", "bbbb", 1, {1024: 1.40})
+    rows = [line for line in report.where_it_pays(tmp_path).splitlines() if line.startswith("| SD 3.5")]
+    assert rows == [
+        "| SD 3.5 medium | 1024² | CPU, 1 thread | transformer forwards | 1.40× (sd3) | – | – | bbbb |",
+        "| SD 3.5 medium | 2048² | CPU, 2 cores | transformer forwards | 1.98× (sd3) | – | – | aaaa |",
+    ]

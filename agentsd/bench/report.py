@@ -34,6 +34,12 @@ def _commit(results: dict | None) -> str:
     return (results or {}).get("commit") or "before commits were recorded"
 
 
+def _cpu(results: dict) -> str:
+    """The device column of a CPU result: how many threads it ran on."""
+    threads = results.get("threads", 2)
+    return f"CPU, {threads} {'thread' if threads == 1 else 'cores'}"
+
+
 def where_it_pays(root: Path) -> str:
     """Speed-up over vanilla SDPA per model, size and device: the default (lean), fast, and DeepCache + fast."""
     cpu512, cpu1024 = _load(root, RESULTS / "speed_cpu_lean.json"), _load(root, RESULTS / "speed_cpu_lean_1024.json")
@@ -51,10 +57,13 @@ def where_it_pays(root: Path) -> str:
         for size in sizes:
             cells = (_speedup(gpu[name], size, m) for m in ("fast", "deepcache+fast"))
             rows.append((model, size, "H100, fp16", "20-step runs", "not yet", *cells, gpu[name]))
-    sd35 = _load(root, RESULTS / "speed_cpu_sd35.json")
-    for size in sorted(int(s) for s in (sd35 or {}).get("sizes", {"1024": None})):
-        default = f"{_speedup(sd35, size, 'sd3')} (sd3)"
-        rows.append(("SD 3.5 medium", size, "CPU, 2 cores", "transformer forwards", default, "–", "–", sd35))
+    sd35 = {}  # size -> its newest result file: speed_cpu_sd35.json, then speed_cpu_sd35_<size>.json (a re-measure)
+    for path in [RESULTS / "speed_cpu_sd35.json", *sorted((root / RESULTS).glob("speed_cpu_sd35_*.json"))]:
+        results = _load(root, RESULTS / Path(path).name)
+        sd35.update({int(size): results for size in (results or {}).get("sizes", {})})
+    for size, results in sorted(sd35.items()):
+        default = f"{_speedup(results, size, 'sd3')} (sd3)"
+        rows.append(("SD 3.5 medium", size, _cpu(results), "transformer forwards", default, "–", "–", results))
     for model, name, preset, label in (
         ("Flux.1", "flux", "flux", "{}²"),
         ("Wan 2.1 1.3B", "wan", "wan", "{}: 832×480, 81 frames"),
@@ -65,9 +74,8 @@ def where_it_pays(root: Path) -> str:
         for results, size, summary in sorted(measured, key=lambda row: row[1].zfill(8)):
             value = summary.get("speedup", {}).get(preset)
             default = "–" if value is None else f"{value:.2f}× ({preset}, over a run)"
-            threads = results.get("threads", 2)
-            device = f"CPU, {threads} {'thread' if threads == 1 else 'cores'}"
-            rows.append((model, label.format(size), device, "blocks at the real width", default, "–", "–", results))
+            where = (model, label.format(size), _cpu(results), "blocks at the real width")
+            rows.append((*where, default, "–", "–", results))
     compiled = gpu["sd15_compile"]
     fast = f"{_speedup(compiled, 512, 'fast+compile')} (vanilla+compile {_speedup(compiled, 512, 'vanilla+compile')})"
     rows.append(("SD 1.5", 512, "H100, fp16", "20-step runs, compiled", "not yet", fast, "–", compiled))
