@@ -154,6 +154,16 @@ def _heads_mean(groups: Callable, x: torch.Tensor) -> torch.Tensor:
     return groups(x.reshape(B, N, H * D)).view(B, -1, H, D)
 
 
+def _key_mask(layout: Layout, text_mask: torch.Tensor | None, image: int) -> torch.Tensor | None:
+    """SDPA's boolean mask ``(B, 1, 1, keys)`` over ``image`` image keys and the layout's text keys, or ``None``."""
+    if text_mask is None:
+        return None
+    text_mask = text_mask.to(torch.bool)
+    image_mask = text_mask.new_ones(text_mask.shape[0], image)
+    mask = torch.cat([text_mask, image_mask] if layout.text_first else [image_mask, text_mask], dim=1)
+    return mask[:, None, None, :]
+
+
 def agent_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -166,6 +176,7 @@ def agent_attention(
     k_scale2: float = 0.3,
     k_shortcut: float = 0.075,
     upcast: bool = False,
+    text_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of ``(B, S, heads, head_dim)`` queries, keys and values laid out as ``layout``, through agents.
 
@@ -176,6 +187,8 @@ def agent_attention(
             Neither: plain softmax attention of every query over every key.
         scale: the model's softmax scale (``head_dim^-1/2`` if ``None``).
         upcast: compute both softmax products in float32.
+        text_mask: ``(B, text)`` bool, the text keys to attend to (Qwen-Image's padded prompts); ``None``: all.
+            Only the softmaxes over the keys read it (the agents' gather, the text queries, the late phase).
 
     Returns:
         ``(B, S, heads, head_dim)`` in the input's dtype and layout.
@@ -187,18 +200,20 @@ def agent_attention(
     if upcast:
         query, key, value = query.float(), key.float(), value.float()
     if agents is None and keys_of is None:  # plain softmax attention (SD 3's ToMe phase, on merged tokens)
+        mask = _key_mask(layout, text_mask, layout.image)
         out = F.scaled_dot_product_attention(
-            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), scale=scale
+            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=mask, scale=scale
         )
         return out.transpose(1, 2).to(dtype)
     q_image, q_text = layout.split(query)
     if keys_of is not None:
         k_image, k_text = layout.split(key)
         v_image, v_text = layout.split(value)
-        key = layout.join(_heads_mean(keys_of, k_image), k_text)
-        value = layout.join(_heads_mean(keys_of, v_image), v_text)
+        k_image = _heads_mean(keys_of, k_image)
+        key, value = layout.join(k_image, k_text), layout.join(_heads_mean(keys_of, v_image), v_text)
+        mask = _key_mask(layout, text_mask, k_image.shape[1])
         out = F.scaled_dot_product_attention(
-            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), scale=scale
+            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=mask, scale=scale
         )
         return out.transpose(1, 2).to(dtype)
     agent = _heads_mean(agents, q_image).transpose(1, 2)  # (B, H, n, D)
@@ -206,7 +221,11 @@ def agent_attention(
     n = agent.shape[2]
     # The agents and the text queries attend over the same keys: one call for both.
     gathered = F.scaled_dot_product_attention(
-        torch.cat([agent, q_text.transpose(1, 2)], dim=2), keys, values, scale=scale
+        torch.cat([agent, q_text.transpose(1, 2)], dim=2),
+        keys,
+        values,
+        attn_mask=_key_mask(layout, text_mask, layout.image),
+        scale=scale,
     )
     agent_value, out_text = gathered[:, :, :n], gathered[:, :, n:]
     out_image = F.scaled_dot_product_attention(q_image.transpose(1, 2), agent, agent_value, scale=scale**k_scale2)

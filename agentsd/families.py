@@ -10,6 +10,8 @@ handle: a mask, IP-Adapter states) it calls the processor it replaced.
   from two streams, single-stream blocks get ``[T; X]`` already joined; RoPE over both.
 - Wan 2.x (``WanTransformer3DModel``): self-attention (``attn1``) over the video tokens of an f×h×w patch
   grid; the cross-attention to the text is left alone.
+- Qwen-Image (``QwenImageTransformer2DModel``): double-stream blocks over ``[T; X]`` with RoPE on both and a
+  mask of the prompts' padding, read by every softmax over the keys.
 """
 
 from __future__ import annotations
@@ -19,12 +21,12 @@ import math
 
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
-from diffusers.models.transformers import transformer_flux, transformer_wan
+from diffusers.models.transformers import transformer_flux, transformer_qwenimage, transformer_wan
 
 from .dit import Layout, Window, agent_attention, dst_positions, num_windows, pool, random_offsets, tome_groups
 from .schedule import Phase, min_tokens_on, phase_at
 
-__all__ = ["DiTState", "FluxAgentProcessor", "WanAgentProcessor", "check_dit_phase"]
+__all__ = ["DiTState", "FluxAgentProcessor", "QwenAgentProcessor", "WanAgentProcessor", "check_dit_phase"]
 
 
 def window(phase: Phase) -> Window:
@@ -131,7 +133,7 @@ class _AgentProcessor:
             return None  # as many groups as half the tokens: plain attention is what runs
         return phase
 
-    def _attend(self, query, key, value, layout: Layout, phase: Phase, metric) -> torch.Tensor:
+    def _attend(self, query, key, value, layout: Layout, phase: Phase, metric, text_mask=None) -> torch.Tensor:
         state = self.state
         win = window(phase)
         if phase.agents == "pooled":
@@ -151,6 +153,7 @@ class _AgentProcessor:
             k_scale2=state.k_scale2,
             k_shortcut=state.k_shortcut,
             upcast=state.upcast,
+            text_mask=text_mask,
         )
 
 
@@ -239,14 +242,92 @@ class WanAgentProcessor(_AgentProcessor):
         return attn.to_out[1](attn.to_out[0](out))
 
 
-def flow_progress(sigma: float, shift: float) -> float:
+class QwenAgentProcessor(_AgentProcessor):
+    """Replaces the attention processor of a Qwen-Image block (joint attention, text first)."""
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_hidden_states_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb=None,
+    ):
+        metric, self.block_input = self.block_input, None
+        phase = None
+        if encoder_hidden_states is not None and attention_mask is None:
+            phase = self._phase(hidden_states)
+        image = self.state.image_tokens
+        if phase is not None and (hidden_states.shape[1] != image or metric is None or metric.shape[1] != image):
+            phase = None
+        if phase is None:
+            return self.original(
+                attn, hidden_states, encoder_hidden_states, encoder_hidden_states_mask, attention_mask, image_rotary_emb
+            )
+        head_dim = attn.inner_dim // attn.heads
+        image_qkv = (attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states))
+        text_qkv = (
+            attn.add_q_proj(encoder_hidden_states),
+            attn.add_k_proj(encoder_hidden_states),
+            attn.add_v_proj(encoder_hidden_states),
+        )
+        query, key, value = (t.unflatten(-1, (-1, head_dim)) for t in image_qkv)
+        text_query, text_key, text_value = (t.unflatten(-1, (-1, head_dim)) for t in text_qkv)
+        query = query if attn.norm_q is None else attn.norm_q(query)
+        key = key if attn.norm_k is None else attn.norm_k(key)
+        text_query = text_query if attn.norm_added_q is None else attn.norm_added_q(text_query)
+        text_key = text_key if attn.norm_added_k is None else attn.norm_added_k(text_key)
+        if image_rotary_emb is not None:
+            rotate = functools.partial(transformer_qwenimage.apply_rotary_emb_qwen, use_real=False)
+            image_freqs, text_freqs = image_rotary_emb
+            query, key = rotate(query, image_freqs), rotate(key, image_freqs)
+            text_query, text_key = rotate(text_query, text_freqs), rotate(text_key, text_freqs)
+        text = encoder_hidden_states.shape[1]
+        layout = Layout(text, True, self.state.grids)
+        out = self._attend(
+            torch.cat([text_query, query], dim=1),
+            torch.cat([text_key, key], dim=1),
+            torch.cat([text_value, value], dim=1),
+            layout,
+            phase,
+            metric,
+            text_mask=encoder_hidden_states_mask,
+        )
+        image_out, text_out = layout.split(out.flatten(2, 3).to(query.dtype))
+        image_out = attn.to_out[0](image_out.contiguous())
+        if len(attn.to_out) > 1:
+            image_out = attn.to_out[1](image_out)
+        return image_out, attn.to_add_out(text_out.contiguous())
+
+
+def flow_progress(sigma: float, shift: float, stretch: float = 1.0) -> float:
     """Sampling progress of a flow-matching model called at noise level ``sigma`` under a time shift ``shift``:
-    ``1 - σ₀`` with ``σ₀`` the unshifted level (``σ = shift·σ₀ / (1 + (shift - 1)·σ₀)``). The pipelines space the
-    unshifted levels evenly over the steps, so this is the fraction of the steps done: "the first 40%" means the
-    first 40% of the steps on every family, whatever the image size shifts. Rounded to 1e-4, so that a step that
-    lies on a phase's end in exact arithmetic (step 20 of 50 at 0.4) is not pushed before it by float rounding."""
+    ``1 - σ₀`` with ``σ₀`` the unshifted level (``σ = shift·σ₀ / (1 + (shift - 1)·σ₀)``), after undoing a
+    scheduler's stretch to its terminal level (``1 - σ`` divided by ``stretch``, :func:`terminal_stretch`). The
+    pipelines space the unshifted levels evenly over the steps, so this is the fraction of the steps done: "the first
+    40%" means the first 40% of the steps on every family, whatever the image size shifts. Rounded to 1e-4, so that a
+    step that lies on a phase's end in exact arithmetic (step 20 of 50 at 0.4) is not pushed before it by float
+    rounding."""
     sigma = min(max(float(sigma), 0.0), 1.0)
+    sigma = 1.0 - stretch * (1.0 - sigma)
     return round(1.0 - sigma / (shift - (shift - 1.0) * sigma), 4)
+
+
+def terminal_stretch(config, shift: float, steps: int | None) -> float:
+    """The factor by which a flow-matching scheduler with ``shift_terminal`` (Qwen-Image's) shrinks ``1 - σ`` so that
+    its last level lands on ``shift_terminal``: ``(1 - σ_last) / (1 - shift_terminal)``, ``σ_last`` the shifted level
+    of the last of ``steps`` evenly spaced unshifted levels from 1 to ``1/steps`` (what the pipelines pass). 1.0
+    where the scheduler does not stretch."""
+    get = (lambda name, default: default) if config is None else None
+    if get is None:
+        get = config.get if hasattr(config, "get") else lambda name, default: getattr(config, name, default)
+    terminal = get("shift_terminal", None)
+    if not terminal or not steps:
+        return 1.0
+    last = 1.0 / steps
+    last = shift * last / (1.0 + (shift - 1.0) * last)
+    return (1.0 - last) / (1.0 - terminal)
 
 
 def scheduler_shift(config, image_tokens: int) -> float:

@@ -30,11 +30,21 @@ from dataclasses import dataclass, field
 import torch
 from diffusers.models.attention import BasicTransformerBlock, JointTransformerBlock
 from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
+from diffusers.models.transformers.transformer_qwenimage import QwenImageTransformerBlock
 from diffusers.models.transformers.transformer_wan import WanTransformerBlock
 
 from . import calibration
 from .attention import AgentAttnProcessor, AgentConfig, AgentState, Band, BlockMerge, MergedAttnProcessor
-from .families import DiTState, FluxAgentProcessor, WanAgentProcessor, check_dit_phase, flow_progress, scheduler_shift
+from .families import (
+    DiTState,
+    FluxAgentProcessor,
+    QwenAgentProcessor,
+    WanAgentProcessor,
+    check_dit_phase,
+    flow_progress,
+    scheduler_shift,
+    terminal_stretch,
+)
 from .joint import JointAgentProcessor
 from .schedule import (
     DEFAULT,
@@ -253,7 +263,8 @@ _SUPPORTED = (
     "agentsd supports UNet pipelines (Stable Diffusion 1.x, 2.x, SDXL and their img2img, inpaint and ControlNet "
     "pipelines), Stable Diffusion 3 / 3.5 pipelines (SD3Transformer2DModel, and SD3ControlNetModel with joint "
     "blocks), Flux.1 pipelines (FluxTransformer2DModel, FluxControlNetModel), Wan 2.x video pipelines "
-    "(WanTransformer3DModel), and those denoisers bare, UNet2DConditionModel and ControlNetModel too"
+    "(WanTransformer3DModel), Qwen-Image pipelines (QwenImageTransformer2DModel, QwenImageControlNetModel), and "
+    "those denoisers bare, UNet2DConditionModel and ControlNetModel too"
 )
 
 
@@ -349,10 +360,13 @@ def _dit_bands(module: torch.nn.Module, schedule, blocks) -> tuple[tuple[Band, .
 
 
 def _flow_family(module: torch.nn.Module) -> str | None:
-    """``"flux"`` for a Flux.1 transformer or ControlNet, ``"wan"`` for a Wan 2.x transformer, else ``None``."""
+    """``"flux"`` for a Flux.1 transformer or ControlNet, ``"wan"`` for a Wan 2.x transformer, ``"qwen"`` for a
+    Qwen-Image transformer or ControlNet, else ``None``."""
     blocks = [*getattr(module, "transformer_blocks", []), *getattr(module, "single_transformer_blocks", [])]
     if any(isinstance(b, (FluxTransformerBlock, FluxSingleTransformerBlock)) for b in blocks):
         return "flux"
+    if any(isinstance(b, QwenImageTransformerBlock) for b in blocks):
+        return "qwen"
     if any(isinstance(b, WanTransformerBlock) for b in getattr(module, "blocks", [])):
         return "wan"
     return None
@@ -475,8 +489,11 @@ def _patch_dit(module: torch.nn.Module, patch: _Patch, band_of_block: dict[int, 
         size = patch.patch_size
         height, width = sample.shape[-2] // size, sample.shape[-1] // size
         # flow matching: the noise level with the scheduler's shift undone (as on Flux and Wan)
-        shift = scheduler_shift(getattr(patch.scheduler(), "config", None), height * width)
-        p = flow_progress(float(timestep) / patch.num_train_timesteps, shift)
+        scheduler = patch.scheduler()
+        config = getattr(scheduler, "config", None)
+        shift = scheduler_shift(config, height * width)
+        stretch = terminal_stretch(config, shift, getattr(scheduler, "num_inference_steps", None))
+        p = flow_progress(float(timestep) / patch.num_train_timesteps, shift, stretch)
         state.begin_call(height, width, p, sample.device)
 
     blocks = module.transformer_blocks
@@ -495,7 +512,7 @@ def _patch_dit(module: torch.nn.Module, patch: _Patch, band_of_block: dict[int, 
     inner.__dict__[_ATTR] = patch
 
 
-_FLOW_PROCESSORS = {"flux": FluxAgentProcessor, "wan": WanAgentProcessor}
+_FLOW_PROCESSORS = {"flux": FluxAgentProcessor, "wan": WanAgentProcessor, "qwen": QwenAgentProcessor}
 
 
 def _scheduler_ref(model):
@@ -553,10 +570,25 @@ def _grids_of(ids: torch.Tensor):
     return tuple(grids)
 
 
+def _grids_of_shapes(img_shapes, tokens: int):
+    """The patch grids of Qwen-Image's ``img_shapes`` (per sample, the ``(frames, rows, columns)`` of each image in
+    sequence order: the latent, then any reference images), or ``None`` where the samples differ or the shapes do
+    not account for the ``tokens`` image tokens."""
+    if not img_shapes:
+        return None
+    samples = [img_shapes] if isinstance(img_shapes[0], tuple) else img_shapes
+    grids = tuple(tuple(int(n) for n in shape) for shape in samples[0])
+    if any(tuple(tuple(int(n) for n in shape) for shape in sample) != grids for sample in samples[1:]):
+        return None
+    if any(len(g) != 3 for g in grids) or sum(f * h * w for f, h, w in grids) != tokens:
+        return None
+    return grids
+
+
 def _patch_flow(module: torch.nn.Module, patch: _Patch, band_of_block: dict[int, int]) -> None:
-    """Patch the chosen blocks of a Flux or Wan transformer: an adapter in each one's self-attention, a pre-hook on
-    the transformer that reads the patch grid and the noise level once per call, a pre-hook on each block that hands
-    its input to the adapter as the matching metric."""
+    """Patch the chosen blocks of a Flux, Wan or Qwen-Image transformer: an adapter in each one's self-attention, a
+    pre-hook on the transformer that reads the patch grid and the noise level once per call, a pre-hook on each block
+    that hands its input to the adapter as the matching metric."""
     state, family = patch.state, patch.family
     grids_of_ids = _GridsOfIds()
     inner = _inner(module)
@@ -568,6 +600,9 @@ def _patch_flow(module: torch.nn.Module, patch: _Patch, band_of_block: dict[int,
         if family == "flux":
             grids = grids_of_ids(_argument(inner, args, kwargs, "img_ids"))
             sigma = float(timestep.reshape(-1).max()) if timestep is not None else 1.0  # Flux is called with t / 1000
+        elif family == "qwen":
+            grids = _grids_of_shapes(_argument(inner, args, kwargs, "img_shapes"), hidden_states.shape[1])
+            sigma = float(timestep.reshape(-1).max()) if timestep is not None else 1.0  # called with t / 1000 too
         else:
             p_t, p_h, p_w = inner.config.patch_size
             _, _, f, h, w = hidden_states.shape
@@ -575,8 +610,10 @@ def _patch_flow(module: torch.nn.Module, patch: _Patch, band_of_block: dict[int,
             sigma = float(timestep.reshape(-1).max()) / patch.num_train_timesteps  # Wan with t in [0, T]
         latent_tokens = 0 if grids is None else grids[0][0] * grids[0][1] * grids[0][2]
         scheduler = patch.scheduler()
-        shift = scheduler_shift(getattr(scheduler, "config", None), latent_tokens)
-        state.begin_call(grids, flow_progress(sigma, shift), hidden_states.shape[0], hidden_states.device)
+        config = getattr(scheduler, "config", None)
+        shift = scheduler_shift(config, latent_tokens)
+        stretch = terminal_stretch(config, shift, getattr(scheduler, "num_inference_steps", None))
+        state.begin_call(grids, flow_progress(sigma, shift, stretch), hidden_states.shape[0], hidden_states.device)
 
     def transformer_hook(mod, args, kwargs, output):
         state.end_call()
@@ -592,14 +629,14 @@ def _patch_flow(module: torch.nn.Module, patch: _Patch, band_of_block: dict[int,
 
 
 def _flow_attention(block):
-    """The self-attention of a Flux block (``attn``) or a Wan block (``attn1``)."""
+    """The self-attention of a Flux or Qwen-Image block (``attn``) or a Wan block (``attn1``)."""
     return block.attn1 if isinstance(block, WanTransformerBlock) else block.attn
 
 
 def _flow_metric_hook(block, args, kwargs):
     """The block's image (or video) input is the matching metric of its attention."""
     processor = _flow_attention(block).processor
-    if isinstance(processor, (FluxAgentProcessor, WanAgentProcessor)):
+    if isinstance(processor, (FluxAgentProcessor, WanAgentProcessor, QwenAgentProcessor)):
         processor.begin_block(args[0] if args else kwargs["hidden_states"])
 
 

@@ -237,13 +237,15 @@ PRESETS: dict[str, Phases | dict[int, Phases]] = {
         Phase(end=1.0, st=2, sy=2, sx=2, ratio=0.875, **_LEAN),
     ),
 }
+# Qwen-Image (double-stream blocks over [T; X], RoPE, a padded prompt's mask): flux's phases, the same lean path.
+PRESETS["qwen"] = PRESETS["flux"]
 
 
 DEFAULT = "lean"  # what agentsd.apply(pipe) runs on a UNet
 DIT_DEFAULT = "sd3"  # and on an SD 3 transformer
-FAMILY_DEFAULTS = {"flux": "flux", "wan": "wan"}  # and on the other DiT families
+FAMILY_DEFAULTS = {"flux": "flux", "wan": "wan", "qwen": "qwen"}  # and on the other DiT families
 # the presets for DiTs (one level, bands of blocks)
-DIT_PRESETS = ("sd3", "sd3-paper", "flux", "flux-merged", "wan", "wan-fast")
+DIT_PRESETS = ("sd3", "sd3-paper", "flux", "flux-merged", "wan", "wan-fast", "qwen")
 DIT_EDGE_BLOCKS = 2  # blocks at each end of a DiT that agentsd.apply leaves alone unless told (the sensitive ones)
 
 

@@ -64,15 +64,26 @@ def wan_rotary(x, cos, sin):
     return out
 
 
-def agent_heads(q_x, k, v, q_t, v_x, groups, *, agents, scale, k_scale2, k_shortcut, text_first=True):
+def qwen_rotary(x, freqs):
+    """Qwen-Image's RoPE on x (S×D): channel pair (2i, 2i+1) as a complex number times ``freqs[:, i]``."""
+    freqs = freqs.to(torch.complex128)
+    c, s = freqs.real, freqs.imag
+    out = torch.empty_like(x)
+    out[:, 0::2] = x[:, 0::2] * c - x[:, 1::2] * s
+    out[:, 1::2] = x[:, 0::2] * s + x[:, 1::2] * c
+    return out
+
+
+def agent_heads(q_x, k, v, q_t, v_x, groups, *, agents, scale, k_scale2, k_shortcut, text_first=True, text_keys=None):
     """One head of §11: ``q_x`` (N×d) image queries, ``k``/``v`` every token's keys and values in sequence order,
-    ``q_t`` text queries (M×d), ``v_x`` the image values. Returns (image out N×d, text out M×d)."""
+    ``q_t`` text queries (M×d), ``v_x`` the image values; ``text_keys``: how many of ``k`` are text keys where a
+    mask left out some (``M`` if ``None``). Returns (image out N×d, text out M×d)."""
     if agents:
         a = torch.stack([q_x[g].mean(0) for g in groups])
         v_a = softmax_attention(a, k, v, scale)
         out_x = softmax_attention(q_x, a, v_a, scale**k_scale2) + k_shortcut * v_x
         return out_x, softmax_attention(q_t, k, v, scale)
-    M = q_t.shape[0]
+    M = q_t.shape[0] if text_keys is None else text_keys
     N = q_x.shape[0]
     k_t, k_x = (k[:M], k[M:]) if text_first else (k[N:], k[:N])
     v_t, v_x_all = (v[:M], v[M:]) if text_first else (v[N:], v[:N])
@@ -277,6 +288,94 @@ def reference_wan(transformer, phases, blocks, *, k_scale2=0.3, k_shortcut=0.075
                 timestep=timestep,
                 encoder_hidden_states=encoder_hidden_states.double(),
                 **kwargs,
+            ).sample
+
+    return call
+
+
+def reference_qwen(transformer, phases, blocks, *, k_scale2=0.3, k_shortcut=0.075, seed=None):
+    """A float64 copy of a Qwen-Image transformer whose ``blocks`` follow §11 over ``[T; X]`` with ``p = 1 - σ`` (a
+    bare transformer: no time shift); text tokens the mask leaves out are dropped from the keys and values."""
+    ref = copy.deepcopy(transformer).double()
+    run = _Run(phases, seed)
+
+    class Processor:
+        def __init__(self, original):
+            self.original, self.block_input = original, None
+
+        def __call__(
+            self,
+            attn,
+            hidden_states,
+            encoder_hidden_states=None,
+            encoder_hidden_states_mask=None,
+            attention_mask=None,
+            image_rotary_emb=None,
+        ):
+            phase = run.plan()
+            if phase is None:
+                return self.original(
+                    attn, hidden_states, encoder_hidden_states, encoder_hidden_states_mask, attention_mask,
+                    image_rotary_emb,
+                )  # fmt: skip
+            H = attn.heads
+            image_freqs, text_freqs = image_rotary_emb
+            outs, texts = [], []
+            for b in range(hidden_states.shape[0]):
+                image, text = hidden_states[b], encoder_hidden_states[b]
+                q, k, v = attn.to_q(image), attn.to_k(image), attn.to_v(image)
+                q = attn.norm_q(q.unflatten(-1, (H, -1))).flatten(-2)
+                k = attn.norm_k(k.unflatten(-1, (H, -1))).flatten(-2)
+                tq, tk, tv = attn.add_q_proj(text), attn.add_k_proj(text), attn.add_v_proj(text)
+                tq = attn.norm_added_q(tq.unflatten(-1, (H, -1))).flatten(-2)
+                tk = attn.norm_added_k(tk.unflatten(-1, (H, -1))).flatten(-2)
+                keep = [
+                    i for i in range(text.shape[0])
+                    if encoder_hidden_states_mask is None or bool(encoder_hidden_states_mask[b, i])
+                ]  # fmt: skip
+                groups = run.groups_of(phase, self.block_input[b], b)
+                agents = phase.agent_ratio is not None or phase.agents == "pooled"
+                head_x, head_t = [], []
+                for i in range(H):
+                    qx, kx = (qwen_rotary(t, image_freqs) for t in (_split_heads(q, H)[i], _split_heads(k, H)[i]))
+                    qt, kt = (qwen_rotary(t, text_freqs) for t in (_split_heads(tq, H)[i], _split_heads(tk, H)[i]))
+                    vx, vt = _split_heads(v, H)[i], _split_heads(tv, H)[i]
+                    ox, ot = agent_heads(
+                        qx,
+                        torch.cat([kt[keep], kx]),
+                        torch.cat([vt[keep], vx]),
+                        qt,
+                        vx,
+                        groups,
+                        agents=agents,
+                        scale=qx.shape[-1] ** -0.5,
+                        k_scale2=k_scale2,
+                        k_shortcut=k_shortcut,
+                        text_keys=len(keep),
+                    )
+                    head_x.append(ox)
+                    head_t.append(ot)
+                outs.append(attn.to_out[0](torch.cat(head_x, -1)))
+                texts.append(attn.to_add_out(torch.cat(head_t, -1)))
+            return torch.stack(outs), torch.stack(texts)
+
+    for index in blocks:
+        block = ref.transformer_blocks[index]
+        processor = Processor(block.attn.processor)
+        block.attn.set_processor(processor)
+
+        def hook(module, args, kwargs, processor=processor):
+            processor.block_input = kwargs["hidden_states"]
+
+        block.register_forward_pre_hook(hook, with_kwargs=True)
+
+    def call(*, hidden_states, timestep, img_shapes, **kwargs):
+        run.grids, run.p = tuple(tuple(s) for s in img_shapes[0]), 1 - float(timestep.reshape(-1)[0])
+        run.batch, run.call, run.groups = hidden_states.shape[0], run.call + 1, {}
+        kwargs = {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in kwargs.items()}
+        with torch.no_grad():
+            return ref(
+                hidden_states=hidden_states.double(), timestep=timestep.double(), img_shapes=img_shapes, **kwargs
             ).sample
 
     return call
