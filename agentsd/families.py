@@ -310,7 +310,8 @@ def flow_progress(sigma: float, shift: float, stretch: float = 1.0) -> float:
     step that lies on a phase's end in exact arithmetic (step 20 of 50 at 0.4) is not pushed before it by float
     rounding."""
     sigma = min(max(float(sigma), 0.0), 1.0)
-    sigma = 1.0 - stretch * (1.0 - sigma)
+    if stretch != 1.0:
+        sigma = 1.0 - stretch * (1.0 - sigma)
     return round(1.0 - sigma / (shift - (shift - 1.0) * sigma), 4)
 
 
