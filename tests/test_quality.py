@@ -202,3 +202,22 @@ def test_reference_folder_gives_fid_for_every_method(single, tmp_path):
     results = json.loads((out / "quality.json").read_text())["metrics"]
     assert results["reference"] == str(reference)
     assert all(math.isfinite(row["fid"]) for row in results["methods"].values())
+
+
+def test_lean_no_late_is_lean_agent_phase_then_vanilla(tmp_path):
+    """lean-no-late (the UNet default's agent phase alone) runs lean's agents while p < 0.4 and leaves every block
+    alone after: its images differ from vanilla's and from lean's."""
+    from agentsd.bench.quality import apply_kwargs
+    from agentsd.schedule import PRESETS
+
+    schedule = apply_kwargs("lean-no-late")["schedule"]
+    assert set(schedule) == set(PRESETS["lean"])
+    for level, (early, late) in schedule.items():
+        assert early == PRESETS["lean"][level][0] and late.end == 1.0 and not late.merges
+    out = tmp_path / "phases"
+    methods = ["none", "lean", "lean-no-late"]
+    args = ["bench", "quality", *FAST, "--num", "2", "--steps", "4", "--methods", *methods, "--out", str(out)]
+    assert main(args) == 0
+    images = {m: (out / "images" / m / "00000.png").read_bytes() for m in methods}
+    acts = json.loads((MODEL_DIR / "unet" / "config.json").read_text())["sample_size"] ** 2 >= 1024
+    assert acts and len(set(images.values())) == 3

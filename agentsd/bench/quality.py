@@ -55,6 +55,10 @@ METHODS = {
     "flux-all-blocks": {"schedule": "flux", "blocks": "all"},
     "flux-whole-run": {"schedule": (dataclasses.replace(PRESETS["flux"][0], end=1.0),)},
     "flux-no-late": {"schedule": (PRESETS["flux"][0], Phase(end=1.0, ratio=0.0))},
+    # the UNet default's agent phase alone (lean's first 40%, then vanilla): what flux-no-late is to flux
+    "lean-no-late": {
+        "schedule": {level: (phases[0], Phase(end=1.0, ratio=0.0)) for level, phases in PRESETS["lean"].items()}
+    },
 }
 DEFAULT_METHODS = ["none", "tome", "agent"]
 
