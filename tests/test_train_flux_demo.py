@@ -72,6 +72,10 @@ def test_ablation_methods_patch_what_they_say(trained):
         assert len(pipe.transformer._agentsd_patch.blocks) == patched
     agentsd.apply(pipe, **apply_kwargs("flux-no-late", force=True))
     assert [p.merges for p in agentsd.state_of(pipe.transformer).bands[0]] == [True, False]
+    agentsd.apply(pipe, **apply_kwargs("flux-agents-2x2", force=True))
+    early, late = agentsd.state_of(pipe.transformer).bands[0]
+    assert (early.end, early.sy, early.sx, early.agents) == (0.4, 2, 2, "pooled")
+    assert (late.sy, late.sx, late.ratio) == (2, 2, 0.75)
     agentsd.apply(pipe, **apply_kwargs("flux-whole-run", force=True))
     assert [p.end for p in agentsd.state_of(pipe.transformer).bands[0]] == [1.0]
     assert all(p.min_tokens == 0 for p in agentsd.state_of(pipe.transformer).bands[0])
