@@ -76,6 +76,8 @@ def test_ablation_methods_patch_what_they_say(trained):
     early, late = agentsd.state_of(pipe.transformer).bands[0]
     assert (early.end, early.sy, early.sx, early.agents) == (0.4, 2, 2, "pooled")
     assert (late.sy, late.sx, late.ratio) == (2, 2, 0.75)
+    agentsd.apply(pipe, **apply_kwargs("flux-plain-broadcast", force=True))
+    assert (agentsd.state_of(pipe.transformer).k_scale2, agentsd.state_of(pipe.transformer).k_shortcut) == (1.0, 0.0)
     agentsd.apply(pipe, **apply_kwargs("flux-whole-run", force=True))
     assert [p.end for p in agentsd.state_of(pipe.transformer).bands[0]] == [1.0]
     assert all(p.min_tokens == 0 for p in agentsd.state_of(pipe.transformer).bands[0])

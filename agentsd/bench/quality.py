@@ -58,6 +58,9 @@ METHODS = {
     # flux with one agent per 2x2 window instead of 4x4: four times the agents (64 at the proving ground's 256 tokens,
     # as many as the UNet proving ground's top level gets from lean)
     "flux-agents-2x2": {"schedule": (dataclasses.replace(PRESETS["flux"][0], sx=2, sy=2), PRESETS["flux"][1])},
+    # flux with Agent Attention's plain broadcast (the model's softmax scale, no V shortcut) instead of AgentSD's
+    # (scale^0.3, 0.075 V)
+    "flux-plain-broadcast": {"schedule": "flux", "k_scale2": 1.0, "k_shortcut": 0.0},
     # the UNet default's agent phase alone (lean's first 40%, then vanilla): what flux-no-late is to flux
     "lean-no-late": {
         "schedule": {level: (phases[0], Phase(end=1.0, ratio=0.0)) for level, phases in PRESETS["lean"].items()}
