@@ -53,3 +53,17 @@ def test_a_size_re_measured_at_another_commit_takes_its_row(tmp_path):
         "| SD 3.5 medium | 1024² | CPU, 1 thread | transformer forwards | 1.40× (sd3) | – | – | bbbb |",
         "| SD 3.5 medium | 2048² | CPU, 2 cores | transformer forwards | 1.98× (sd3) | – | – | aaaa |",
     ]
+
+
+def test_quality_table_gives_intervals_and_a_dash_where_no_time_was_kept(tmp_path):
+    """Caption accuracy carries its 95% interval (1.96·sqrt(p(1-p)/n)); a method whose images were made by runs that
+    kept no timing shows – for s/image, not a crash."""
+    folder = tmp_path / "benchmarks" / "results" / "quality_demo_flux"
+    folder.mkdir(parents=True)
+    row = {"images": 500, "fid": 170.8, "kid": 111.4, "kid_std": 32.0, "caption_accuracy": 0.5}
+    methods = {"none": {**row, "seconds_per_image": None}, "flux": {**row, "seconds_per_image": 2.5, "psnr_vs_none": 24.6}}
+    results = {"num": 500, "steps": 25, "guidance": 3.0, "commit": "abcd", "metrics": {"methods": methods}}
+    (folder / "quality.json").write_text(json.dumps(results))
+    lines = report.quality_demo_flux(tmp_path).splitlines()
+    assert "| none | 50.0% ± 4.4 | – | 170.8 | 111 ± 32 | – | – | – |" in lines
+    assert "| flux | 50.0% ± 4.4 | – | 170.8 | 111 ± 32 | 24.6 dB | – | 2.50 |" in lines
