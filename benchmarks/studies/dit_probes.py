@@ -1,0 +1,76 @@
+"""Where does the Flux preset's distance from vanilla on the DiT proving ground come from?
+
+Probes on the miniature Flux.1 (``--model demo-flux``), each a method for ``agentsd bench quality`` beside those
+it ships (``flux``, ``flux-no-late``, ``flux-agents-2x2``, ``flux-plain-broadcast``):
+
+- ``flux-late-only``: no agents at all, the preset's merged keys and values (2×2 windows) for the whole run: how far
+  the ToMe-style path alone moves the images;
+- ``flux-text-exact``: the preset with every image query reading the agents and the text keys in one softmax
+  (``softmax([Q_X Aᵀ s^k_scale2; Q_X K_Tᵀ s]) [V_A; V_T]``) instead of the agents alone: whether the
+  image-from-text route through the agents is what costs.
+
+Run from the repository root with vanilla's images linked in, e.g. for the first 100 one-object captions::
+
+    mkdir -p runs/probe/images && ln -s "$PWD/benchmarks/results/quality_demo_flux/images/none" runs/probe/images/none
+    python benchmarks/studies/dit_probes.py --model demo-flux --prompts demo:1 --num 100 --force \\
+        --methods none flux-late-only --out runs/probe
+
+The arguments are ``agentsd bench quality``'s. Answers: ``benchmarks/results/quality_demo_flux_probes/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import agentsd.families
+from agentsd.bench import quality
+from agentsd.dit import _heads_mean, agent_attention
+from agentsd.schedule import PRESETS
+
+PROBES = {
+    "flux-late-only": {"schedule": (dataclasses.replace(PRESETS["flux"][1], end=1.0),)},
+    "flux-text-exact": {"schedule": "flux"},
+}
+
+
+def text_exact_attention(query, key, value, layout, *, agents=None, keys_of=None, scale=None, k_scale2=0.3,
+                         k_shortcut=0.075, upcast=False, text_mask=None):  # fmt: skip
+    """:func:`agentsd.dit.agent_attention` with the image queries reading ``[agents; text keys]`` in one softmax."""
+    if agents is None or layout.text == 0 or text_mask is not None or upcast:
+        return agent_attention(
+            query, key, value, layout, agents=agents, keys_of=keys_of, scale=scale, k_scale2=k_scale2,
+            k_shortcut=k_shortcut, upcast=upcast, text_mask=text_mask,
+        )  # fmt: skip
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    (q_image, q_text), (_, k_text), (v_image, v_text) = (layout.split(t) for t in (query, key, value))
+    agent = _heads_mean(agents, q_image).transpose(1, 2)  # (B, H, n, D)
+    n = agent.shape[2]
+    gathered = F.scaled_dot_product_attention(
+        torch.cat([agent, q_text.transpose(1, 2)], dim=2), key.transpose(1, 2), value.transpose(1, 2), scale=scale
+    )
+    agent_value, out_text = gathered[:, :, :n], gathered[:, :, n:]
+    q = q_image.transpose(1, 2)
+    logits = torch.cat([q @ agent.transpose(-1, -2) * scale**k_scale2, q @ k_text.permute(0, 2, 3, 1) * scale], dim=-1)
+    out_image = logits.softmax(-1) @ torch.cat([agent_value, v_text.transpose(1, 2)], dim=2)
+    out_image = out_image.transpose(1, 2) + k_shortcut * v_image
+    return layout.join(out_image, out_text.transpose(1, 2)).to(query.dtype)
+
+
+def main(argv: list[str]) -> int:
+    from agentsd.cli import main as cli
+
+    quality.METHODS.update(PROBES)
+    methods = argv[argv.index("--methods") + 1 :] if "--methods" in argv else []
+    if "flux-text-exact" in methods:
+        if any(m in methods for m in ("flux", "flux-merged", "flux-no-late", "flux-agents-2x2")):
+            raise SystemExit("flux-text-exact replaces agent_attention for the whole run: give it its own run")
+        agentsd.families.agent_attention = text_exact_attention
+    return cli(["bench", "quality", *argv])
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
