@@ -7,6 +7,7 @@ import torch
 from conftest import load_script
 from reference import softmax_attention
 
+from agentsd.bench.quality import METHODS
 from agentsd.dit import Layout, Window, pool
 from agentsd.schedule import resolve_schedule
 
@@ -19,7 +20,7 @@ def test_probes_are_schedules_and_results_come_from_them():
         resolve_schedule(kwargs["schedule"])
     for path in (ROOT / "benchmarks/results/quality_demo_flux_probes").glob("*/quality.json"):
         methods = set(json.loads(path.read_text())["metrics"]["methods"]) - {"none"}
-        assert methods <= set(probes) | {"flux-agents-2x2", "flux-plain-broadcast", "flux"}, path
+        assert methods <= set(probes) | set(METHODS), path
 
 
 def test_text_exact_broadcast_equals_its_formula():
