@@ -133,6 +133,11 @@ class _AgentProcessor:
             return None  # as many groups as half the tokens: plain attention is what runs
         return phase
 
+    def _on_grid(self, hidden_states: torch.Tensor, metric: torch.Tensor | None) -> bool:
+        """The call's tokens and the block's input (the matching metric) are the grids' image tokens, no more."""
+        image = self.state.image_tokens
+        return hidden_states.shape[1] == image and metric is not None and metric.shape[1] == image
+
     def _attend(self, query, key, value, layout: Layout, phase: Phase, metric, text_mask=None) -> torch.Tensor:
         state = self.state
         win = window(phase)
@@ -227,8 +232,7 @@ class WanAgentProcessor(_AgentProcessor):
         phase = None
         if encoder_hidden_states is None and attention_mask is None and attn.add_k_proj is None:
             phase = self._phase(hidden_states)
-        image = self.state.image_tokens
-        if phase is not None and (hidden_states.shape[1] != image or metric is None or metric.shape[1] != image):
+        if phase is not None and not self._on_grid(hidden_states, metric):
             phase = None
         if phase is None:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
@@ -258,8 +262,7 @@ class QwenAgentProcessor(_AgentProcessor):
         phase = None
         if encoder_hidden_states is not None and attention_mask is None:
             phase = self._phase(hidden_states)
-        image = self.state.image_tokens
-        if phase is not None and (hidden_states.shape[1] != image or metric is None or metric.shape[1] != image):
+        if phase is not None and not self._on_grid(hidden_states, metric):
             phase = None
         if phase is None:
             return self.original(

@@ -127,6 +127,19 @@ def _split_heads(t, heads):
     return t.reshape(t.shape[0], heads, -1).transpose(0, 1)  # (heads, S, d)
 
 
+def _install(all_blocks, blocks, Processor):
+    """A ``Processor`` around the ``attn`` of each chosen block, handed the block's input as its matching metric."""
+    for index in blocks:
+        block = all_blocks[index]
+        processor = Processor(block.attn.processor)
+        block.attn.set_processor(processor)
+
+        def hook(module, args, kwargs, processor=processor):
+            processor.block_input = kwargs["hidden_states"]
+
+        block.register_forward_pre_hook(hook, with_kwargs=True)
+
+
 def reference_flux(transformer, phases, blocks, *, k_scale2=0.3, k_shortcut=0.075, seed=None):
     """A float64 copy of a Flux transformer whose ``blocks`` (double-stream first, then single-stream) follow §11 with
     ``p = 1 - σ`` (a bare transformer: no time shift); ``ref(**forward kwargs)`` returns its output."""
@@ -192,16 +205,7 @@ def reference_flux(transformer, phases, blocks, *, k_scale2=0.3, k_shortcut=0.07
                 return torch.stack(outs), torch.stack(texts)
             return torch.stack(outs)
 
-    all_blocks = [*ref.transformer_blocks, *ref.single_transformer_blocks]
-    for index in blocks:
-        block = all_blocks[index]
-        processor = Processor(block.attn.processor)
-        block.attn.set_processor(processor)
-
-        def hook(module, args, kwargs, processor=processor):
-            processor.block_input = kwargs["hidden_states"]
-
-        block.register_forward_pre_hook(hook, with_kwargs=True)
+    _install([*ref.transformer_blocks, *ref.single_transformer_blocks], blocks, Processor)
 
     def call(*, hidden_states, timestep, img_ids, **kwargs):
         ids = img_ids.long()
@@ -359,15 +363,7 @@ def reference_qwen(transformer, phases, blocks, *, k_scale2=0.3, k_shortcut=0.07
                 texts.append(attn.to_add_out(torch.cat(head_t, -1)))
             return torch.stack(outs), torch.stack(texts)
 
-    for index in blocks:
-        block = ref.transformer_blocks[index]
-        processor = Processor(block.attn.processor)
-        block.attn.set_processor(processor)
-
-        def hook(module, args, kwargs, processor=processor):
-            processor.block_input = kwargs["hidden_states"]
-
-        block.register_forward_pre_hook(hook, with_kwargs=True)
+    _install(ref.transformer_blocks, blocks, Processor)
 
     def call(*, hidden_states, timestep, img_shapes, **kwargs):
         run.grids, run.p = tuple(tuple(s) for s in img_shapes[0]), 1 - float(timestep.reshape(-1)[0])

@@ -184,15 +184,15 @@ def test_wan_pipelines_act_and_remove_restores_vanilla_bit_for_bit(tmp_path, cls
     assert torch.equal(generate(pipe), vanilla)
 
 
-def _phases_per_step(pipe, steps, size=32):
-    """The phase index of every transformer call of a run at the pipeline's defaults (scheduler, shift)."""
+def _phases_per_step(pipe, steps, run=None):
+    """The phase index of every transformer call of a run at the pipeline's defaults (scheduler, shift); ``run``
+    generates (this module's ``generate`` if ``None``)."""
     seen = []
-    transformer = pipe.transformer
-    handle = transformer.register_forward_hook(
+    handle = pipe.transformer.register_forward_hook(
         lambda module, args, output: seen.append(int(agentsd.state_of(module).phase.end > 0.5))
     )
     try:
-        generate(pipe, steps=steps, output_type="latent")
+        (run or generate)(pipe, steps=steps, output_type="latent")
     finally:
         handle.remove()
     return seen

@@ -15,6 +15,7 @@ from diffusers import (
 from PIL import Image
 from reference_dit import reference_qwen
 from test_dit import phases
+from test_dit_pipelines import _phases_per_step
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 import agentsd
@@ -168,18 +169,6 @@ def test_default_preset_and_what_it_leaves_alone(tmp_path):
         agentsd.apply(pipe)
 
 
-def _phases_per_step(pipe, steps):
-    seen = []
-    handle = pipe.transformer.register_forward_hook(
-        lambda module, args, output: seen.append(int(agentsd.state_of(module).phase.end > 0.5))
-    )
-    try:
-        generate(pipe, steps=steps, output_type="latent")
-    finally:
-        handle.remove()
-    return seen
-
-
 @pytest.mark.parametrize("steps,switch", [(50, 20), (28, 12), (8, 4)])
 def test_phases_switch_where_the_docs_say(tmp_path, steps, switch):
     """Qwen-Image's scheduler shifts the noise levels by the image size and stretches them so the last lands on
@@ -187,7 +176,7 @@ def test_phases_switch_where_the_docs_say(tmp_path, steps, switch):
     would move the switch one step early)."""
     pipe = qwen_pipeline(tmp_path)
     agentsd.apply(pipe, QWEN_PHASES, blocks=range(3), seed=0)
-    assert _phases_per_step(pipe, steps) == [0] * switch + [1] * (steps - switch)
+    assert _phases_per_step(pipe, steps, generate) == [0] * switch + [1] * (steps - switch)
 
 
 def test_the_controlnet_is_patched_too():
