@@ -86,6 +86,8 @@ DEFAULTS = dict(
     ema=0.999,
     uncond_prob=0.1,
     spent_s=0.0,  # time spent by earlier invocations (the budget counts over all of them)
+    image_size=128,  # 128² -> 256 image tokens, 256² -> 1,024
+    init=None,  # a compact checkpoint the transformer and T5 start from (a resolution curriculum's next stage)
 )
 _T5_SEEDS = 5_000_000
 
@@ -107,7 +109,10 @@ def build_cache(run: demo.Run, vae: AutoencoderKL, tokenizer) -> tuple[torch.Ten
         with torch.no_grad():
             for k in range(math.ceil(n / chunk)):
                 batch = data.sample(
-                    min(chunk, n - k * chunk), seed=demo._data_seed(run, demo._CACHE_SEEDS + k), num_objects=None
+                    min(chunk, n - k * chunk),
+                    seed=demo._data_seed(run, demo._CACHE_SEEDS + k),
+                    num_objects=None,
+                    size=run.config["image_size"],
                 )
                 latents.append(vae.encode(demo._to_unit(batch.images)).latent_dist.mean)
                 ids.append(demo._token_ids(tokenizer, batch.captions))
@@ -280,11 +285,24 @@ def main(argv: list[str] | None = None) -> None:
         "--keep", type=Path, help="write a compact checkpoint (config, log, T5 and EMA weights in fp16) here, and stop"
     )
     parser.add_argument("--resume", type=Path, help="start the run folder from a compact checkpoint (--keep's)")
+    parser.add_argument(
+        "--init",
+        type=Path,
+        help="start a new run folder's transformer (step 0, fresh optimizer and budget) and T5 from a compact "
+        "checkpoint: the next stage of a resolution curriculum (with --set image_size=256)",
+    )
     args = parser.parse_args(argv)
+    if args.resume is not None and args.init is not None:
+        parser.error("--resume continues a run, --init starts a new stage from one: give one of them")
     if args.resume is not None:
         _unpack(args.resume, args.run)
     torch.set_num_threads(args.threads)
     overrides = {**dict(args.set), "minutes": args.minutes, "dit_steps": args.dit_steps}
+    if args.init is not None:
+        if (args.run / "config.json").exists():
+            raise SystemExit(f"--init: {args.run} exists already; it resumes by itself")
+        overrides["init"] = str(args.init)
+        _unpack(args.init, args.run, new_stage=True)
     run = demo.Run(args.run, overrides, args.out, defaults=DEFAULTS)
     run.spent_before = run.config["spent_s"]
     tokenizer = demo.make_tokenizer()
@@ -331,14 +349,16 @@ def _pack(run: demo.Run, folder: Path) -> None:
     run.log("keep", saved["step"], folder=str(folder))
 
 
-def _unpack(folder: Path, run_folder: Path) -> None:
+def _unpack(folder: Path, run_folder: Path, new_stage: bool = False) -> None:
     """Make a run folder from :func:`_pack`'s checkpoint: the transformer restarts from its EMA weights (and a fresh
-    optimizer), the T5 as trained; the latent cache is made again (seeded: the same latents)."""
+    optimizer), the T5 as trained; the latent cache is made again (seeded: the same latents). A ``new_stage`` keeps
+    neither the config nor the log and starts the transformer at step 0 with a fresh EMA."""
     if (run_folder / "config.json").exists():
         raise SystemExit(f"--resume: {run_folder} exists already; it resumes by itself")
-    run_folder.mkdir(parents=True)
-    for name in ("config.json", "log.jsonl"):
-        shutil.copyfile(folder / name, run_folder / name)
+    run_folder.mkdir(parents=True, exist_ok=new_stage)
+    if not new_stage:
+        for name in ("config.json", "log.jsonl"):
+            shutil.copyfile(folder / name, run_folder / name)
     half = torch.load(folder / "checkpoint.pt", weights_only=False)
     model = FluxTransformer2DModel(**FLUX_CONFIG)
     with torch.no_grad():
@@ -346,8 +366,8 @@ def _unpack(folder: Path, run_folder: Path) -> None:
             p.copy_(s.float())
     opt = torch.optim.AdamW(model.parameters())
     shadow = [p.detach().clone() for p in model.parameters()]
-    ema = {"shadow": shadow, "updates": half["updates"]}
-    torch.save({"step": half["step"], "transformer": model.state_dict(), "opt": opt.state_dict(), "ema": ema},
+    ema = {"shadow": shadow, "updates": 0 if new_stage else half["updates"]}
+    torch.save({"step": 0 if new_stage else half["step"], "transformer": model.state_dict(), "opt": opt.state_dict(), "ema": ema},
                run_folder / "dit.pt")  # fmt: skip
     t5 = T5EncoderModel(T5Config(**T5_CONFIG))
     t5.load_state_dict({k: v.float() for k, v in half["t5"].items()})

@@ -60,7 +60,6 @@ POSITIONS = {  # centre (x, y), and the words that place it
 _PAIRS = (("left", "right"), ("right", "left"), ("top", "bottom"), ("bottom", "top"))
 _SPLITS = {"train": 0, "test": 1}
 _JITTER = 3  # max shift of an object's centre
-_UNIT = IMAGE_SIZE / 64  # pixels per geometry unit
 _SUPERSAMPLE = 4  # anti-aliasing factor
 
 
@@ -174,9 +173,10 @@ def _mask(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def render(scene: Scene, rng: np.random.Generator) -> np.ndarray:
-    """Draw ``scene`` as uint8 ``(3, IMAGE_SIZE, IMAGE_SIZE)``; ``rng`` supplies the background, jitter and tints."""
-    s = IMAGE_SIZE
+def render(scene: Scene, rng: np.random.Generator, size: int = IMAGE_SIZE) -> np.ndarray:
+    """Draw ``scene`` as uint8 ``(3, size, size)``; ``rng`` supplies the background, jitter and tints (the same draws
+    at every size, so one seed gives one scene at any resolution)."""
+    s, unit = size, size / 64  # pixels, pixels per geometry unit
     canvas = np.empty((s, s, 3), np.float32)
     tones = rng.uniform(25, 115, size=2)
     canvas[:] = tones[0]
@@ -187,8 +187,8 @@ def render(scene: Scene, rng: np.random.Generator) -> np.ndarray:
         canvas[:, s // 2 :] = tones[1]
     for obj in scene.objects:
         (cx, cy), _ = POSITIONS[obj.position]
-        cx, cy = (np.array([cx, cy]) + rng.uniform(-_JITTER, _JITTER, size=2)) * _UNIT
-        r = SIZES[obj.size] * rng.uniform(0.92, 1.08) * _UNIT
+        cx, cy = (np.array([cx, cy]) + rng.uniform(-_JITTER, _JITTER, size=2)) * unit
+        r = SIZES[obj.size] * rng.uniform(0.92, 1.08) * unit
         colour = np.clip(np.array(COLOURS[obj.colour]) + rng.uniform(-12, 12, size=3), 0, 255)
         # Anti-aliased coverage, supersampled over the object's bounding box only (keeps rendering cheap).
         half = 1.25 * r + 1
@@ -202,11 +202,9 @@ def render(scene: Scene, rng: np.random.Generator) -> np.ndarray:
     return np.round(canvas).astype(np.uint8).transpose(2, 0, 1)
 
 
-def sample(n: int, seed: int = 0, num_objects: int | None = 1, split: str = "train") -> Batch:
-    """``n`` images with captions and scenes from the ``(split, seed)`` stream (same seed, same batch)."""
+def sample(n: int, seed: int = 0, num_objects: int | None = 1, split: str = "train", size: int = IMAGE_SIZE) -> Batch:
+    """``n`` images of ``size``² with captions and scenes from the ``(split, seed)`` stream (same seed, same batch)."""
     rng = _rng(seed, split)
     drawn = [_draw_scene(rng, k) for k in _counts(rng, n, num_objects)]
-    images = (
-        np.stack([render(sc, rng) for sc in drawn]) if drawn else np.zeros((0, 3, IMAGE_SIZE, IMAGE_SIZE), np.uint8)
-    )
+    images = np.stack([render(sc, rng, size) for sc in drawn]) if drawn else np.zeros((0, 3, size, size), np.uint8)
     return Batch(torch.from_numpy(images), [sc.caption for sc in drawn], drawn)
