@@ -21,6 +21,7 @@ to no pooled window, and join their most similar dst in a ToMe group.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 
 from .merge import Groups, _hash32, assign
 
-__all__ = ["Layout", "Window", "agent_attention", "dst_positions", "pool", "random_offsets", "window_of"]
+__all__ = ["Layout", "Pooled", "Window", "agent_attention", "dst_positions", "pool", "random_offsets", "sdpa_lse", "window_of"]
 
 
 class Window(NamedTuple):
@@ -61,14 +62,14 @@ class Layout(NamedTuple):
     def image(self) -> int:
         return self.image_tokens or sum(f * h * w for f, h, w in self.grids)
 
-    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(image, text)`` parts of ``x`` along dim 1."""
+    def split(self, x: torch.Tensor, dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(image, text)`` parts of ``x`` along ``dim`` (the sequence's)."""
         if self.text_first:
-            return x[:, self.text :], x[:, : self.text]
-        return x[:, : self.image], x[:, self.image :]
+            return x.narrow(dim, self.text, x.shape[dim] - self.text), x.narrow(dim, 0, self.text)
+        return x.narrow(dim, 0, self.image), x.narrow(dim, self.image, x.shape[dim] - self.image)
 
-    def join(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        return torch.cat([text, image] if self.text_first else [image, text], dim=1)
+    def join(self, image: torch.Tensor, text: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        return torch.cat([text, image] if self.text_first else [image, text], dim=dim)
 
 
 def window_of(grid: tuple[int, int, int], window: Window) -> Window:
@@ -154,14 +155,168 @@ def _heads_mean(groups: Callable, x: torch.Tensor) -> torch.Tensor:
     return groups(x.reshape(B, N, H * D)).view(B, -1, H, D)
 
 
-def _key_mask(layout: Layout, text_mask: torch.Tensor | None, image: int) -> torch.Tensor | None:
-    """SDPA's boolean mask ``(B, 1, 1, keys)`` over ``image`` image keys and the layout's text keys, or ``None``."""
+def _key_mask(
+    layout: Layout, text_mask: torch.Tensor | None, image: int, image_bias: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """SDPA's mask ``(B, 1, 1, keys)`` over ``image`` image keys and the layout's text keys: ``None`` (every key
+    alike), boolean (``text_mask``'s keys only) or, with ``image_bias`` (``(B, image)``, added to the image keys'
+    logits), float with ``-inf`` at the masked text keys."""
+    if image_bias is None:
+        if text_mask is None:
+            return None
+        text_mask = text_mask.to(torch.bool)
+        image_mask = text_mask.new_ones(text_mask.shape[0], image)
+        mask = torch.cat([text_mask, image_mask] if layout.text_first else [image_mask, text_mask], dim=1)
+        return mask[:, None, None, :]
+    B = image_bias.shape[0]
     if text_mask is None:
-        return None
-    text_mask = text_mask.to(torch.bool)
-    image_mask = text_mask.new_ones(text_mask.shape[0], image)
-    mask = torch.cat([text_mask, image_mask] if layout.text_first else [image_mask, text_mask], dim=1)
-    return mask[:, None, None, :]
+        text_bias = image_bias.new_zeros(B, layout.text)
+    else:
+        text_bias = torch.zeros_like(text_mask, dtype=image_bias.dtype).masked_fill(~text_mask.to(torch.bool), -math.inf)
+    bias = torch.cat([text_bias, image_bias] if layout.text_first else [image_bias, text_bias], dim=1)
+    return bias[:, None, None, :]
+
+
+class Pooled:
+    """The groups of pooled agents: every whole window of each grid (tokens of a ragged border in none)."""
+
+    def __init__(self, grids, window: Window, device=None):
+        self.grids, self.window, self.device = grids, window, device
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return pool(x, self.grids, self.window)
+
+    def sizes(self) -> torch.Tensor:
+        """How many tokens each window holds: ``(1, n)`` float32."""
+        counts = []
+        for grid in self.grids:
+            st, sy, sx = window_of(grid, self.window)
+            counts.append(torch.full((num_windows((grid,), self.window),), float(st * sy * sx), device=self.device))
+        return torch.cat(counts)[None]
+
+    def uniform(self) -> bool:
+        """Whether every window holds as many tokens (then a bias of their size cancels in a softmax over them)."""
+        return len({math.prod(window_of(g, self.window)) for g in self.grids}) == 1
+
+
+class _Partition(NamedTuple):
+    """The image tokens cut into the whole windows of each grid, and the tokens in none."""
+
+    parts: tuple[torch.Tensor, ...]  # per grid: (windows, tokens of a window) positions, windows in pool's order
+    ragged: torch.Tensor  # (R,) positions of the tokens in no whole window
+    inverse: torch.Tensor  # (N,) where each token lies in the parts' flattened positions followed by the ragged ones
+    window: torch.Tensor  # (N,) the window of each token (counted over every grid, as pool counts them); -1: none
+
+
+_PARTITIONS: dict[tuple, _Partition] = {}
+
+
+def _partition(grids, window: Window, device) -> _Partition:
+    cached = _PARTITIONS.get((grids, window, str(device)))
+    if cached is not None:
+        return cached
+    parts, ragged, start, count = [], [], 0, 0
+    owner = torch.full((sum(f * h * w for f, h, w in grids),), -1, dtype=torch.long)
+    for grid in grids:
+        f, h, w = grid
+        st, sy, sx = window_of(grid, window)
+        cube = torch.arange(start, start + f * h * w).view(f, h, w)
+        inside = torch.zeros(f, h, w, dtype=torch.bool)
+        inside[: f // st * st, : h // sy * sy, : w // sx * sx] = True
+        whole = cube[: f // st * st, : h // sy * sy, : w // sx * sx]
+        whole = whole.reshape(f // st, st, h // sy, sy, w // sx, sx).permute(0, 2, 4, 1, 3, 5)
+        whole = whole.reshape(-1, st * sy * sx)
+        owner[whole] = torch.arange(count, count + whole.shape[0])[:, None]
+        parts.append(whole)
+        ragged.append(cube[~inside])
+        start, count = start + f * h * w, count + whole.shape[0]
+    ragged = torch.cat(ragged)
+    order = torch.cat([*(part.flatten() for part in parts), ragged])
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel())
+    result = _Partition(
+        tuple(part.to(device) for part in parts), ragged.to(device), inverse.to(device), owner.to(device)
+    )
+    _PARTITIONS[(grids, window, str(device))] = result
+    return result
+
+
+def sdpa_lse(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention of ``(B, H, L, D)`` tensors with its log-sum-exp: ``(out, lse)``, ``lse`` ``(B, H, L)`` in
+    float32 (float64 for float64 inputs). Fused kernels on CPU and CUDA (nothing ``L × S`` materialised); ``mask``: a float bias broadcast to
+    ``(B, H, L, S)`` or ``None``."""
+    if query.device.type == "cpu":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, attn_mask=mask, scale=scale)
+    if query.device.type == "cuda":
+        bias = None
+        if mask is not None:
+            B, H, L, S = *query.shape[:3], key.shape[2]
+            bias = mask.to(query.dtype)
+            if S % 16:  # the kernel reads the bias in rows aligned to 16 elements
+                bias = F.pad(bias, (0, 16 - S % 16))[..., :S]
+            bias = bias.expand(B, H, L, S)
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(query, key, value, bias, True, scale=scale)[:2]
+        return out, lse[..., : query.shape[2]]
+    logits = (query @ key.transpose(-1, -2)).float() * scale  # other devices: the plain formula
+    if mask is not None:
+        logits = logits + mask
+    lse = logits.logsumexp(dim=-1)
+    return ((logits - lse[..., None]).exp().to(value.dtype) @ value), lse
+
+
+def _windowed(q, k, v, part: _Partition, scale: float, bias: torch.Tensor | None = None):
+    """Every image query over the keys of its own window (a token in no whole window: over its own key):
+    ``(out, lse)`` as :func:`sdpa_lse`'s, in the tokens' order. ``q``, ``k``, ``v``: ``(B, H, N, D)``; ``bias``:
+    ``(B, N)`` float added to each key's logit, or ``None``."""
+    B, H, _, D = q.shape
+    outs, lses = [], []
+    for positions in part.parts:
+        windows, size = positions.shape
+        if windows == 0:
+            continue
+        index = positions.flatten()
+
+        def cut(t, index=index, windows=windows, size=size):
+            return t.index_select(2, index).view(B, H, windows, size, D).transpose(1, 2).reshape(-1, H, size, D)
+
+        mask = None if bias is None else bias.index_select(1, index).view(B * windows, 1, 1, size)
+        out, lse = sdpa_lse(cut(q), cut(k), cut(v), mask, scale)
+        outs.append(out.view(B, windows, H, size, D).transpose(1, 2).reshape(B, H, windows * size, D))
+        lses.append(lse.view(B, windows, H, size).transpose(1, 2).reshape(B, H, windows * size))
+    if part.ragged.numel():
+        qr, kr = q.index_select(2, part.ragged), k.index_select(2, part.ragged)
+        work = torch.promote_types(q.dtype, torch.float32)
+        lse = (qr.to(work) * kr.to(work)).sum(-1) * scale
+        lses.append(lse if bias is None else lse + bias.index_select(1, part.ragged)[:, None])
+        outs.append(v.index_select(2, part.ragged))
+    out, lse = torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+    return out.index_select(2, part.inverse), lse.index_select(2, part.inverse)
+
+
+def _combine(far, near, dup=None) -> torch.Tensor:
+    """Merge softmaxes over disjoint sets of keys by their log-sum-exp, in the log-sum-exp's precision (float32 at
+    least): ``far`` and ``near`` added, ``dup`` (a part of ``far``'s keys) taken out. Each is ``(out (B, H, N, D),
+    lse (B, H, N))``."""
+    (out_far, lse_far), (out_near, lse_near) = far, near
+    work = lse_far.dtype
+    top = torch.maximum(lse_far, lse_near)
+    w_far, w_near = (lse_far - top).exp(), (lse_near - top).exp()
+    num = w_far[..., None] * out_far.to(work) + w_near[..., None] * out_near.to(work)
+    if dup is not None:
+        out_dup, lse_dup = dup
+        w_dup = (lse_dup - top).exp()
+        num = num - w_dup[..., None] * out_dup.to(work)
+        w_far = (w_far - w_dup).clamp_min(0.0)
+    return num / (w_far + w_near)[..., None]
+
+
+def _per_token(x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """Row ``slots[b, i]`` of ``x`` (B×H×n×D) for every token: ``(B, H, N, D)``."""
+    B, H, n, D = x.shape
+    flat = (slots + torch.arange(0, B * n, n, device=slots.device)[:, None]).flatten()
+    return x.transpose(1, 2).reshape(B * n, H * D).index_select(0, flat).view(B, -1, H, D).transpose(1, 2)
 
 
 def agent_attention(
@@ -177,24 +332,34 @@ def agent_attention(
     k_shortcut: float = 0.075,
     upcast: bool = False,
     text_mask: torch.Tensor | None = None,
+    proportional: bool = False,
+    near: Window | None = None,
 ) -> torch.Tensor:
     """Attention of ``(B, S, heads, head_dim)`` queries, keys and values laid out as ``layout``, through agents.
 
     Args:
         agents: averages groups of image tokens (``(B, N, C) -> (B, n, C)``): the agents are its mean of the
-            image queries (:func:`pool` or :func:`tome_groups`, bound to the grids).
+            image queries (:class:`Pooled` or :func:`tome_groups`, bound to the grids).
         keys_of: averages groups of image tokens for the keys and values alone (the late phase: no agents).
             Neither: plain softmax attention of every query over every key.
         scale: the model's softmax scale (``head_dim^-1/2`` if ``None``).
         upcast: compute both softmax products in float32.
         text_mask: ``(B, text)`` bool, the text keys to attend to (Qwen-Image's padded prompts); ``None``: all.
             Only the softmaxes over the keys read it (the agents' gather, the text queries, the late phase).
+        proportional: an agent's or a merged key's logit gains ``log|g|``, ``|g|`` the tokens its group holds
+            (``sizes()`` of ``agents`` or ``keys_of``), so that it weighs like the tokens it stands for.
+        near: the near field's window: each image query attends, in one softmax, over the exact keys of its own
+            window of the grid (its own key where it lies in no whole window) and over the summary of the rest:
+            the agents of the other windows (the image query's scale ``s^k_scale2``, no shortcut) or every merged
+            key less the shares of its window's tokens. The agents' windows must be these windows.
 
     Returns:
         ``(B, S, heads, head_dim)`` in the input's dtype and layout.
     """
     if agents is not None and keys_of is not None:
         raise ValueError("agent_attention takes agents or keys_of, not both")
+    if near is not None and agents is None and keys_of is None:
+        raise ValueError("agent_attention: a near field needs agents or keys_of for the far field")
     dtype = query.dtype
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     if upcast:
@@ -209,13 +374,28 @@ def agent_attention(
     if keys_of is not None:
         k_image, k_text = layout.split(key)
         v_image, v_text = layout.split(value)
-        k_image = _heads_mean(keys_of, k_image)
-        key, value = layout.join(k_image, k_text), layout.join(_heads_mean(keys_of, v_image), v_text)
-        mask = _key_mask(layout, text_mask, k_image.shape[1])
-        out = F.scaled_dot_product_attention(
-            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=mask, scale=scale
-        )
-        return out.transpose(1, 2).to(dtype)
+        k_merged, v_merged = _heads_mean(keys_of, k_image), _heads_mean(keys_of, v_image)
+        sizes = keys_of.sizes() if proportional or near is not None else None
+        bias = sizes.log().to(query.dtype) if proportional else None
+        mask = _key_mask(layout, text_mask, k_merged.shape[1], bias)
+        queries = query.transpose(1, 2)
+        keys = layout.join(k_merged, k_text).transpose(1, 2)
+        values = layout.join(v_merged, v_text).transpose(1, 2)
+        if near is None:
+            out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale)
+            return out.transpose(1, 2).to(dtype)
+        out, lse = sdpa_lse(queries, keys, values, mask, scale)
+        (out_image, out_text), (lse_image, _) = layout.split(out, 2), layout.split(lse, 2)
+        # each token of the query's window stood in its group's key for exp(bias)/|g| of a key: take those out
+        share = -sizes.log() if bias is None else bias - sizes.log()
+        slots = keys_of.slots
+        share = share.gather(1, slots)
+        part = _partition(layout.grids, near, query.device)
+        q_x, k_x, v_x = (t.transpose(1, 2) for t in (q_image, k_image, v_image))
+        k_share, v_share = _per_token(k_merged.transpose(1, 2), slots), _per_token(v_merged.transpose(1, 2), slots)
+        dup = _windowed(q_x, k_share, v_share, part, scale, share)
+        out_image = _combine((out_image, lse_image), _windowed(q_x, k_x, v_x, part, scale), dup)
+        return layout.join(out_image.to(out_text.dtype), out_text, 2).transpose(1, 2).to(dtype)
     agent = _heads_mean(agents, q_image).transpose(1, 2)  # (B, H, n, D)
     keys, values = key.transpose(1, 2), value.transpose(1, 2)
     n = agent.shape[2]
@@ -228,7 +408,24 @@ def agent_attention(
         scale=scale,
     )
     agent_value, out_text = gathered[:, :, :n], gathered[:, :, n:]
-    out_image = F.scaled_dot_product_attention(q_image.transpose(1, 2), agent, agent_value, scale=scale**k_scale2)
-    v_image, _ = layout.split(values.transpose(1, 2))
-    out_image = torch.add(out_image.transpose(1, 2), v_image, alpha=k_shortcut)
-    return layout.join(out_image, out_text.transpose(1, 2)).to(dtype)
+    q_x = q_image.transpose(1, 2)
+    bias = None
+    if proportional and (near is not None or not getattr(agents, "uniform", lambda: False)()):
+        bias = agents.sizes().log().to(query.dtype)  # equal windows without a near field: it would cancel
+    mask = None if bias is None else bias[:, None, None, :]
+    k_x, v_x = layout.split(keys, 2)[0], layout.split(values, 2)[0]
+    if near is None:
+        out_image = F.scaled_dot_product_attention(q_x, agent, agent_value, attn_mask=mask, scale=scale**k_scale2)
+        out_image = torch.add(out_image, v_x, alpha=k_shortcut)
+    else:
+        far = sdpa_lse(q_x, agent, agent_value, mask, scale**k_scale2)
+        part = _partition(layout.grids, near, query.device)
+        own = part.window.clamp(min=0)  # the own window's agent (none for a token in no whole window)
+        work = far[1].dtype
+        lse_own = (q_x.to(work) * agent.index_select(2, own).to(work)).sum(-1) * scale**k_scale2
+        if bias is not None:
+            lse_own = lse_own + bias.to(work).index_select(1, own)[:, None]
+        lse_own = lse_own.masked_fill(part.window < 0, -math.inf)
+        dup = (agent_value.index_select(2, own), lse_own)
+        out_image = _combine(far, _windowed(q_x, k_x, v_x, part, scale), dup).to(out_text.dtype)
+    return layout.join(out_image, out_text, 2).transpose(1, 2).to(dtype)

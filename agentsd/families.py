@@ -23,7 +23,7 @@ import torch
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers import transformer_flux, transformer_qwenimage, transformer_wan
 
-from .dit import Layout, Window, agent_attention, dst_positions, num_windows, pool, random_offsets, tome_groups
+from .dit import Layout, Pooled, Window, agent_attention, dst_positions, num_windows, random_offsets, tome_groups
 from .schedule import Phase, min_tokens_on, phase_at
 
 __all__ = ["DiTState", "FluxAgentProcessor", "QwenAgentProcessor", "WanAgentProcessor", "check_dit_phase"]
@@ -142,7 +142,7 @@ class _AgentProcessor:
         state = self.state
         win = window(phase)
         if phase.agents == "pooled":
-            groups = functools.partial(pool, grids=state.grids, window=win)
+            groups = Pooled(state.grids, win, query.device)
         else:
             groups = state.groups.get(win)
             if groups is None:
@@ -159,6 +159,8 @@ class _AgentProcessor:
             k_shortcut=state.k_shortcut,
             upcast=state.upcast,
             text_mask=text_mask,
+            proportional=phase.proportional,
+            near=win if phase.near else None,
         )
 
 

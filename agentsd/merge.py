@@ -187,8 +187,14 @@ class Groups:
         else:
             self.flat = (slots + torch.arange(0, B * size, size, device=slots.device)[:, None]).flatten()
             self._mass = torch.ones(B * N, device=slots.device) if mass is None else mass.float().flatten()
-            group_mass = torch.zeros(B * size, device=slots.device).index_add_(0, self.flat, self._mass)
-            self._group_mass = group_mass.index_select(0, self.flat)
+            self._sizes = torch.zeros(B * size, device=slots.device).index_add_(0, self.flat, self._mass)
+            self._group_mass = self._sizes.index_select(0, self.flat)
+
+    def sizes(self) -> torch.Tensor:
+        """How many tokens each group holds (their masses' sum where given): ``(B, size)`` float32."""
+        if self.dense:
+            return self._members.sum(dim=-1, dtype=torch.float32)
+        return self._sizes.view(self.shape[0], self.size)
 
     def _weight(self, dtype: torch.dtype) -> torch.Tensor:
         weight = self._weights.get(dtype)

@@ -59,6 +59,12 @@ class Phase:
             of each sx×sy window (Agent Attention's backbones), one op; needs ``tokens="all"`` and no
             ``agent_ratio``. With ``tokens="all"`` merged agents whose ``agent_ratio`` merges every src token
             (``agent_ratio >= 1 - 1/(sx·sy)`` on grids the windows tile) need no ranking either.
+        proportional: proportional attention (ToMe's): the logit of a merged key or of an agent gains ``log|g|``,
+            ``|g|`` the tokens its group holds, so it weighs like them: against the text keys of joint attention,
+            and among groups of unequal size. ``tokens="all"`` only.
+        near: near field exact (DiTs): each image query attends, in one softmax, over the exact keys of its own
+            sx×sy(×st) window and over the rest through the summary: the other windows' agents, or the merged
+            keys less its window's shares. ``tokens="all"`` on DiTs only.
     """
 
     end: float = 1.0
@@ -73,6 +79,8 @@ class Phase:
     tokens: str = "merged"
     agents: str = "merged"
     st: int = 1
+    proportional: bool = False
+    near: bool = False
 
     def __post_init__(self):
         for name in ("sx", "sy", "st", "min_tokens"):
@@ -81,7 +89,7 @@ class Phase:
                 continue
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"Phase.{name} must be an int, got {type(value).__name__}")
-        for name in ("merge_crossattn", "merge_mlp", "share_matching"):
+        for name in ("merge_crossattn", "merge_mlp", "share_matching", "proportional", "near"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"Phase.{name} must be a bool, got {type(getattr(self, name)).__name__}")
         if self.min_tokens is not None and self.min_tokens < 0:
@@ -110,6 +118,9 @@ class Phase:
                 raise ValueError("Phase(tokens='all') needs agents (agent_ratio) or merged keys and values (ratio > 0)")
             if self.merge_crossattn or self.merge_mlp:
                 raise ValueError("Phase(tokens='all') unmerges nothing: merge_crossattn and merge_mlp must be off")
+        for name in ("proportional", "near"):
+            if getattr(self, name) and self.tokens != "all":
+                raise ValueError(f"Phase({name}=True) needs tokens='all' (the lean path)")
         if self.agents == "pooled":
             if self.tokens != "all":
                 raise ValueError("Phase(agents='pooled') needs tokens='all'")

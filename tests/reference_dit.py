@@ -6,6 +6,7 @@ blocks attend by the formulas; everything else is the model's own.
 
 import copy
 import itertools
+import math
 
 import torch
 from reference import _M32, _hash32, softmax_attention
@@ -74,22 +75,81 @@ def qwen_rotary(x, freqs):
     return out
 
 
-def agent_heads(q_x, k, v, q_t, v_x, groups, *, agents, scale, k_scale2, k_shortcut, text_first=True, text_keys=None):
-    """One head of §11: ``q_x`` (N×d) image queries, ``k``/``v`` every token's keys and values in sequence order,
-    ``q_t`` text queries (M×d), ``v_x`` the image values; ``text_keys``: how many of ``k`` are text keys where a
-    mask left out some (``M`` if ``None``). Returns (image out N×d, text out M×d)."""
-    if agents:
-        a = torch.stack([q_x[g].mean(0) for g in groups])
-        v_a = softmax_attention(a, k, v, scale)
-        out_x = softmax_attention(q_x, a, v_a, scale**k_scale2) + k_shortcut * v_x
-        return out_x, softmax_attention(q_t, k, v, scale)
+def agent_heads(
+    q_x,
+    k,
+    v,
+    q_t,
+    v_x,
+    groups,
+    *,
+    agents,
+    scale,
+    k_scale2,
+    k_shortcut,
+    text_first=True,
+    text_keys=None,
+    proportional=False,
+    near=None,
+):
+    """One head of §11 and §12: ``q_x`` (N×d) image queries, ``k``/``v`` every token's keys and values in sequence
+    order, ``q_t`` text queries (M×d), ``v_x`` the image values; ``text_keys``: how many of ``k`` are text keys where a
+    mask left out some (``M`` if ``None``). ``proportional``: an agent's or merged key's logit gains log|g|. ``near``:
+    the windows (lists of image positions) whose exact keys their own queries attend to, the summary standing for
+    the rest only (an agent for the tokens of its window, window j being agent j's; a merged key for its tokens
+    outside the query's window). Returns (image out N×d, text out M×d)."""
     M = q_t.shape[0] if text_keys is None else text_keys
     N = q_x.shape[0]
     k_t, k_x = (k[:M], k[M:]) if text_first else (k[N:], k[:N])
     v_t, v_x_all = (v[:M], v[M:]) if text_first else (v[N:], v[:N])
-    k2 = torch.cat([k_t, torch.stack([k_x[g].mean(0) for g in groups])])
-    v2 = torch.cat([v_t, torch.stack([v_x_all[g].mean(0) for g in groups])])
-    return softmax_attention(q_x, k2, v2, scale), softmax_attention(q_t, k2, v2, scale)
+    bias = [math.log(len(g)) if proportional else 0.0 for g in groups]
+    window_of = {}
+    for j, win in enumerate(near or []):
+        for p in win:
+            window_of[p] = j
+    if agents:
+        a = torch.stack([q_x[g].mean(0) for g in groups])
+        v_a = softmax_attention(a, k, v, scale)
+        out_t = softmax_attention(q_t, k, v, scale)
+        if near is None:
+            logits = q_x @ a.T * scale**k_scale2 + torch.tensor(bias, dtype=q_x.dtype)
+            return torch.softmax(logits, -1) @ v_a + k_shortcut * v_x, out_t
+        out_x = torch.empty_like(q_x)
+        for i in range(N):
+            own = near[window_of[i]] if i in window_of else [i]
+            others = [j for j in range(len(groups)) if window_of.get(i) != j]
+            logits = [float(q_x[i] @ k_x[m]) * scale for m in own]
+            logits += [float(q_x[i] @ a[j]) * scale**k_scale2 + bias[j] for j in others]
+            values = [v_x_all[m] for m in own] + [v_a[j] for j in others]
+            weights = torch.softmax(torch.tensor(logits, dtype=q_x.dtype), 0)
+            out_x[i] = sum(w * val for w, val in zip(weights, values))
+        return out_x, out_t
+    k_bar = torch.stack([k_x[g].mean(0) for g in groups])
+    v_bar = torch.stack([v_x_all[g].mean(0) for g in groups])
+    k2, v2 = torch.cat([k_t, k_bar]), torch.cat([v_t, v_bar])
+    logits = k2.new_zeros(len(k2))
+    logits[M:] = torch.tensor(bias, dtype=k2.dtype)
+    out_t = torch.softmax(q_t @ k2.T * scale + logits, -1) @ v2
+    if near is None:
+        return torch.softmax(q_x @ k2.T * scale + logits, -1) @ v2, out_t
+    out_x = torch.empty_like(q_x)
+    for i in range(N):
+        own = near[window_of[i]] if i in window_of else [i]
+        logit, values = [], []
+        for m in range(M):
+            logit.append(float(q_x[i] @ k_t[m]) * scale)
+            values.append(v_t[m])
+        for m in own:
+            logit.append(float(q_x[i] @ k_x[m]) * scale)
+            values.append(v_x_all[m])
+        for j, g in enumerate(groups):
+            outside = [m for m in g if m not in own]
+            if outside:  # the merged key weighs for its tokens outside the query's window only
+                logit.append(float(q_x[i] @ k_bar[j]) * scale + bias[j] + math.log(len(outside) / len(g)))
+                values.append(v_bar[j])
+        weights = torch.softmax(torch.tensor(logit, dtype=q_x.dtype), 0)
+        out_x[i] = sum(w * val for w, val in zip(weights, values))
+    return out_x, out_t
 
 
 class _Run:
@@ -110,6 +170,11 @@ class _Run:
         if 2 * len(windows(self.grids, phase.st, phase.sy, phase.sx)) >= n:
             return None
         return phase
+
+    def near_field(self, phase):
+        """agent_heads' §12 options of ``phase``."""
+        near = windows(self.grids, phase.st, phase.sy, phase.sx) if phase.near else None
+        return dict(proportional=phase.proportional, near=near)
 
     def groups_of(self, phase, metric, b):
         win = (phase.st, phase.sy, phase.sx)
@@ -192,6 +257,7 @@ def reference_flux(transformer, phases, blocks, *, k_scale2=0.3, k_shortcut=0.07
                         scale=d**-0.5,
                         k_scale2=k_scale2,
                         k_shortcut=k_shortcut,
+                        **run.near_field(phase),
                     )
                     head_x.append(ox)
                     head_t.append(ot)
@@ -266,6 +332,7 @@ def reference_wan(transformer, phases, blocks, *, k_scale2=0.3, k_shortcut=0.075
                         scale=qi.shape[-1] ** -0.5,
                         k_scale2=k_scale2,
                         k_shortcut=k_shortcut,
+                        **run.near_field(phase),
                     )
                     heads.append(ox)
                 outs.append(attn.to_out[1](attn.to_out[0](torch.cat(heads, -1))))
@@ -355,6 +422,7 @@ def reference_qwen(transformer, phases, blocks, *, k_scale2=0.3, k_shortcut=0.07
                         scale=qx.shape[-1] ** -0.5,
                         k_scale2=k_scale2,
                         k_shortcut=k_shortcut,
+                        **run.near_field(phase),
                         text_keys=len(keep),
                     )
                     head_x.append(ox)
