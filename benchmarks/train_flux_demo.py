@@ -226,6 +226,14 @@ def train_dit(run: demo.Run, clip, t5, latents, ids, empty_ids) -> FluxTransform
     return model, ema
 
 
+def _logged_factors(run: demo.Run) -> dict | None:
+    """The VAE's shift and scale as the cache stage logged them (a run unpacked from a compact checkpoint has no
+    cache, and rebuilding it to export takes minutes), or ``None``."""
+    rows = [json.loads(line) for line in (run.folder / "log.jsonl").read_text().splitlines()]
+    logged = [row for row in rows if row["stage"] == "cache"]
+    return {k: logged[-1][k] for k in ("shift_factor", "scaling_factor")} if logged else None
+
+
 def _spent(run: demo.Run) -> float:
     return run.spent_before + time.time() - run.start
 
@@ -313,7 +321,7 @@ def main(argv: list[str] | None = None) -> None:
         _pack(run, args.keep)
         return
     if args.export:
-        _, _, factors = build_cache(run, vae, tokenizer)
+        factors = _logged_factors(run) or build_cache(run, vae, tokenizer)[2]
         t5 = train_t5(run, tokenizer)
         export(run.model_dir, vae, clip, t5, tokenizer, _ema_model(run), factors)
         run.log("export", torch.load(run.folder / "dit.pt", weights_only=False)["step"], folder=str(run.model_dir))
