@@ -6,7 +6,6 @@ Knows diffusers' attention-processor signature only; the hooks that feed
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -15,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import AttnProcessor2_0
 
+from .dit import Pooled, Window
 from .merge import Groups, Merge, assign, dst_grid, match, merge_rows, random_windows, window_draws
 from .schedule import Phase, min_tokens_on, phase_at
 
@@ -214,6 +214,7 @@ class AgentAttnProcessor:
             k_scale2=config.k_scale2,
             k_shortcut=config.k_shortcut,
             upcast=config.attn_precision == "fp32",
+            proportional=phase.proportional,
         )
 
     def _all_groups(self, hidden_states, metric, h: int, w: int, band: int, phase: Phase):
@@ -221,7 +222,7 @@ class AgentAttnProcessor:
         queries, or ``(None, keys_of)``, one that merges the keys and values."""
         B, N, _ = hidden_states.shape
         if phase.agents == "pooled":
-            return functools.partial(_pool_windows, h=h, w=w, sx=phase.sx, sy=phase.sy), None
+            return Pooled(((1, h, w),), Window(1, phase.sy, phase.sx), hidden_states.device), None
         key = (h, w, band)
         groups = self.state.groups.get(key) if phase.share_matching else None
         if groups is None or groups.shape != (B, N):
@@ -312,14 +313,6 @@ def _num_agents(h: int, w: int, phase: Phase) -> int:
     return h * w - min(int(h * w * phase.agent_ratio), h * w - windows)
 
 
-def _pool_windows(x: torch.Tensor, *, h: int, w: int, sx: int, sy: int) -> torch.Tensor:
-    """The mean of ``x`` (B×h·w×C) over each whole sx×sy window (a ragged border is left out): ``(B, n, C)``."""
-    B, _, C = x.shape
-    hsy, wsx = h // sy, w // sx
-    grid = x.view(B, h, w, C)[:, : hsy * sy, : wsx * sx]
-    return grid.reshape(B, hsy, sy, wsx, sx, C).mean(dim=(2, 4)).reshape(B, hsy * wsx, C)
-
-
 class BlockMerge:
     """The ToMe merge of one block's tokens for its cross-attention and/or feed-forward (``merge_crossattn``,
     ``merge_mlp``).
@@ -387,6 +380,7 @@ def agent_attention(
     k_scale2: float,
     k_shortcut: float,
     upcast: bool = False,
+    proportional: bool = False,
 ) -> torch.Tensor:
     """Self-attention of ``tokens`` through ``attn``'s projections, via agents when given.
 
@@ -398,6 +392,8 @@ def agent_attention(
     (``(B, N, C) -> (B, n, C)``). A function is applied to the projected queries: ``to_q`` is affine, so the
     projection of a mean is the mean of the projections, and no second projection runs. ``keys_of``: such a
     function applied to the keys and values alone (softmax attention of every query over merged tokens).
+    ``proportional``: a merged key's or an agent's logit gains ``log|g|`` (``sizes()`` of ``keys_of`` or ``agents``:
+    the tokens its group holds).
     """
     B, num_tokens, _ = tokens.shape
     query, key, value, agent, split_heads = image_heads(attn, tokens, agents, keys_of)
@@ -408,11 +404,15 @@ def agent_attention(
         agent = None if agent is None else agent.float()
 
     scale = attn.scale
+    groups = agents if agent is not None else keys_of
+    bias = None
+    if proportional and groups is not None and not getattr(groups, "uniform", lambda: False)():
+        bias = groups.sizes().log().to(query.dtype)[:, None, None, :]  # equal windows: it would cancel
     if agent is None:
-        out = F.scaled_dot_product_attention(query, key, value, scale=scale)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=scale)
     else:
         agent_value = F.scaled_dot_product_attention(agent, key, value, scale=scale)
-        out = F.scaled_dot_product_attention(query, agent, agent_value, scale=scale**k_scale2)
+        out = F.scaled_dot_product_attention(query, agent, agent_value, attn_mask=bias, scale=scale**k_scale2)
         out = torch.add(out, value, alpha=k_shortcut)
 
     out = out.to(dtype).transpose(1, 2).reshape(B, num_tokens, heads * head_dim)

@@ -57,6 +57,7 @@ class JointAgentProcessor(AgentAttnProcessor):
             k_scale2=config.k_scale2,
             k_shortcut=config.k_shortcut,
             upcast=config.attn_precision == "fp32",
+            proportional=phase.proportional,
         ).flatten(2, 3)
         out, context = layout.split(out)
         out = attn.to_out[1](attn.to_out[0](out.contiguous()))

@@ -261,6 +261,10 @@ class Merge:
             counts = self._counts[dtype] = counts.view(B, self.size)
         return counts
 
+    def sizes(self) -> torch.Tensor:
+        """How many tokens each row holds: ``(B, size)`` float32 (as :meth:`Groups.sizes`)."""
+        return self.counts(torch.float32)
+
     def coarser(self, rows: torch.Tensor, size: int) -> Groups:
         """The groups of a coarser merge of the same tokens (``rows`` into ``size``, every row of this merge inside
         one of them) as groups of this merge's rows, weighed by the tokens each holds: averaging this merge's

@@ -165,11 +165,16 @@ def apply(
         if max_downsample != "auto":
             raise ValueError("max_downsample is for UNets: an SD 3 transformer has one level; choose blocks= instead")
         plans = [_dit_bands(module, schedule, blocks) for module in denoisers]
+        if any(phase.near for bands, _ in plans for band in bands for phase in band.phases):
+            raise ValueError("the near field (near=True) is not yet on SD 3: Flux, Wan and Qwen-Image take it")
         configs = [AgentConfig(bands=bands, levels=(1,), **settings) for bands, _ in plans]
     else:
         if blocks != "auto":
             raise ValueError("blocks= is for SD 3 transformers; a UNet's schedule picks levels (max_downsample)")
         phases = resolve_schedule(schedule)
+        for phase in (p for group in (phases.values() if isinstance(phases, dict) else [phases]) for p in group):
+            if phase.near:
+                raise ValueError(f"{phase}: the near field (near=True) is for DiTs (Flux, Wan, Qwen-Image)")
         if isinstance(phases, dict) and max_downsample != "auto":
             raise ValueError(
                 "max_downsample applies to a sequence of phases; a {level: phases} schedule (such as the default, "

@@ -22,15 +22,19 @@ def random_windows(h, w, sx, sy, seed, draw):
     return [[_hash32(_hash32(key + i * columns + j)) % (sx * sy) for j in range(columns)] for i in range(h // sy)]
 
 
-def softmax_attention(q, k, v, scale):
+def softmax_attention(q, k, v, scale, bias=None):
+    """``bias``: a number per key added to its logit (proportional attention's log|g|), or ``None``."""
     logits = (q @ k.T) * scale
+    if bias is not None:
+        logits = logits + torch.tensor(bias, dtype=logits.dtype)
     weights = torch.exp(logits - logits.max(dim=-1, keepdim=True).values)
     return (weights / weights.sum(dim=-1, keepdim=True)) @ v
 
 
-def attention(attn, tokens, agents, k_scale2, k_shortcut, kv_tokens=None):
+def attention(attn, tokens, agents, k_scale2, k_shortcut, kv_tokens=None, bias=None):
     """Per-head softmax attention of ``tokens`` (N'×C), through agents when given, then to_out; ``kv_tokens``:
-    the tokens keys and values come from, if not ``tokens``."""
+    the tokens keys and values come from, if not ``tokens``; ``bias``: added to the logit of each agent (with
+    agents) or of each key (without)."""
     kv_tokens = tokens if kv_tokens is None else kv_tokens
     Q, K, V = attn.to_q(tokens), attn.to_k(kv_tokens), attn.to_v(kv_tokens)
     A = None if agents is None else attn.to_q(agents)
@@ -41,11 +45,11 @@ def attention(attn, tokens, agents, k_scale2, k_shortcut, kv_tokens=None):
         cols = slice(i * d, (i + 1) * d)
         q, k, v = Q[:, cols], K[:, cols], V[:, cols]
         if A is None:
-            heads.append(softmax_attention(q, k, v, s))
+            heads.append(softmax_attention(q, k, v, s, bias))
         else:
             a = A[:, cols]
             agent_v = softmax_attention(a, k, v, s)
-            heads.append(softmax_attention(q, a, agent_v, s**k_scale2) + k_shortcut * v)
+            heads.append(softmax_attention(q, a, agent_v, s**k_scale2, bias) + k_shortcut * v)
     return attn.to_out[0](torch.cat(heads, dim=-1))
 
 
@@ -164,10 +168,15 @@ def all_tokens_attention(attn, x, y, h, w, phase, k_scale2, k_shortcut, windows_
                 per_batch.append([[src[i]] for i in ranked[agent_r:]] + list(members.values()))
             if phase.share_matching:
                 matchings[key] = per_batch
+    def bias(groups):  # proportional attention: a merged key or an agent weighs like the tokens of its group
+        return [math.log(len(g)) for g in groups] if phase.proportional else None
+
     if phase.agent_ratio is None and phase.agents == "merged":  # merged keys and values
         return torch.stack(
             [
-                attention(attn, y[b], None, k_scale2, k_shortcut, torch.stack([y[b, g].mean(dim=0) for g in groups]))
+                attention(
+                    attn, y[b], None, k_scale2, k_shortcut, torch.stack([y[b, g].mean(dim=0) for g in groups]), bias(groups)
+                )
                 for b, groups in enumerate(per_batch)
             ]
         )
@@ -176,7 +185,7 @@ def all_tokens_attention(attn, x, y, h, w, phase, k_scale2, k_shortcut, windows_
     outputs = []
     for b in range(B):
         agents = torch.stack([y[b, g].mean(dim=0) for g in per_batch[b]])
-        outputs.append(attention(attn, y[b], agents, k_scale2, k_shortcut))
+        outputs.append(attention(attn, y[b], agents, k_scale2, k_shortcut, bias=bias(per_batch[b])))
     return torch.stack(outputs)
 
 
@@ -324,7 +333,9 @@ def _heads(t, heads):
     return t.reshape(t.shape[0], heads, -1).transpose(0, 1)  # (heads, n, d)
 
 
-def joint_reference(attn, image, text, *, tome=None, agent_groups=None, kv_groups=None, k_scale2=0.3, k_shortcut=0.075):
+def joint_reference(
+    attn, image, text, *, tome=None, agent_groups=None, kv_groups=None, k_scale2=0.3, k_shortcut=0.075, proportional=False
+):
     """DESIGN.md §10 with §11's agents, for one batch element: image tokens ``image`` (N×C), text ``text`` (M×C,
     ``None`` for SD 3.5's image-only attn2, which then follows the UNet formulas).
 
@@ -332,8 +343,8 @@ def joint_reference(attn, image, text, *, tome=None, agent_groups=None, kv_group
     ``agent_groups``: groups of token positions whose agents are the mean of their tokens' queries (after the
     norms; a token merged by ``tome`` brings its merged row's query); ``kv_groups``: groups whose means of the
     image keys and values (after the norms) replace them. Image-only (SD 3.5's attn2, the UNet formulas): the agents
-    and merged keys are the projections of the groups' mean tokens. Returns (image output N×C, text output M×C or
-    ``None``).
+    and merged keys are the projections of the groups' mean tokens. ``proportional``: a merged key's or an agent's
+    logit gains log|g|. Returns (image output N×C, text output M×C or ``None``).
     """
     tokens = image if tome is None else torch.stack([image[g].mean(0) for g in tome])
     row_of = list(range(image.shape[0]))
@@ -366,16 +377,20 @@ def joint_reference(attn, image, text, *, tome=None, agent_groups=None, kv_group
     elif agent_groups is not None:
         a = torch.stack([q_x[:, [row_of[p] for p in g]].mean(1) for g in agent_groups], 1)
     s = attn.scale
+    agent_bias = [math.log(len(g)) for g in agent_groups] if proportional and agent_groups is not None else None
+    key_bias = None
+    if proportional and kv_groups is not None:
+        key_bias = [math.log(len(g)) for g in kv_groups] + [0.0] * (keys.shape[1] - len(kv_groups))
     out_x, out_t = [], []
     for i in range(H):
         if a is not None:
             agent_v = softmax_attention(a[i], keys[i], values[i], s)
-            out_x.append(softmax_attention(q_x[i], a[i], agent_v, s**k_scale2) + k_shortcut * v_own[i])
+            out_x.append(softmax_attention(q_x[i], a[i], agent_v, s**k_scale2, agent_bias) + k_shortcut * v_own[i])
             if q_t is not None:
                 out_t.append(softmax_attention(q_t[i], keys[i], values[i], s))
         else:
             queries = q_x[i] if q_t is None else torch.cat([q_x[i], q_t[i]])
-            both = softmax_attention(queries, keys[i], values[i], s)
+            both = softmax_attention(queries, keys[i], values[i], s, key_bias)
             out_x.append(both[: len(tokens)])
             out_t.append(both[len(tokens) :])
     merged_out = attn.to_out[0](torch.cat(out_x, dim=-1))
@@ -444,6 +459,7 @@ def reference_transformer(transformer, phases, blocks, *, k_scale2=0.3, k_shortc
                         if 2 * len(groups) < len(settings["tome"]):
                             settings["agent_groups"] = groups
                 else:
+                    settings["proportional"] = phase.proportional
                     k = int(N * (phase.ratio if phase.agent_ratio is None else phase.agent_ratio))
                     groups = groups_for(x_b, b, phase, k)
                     if phase.agent_ratio is None:

@@ -292,6 +292,11 @@ ALL_TOKEN_SETTINGS = [
     dict(phase=Phase(sx=2, sy=2, ratio=0.75, tokens="all", share_matching=True), size=(16, 16), seed=9),
     dict(phase=Phase(sx=2, sy=2, ratio=0.5, tokens="all", share_matching=True), size=(18, 22), seed=5),
     dict(phase=Phase(sx=3, sy=2, ratio=0.6, tokens="all"), size=(14, 20)),
+    # proportional attention: groups of unequal size weigh by their tokens (agents, merged keys, pooled windows)
+    dict(phase=Phase(sx=4, sy=4, agent_ratio=0.9, proportional=True, **LEAN), size=(18, 22), seed=3),
+    dict(phase=Phase(sx=2, sy=2, ratio=0.75, tokens="all", share_matching=True, proportional=True), size=(16, 16)),
+    dict(phase=Phase(sx=2, sy=2, ratio=0.7, tokens="all", proportional=True), size=(18, 22), seed=5),
+    dict(phase=Phase(sx=4, sy=4, agents="pooled", proportional=True, **LEAN), size=(18, 22)),
 ]
 
 

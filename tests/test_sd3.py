@@ -67,6 +67,10 @@ CASES = {
         Phase(end=0.4, sx=4, sy=4, ratio=0.4, agent_ratio=0.95, **SHARED),
         Phase(end=1.0, sx=2, sy=2, ratio=0.5, **SHARED),
     ),
+    "lean-proportional": (
+        Phase(end=0.4, sx=4, sy=4, ratio=0.0, agent_ratio=0.9, tokens="all", proportional=True, **SHARED),
+        Phase(end=1.0, sx=2, sy=2, ratio=0.75, tokens="all", proportional=True, **SHARED),
+    ),
     "partial-ranking": (
         Phase(end=0.4, sx=2, sy=2, ratio=0.0, agent_ratio=0.6, tokens="all", **SHARED),
         Phase(end=1.0, sx=2, sy=2, ratio=0.3, tokens="all", **SHARED),
