@@ -33,7 +33,7 @@ def test_blocks_bench_writes_every_method_and_sums_the_model(tiny, tmp_path, mod
     results = json.loads(out.read_text())
     summary = results["sizes"][size]
     counts = results["blocks"]
-    assert set(summary["times"]) == set(blocks.methods_for(model))
+    assert set(summary["times"]) == {m for m in blocks.methods_for(model) if "+" not in m}  # §12's by name
     block = summary["block_median"]
     # vanilla: every block of each kind at its kind's time
     assert summary["model_s"]["vanilla"] == pytest.approx(sum(n * block["vanilla"][k] for k, n in counts.items()))
@@ -47,6 +47,15 @@ def test_blocks_bench_writes_every_method_and_sums_the_model(tiny, tmp_path, mod
     late = summary["model_s"][f"{model}-late"]
     assert summary["model_s"][model] == pytest.approx(0.4 * summary["model_s"][early] + 0.6 * late)
     assert out.with_suffix(".md").read_text().count("|") > 10
+
+
+def test_blocks_bench_times_the_section_12_options_by_name(tiny, tmp_path):
+    out = tmp_path / "r.json"
+    methods = ["vanilla", "flux+both-early", "flux+both-late"]
+    assert _bench(["--model", "flux", "--sizes", "256", "--methods", *methods, "--out", str(out)]) == 0
+    model_s = json.loads(out.read_text())["sizes"]["256"]["model_s"]
+    assert model_s["flux+both"] == pytest.approx(0.4 * model_s["flux+both-early"] + 0.6 * model_s["flux+both-late"])
+    assert "flux" not in model_s
 
 
 def test_blocks_bench_refuses_what_it_cannot_time(tiny, tmp_path):

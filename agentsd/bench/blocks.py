@@ -9,7 +9,9 @@ block's time stands for every block of its kind, and the model's time is their s
 - ``vanilla``; ``ceiling``: the patched attention free (projections too); ``ceiling-softmax``: only its softmax
   attention free (what agents can save at most);
 - ``<preset>-early`` / ``<preset>-late``: a preset's agent phase and its late phase, each for a whole call; the
-  preset over a run is weighted from them by the share of sampling each phase takes.
+  preset over a run is weighted from them by the share of sampling each phase takes;
+- ``<preset>+<option>-early`` / ``-late`` (asked for by name): the same with DESIGN §12's options on every phase
+  (``prop``: proportional attention, ``near``: the near field, ``both``), and ``<preset>+<option>`` over a run.
 
     agentsd bench blocks --model flux --sizes 1024 2048
     agentsd bench blocks --model wan --sizes 480p
@@ -147,9 +149,12 @@ def _swap(net, wrap):
     return lambda: [a.set_processor(o) for a, o in zip(attns, originals)] and None
 
 
-def _phase_of(preset: str, k: int):
-    """Phase ``k`` of a DiT preset for a whole call, on every block of the small transformer."""
-    phase = dataclasses.replace(PRESETS[preset][k], end=1.0)
+OPTIONS = {"prop": dict(proportional=True), "near": dict(near=True), "both": dict(proportional=True, near=True)}
+
+
+def _phase_of(preset: str, k: int, options: dict | None = None):
+    """Phase ``k`` of a DiT preset for a whole call, on every block of the small transformer; ``options``: §12's."""
+    phase = dataclasses.replace(PRESETS[preset][k], end=1.0, **(options or {}))
 
     def enable(net):
         agentsd.apply(net, (phase,), blocks=range(len(blocks_of(net))), seed=0)
@@ -170,6 +175,10 @@ def methods_for(model: str) -> dict:
         methods[f"{preset}-early"] = _phase_of(preset, 0)
         if not any(late == PRESETS[other][1] and f"{other}-late" in methods for other in PRESETS_OF[family]):
             methods[f"{preset}-late"] = _phase_of(preset, 1)
+    for preset in PRESETS_OF[family]:
+        for option, settings in OPTIONS.items():
+            for k, phase in enumerate(("early", "late")):
+                methods[f"{preset}+{option}-{phase}"] = _phase_of(preset, k, settings)
     return methods
 
 
@@ -199,10 +208,12 @@ def summarize(model: str, times: dict[str, dict[str, list[float]]]) -> dict:
 
     model_s = {m: whole(m) for m in block}
     for preset in PRESETS_OF[MODELS[model][0]]:
-        early, late = f"{preset}-early", _late_name(model, preset)
-        if early in model_s and late in model_s:
-            share = PRESETS[preset][0].end
-            model_s[preset] = share * model_s[early] + (1 - share) * model_s[late]
+        runs = {preset: (f"{preset}-early", _late_name(model, preset))}
+        runs.update({f"{preset}+{o}": (f"{preset}+{o}-early", f"{preset}+{o}-late") for o in OPTIONS})
+        for name, (early, late) in runs.items():
+            if early in model_s and late in model_s:
+                share = PRESETS[preset][0].end
+                model_s[name] = share * model_s[early] + (1 - share) * model_s[late]
     vanilla = model_s["vanilla"]
     summary = {"times": times, "block_median": block, "model_s": model_s}
     summary["speedup"] = {m: vanilla / t for m, t in model_s.items()}
@@ -349,7 +360,7 @@ def bench(args: argparse.Namespace) -> int:
         if (family == "flux" and not size.isdigit()) or (family == "wan" and size not in VIDEO_SIZES):
             raise ValueError(f"{args.model} takes sizes {'in pixels' if family == 'flux' else sorted(VIDEO_SIZES)}")
     known = methods_for(args.model)
-    args.methods = args.methods or list(known)
+    args.methods = args.methods or [m for m in known if "+" not in m]  # §12's options by name
     unknown = [m for m in args.methods if m not in known]
     if unknown:
         raise ValueError(f"unknown method(s) {', '.join(unknown)}; {args.model} times {', '.join(known)}")
