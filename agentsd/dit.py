@@ -30,7 +30,17 @@ import torch.nn.functional as F
 
 from .merge import Groups, _hash32, assign
 
-__all__ = ["Layout", "Pooled", "Window", "agent_attention", "dst_positions", "pool", "random_offsets", "sdpa_lse", "window_of"]
+__all__ = [
+    "Layout",
+    "Pooled",
+    "Window",
+    "agent_attention",
+    "dst_positions",
+    "pool",
+    "random_offsets",
+    "sdpa_lse",
+    "window_of",
+]
 
 
 class Window(NamedTuple):
@@ -78,15 +88,30 @@ def window_of(grid: tuple[int, int, int], window: Window) -> Window:
     return Window(min(window.st, f), min(window.sy, h), min(window.sx, w))
 
 
-def pool(x: torch.Tensor, grids, window: Window) -> torch.Tensor:
+def _halves(grid: tuple[int, int, int], window: Window) -> tuple[int, int, int]:
+    """How far shifted windows lie from the grid's origin along each axis: half the window (as it applies)."""
+    return tuple(s // 2 for s in window_of(grid, window))
+
+
+def _roll(cube: torch.Tensor, grid, window: Window, shift: bool, first_dim: int) -> torch.Tensor:
+    """``cube`` (a grid's tokens as frames × rows × columns from ``first_dim`` on) cyclically rolled so that the
+    shifted windows start at its origin (``shift``), or as it is."""
+    if not shift:
+        return cube
+    halves = _halves(grid, window)
+    return cube.roll(tuple(-h for h in halves), dims=tuple(range(first_dim, first_dim + 3)))
+
+
+def pool(x: torch.Tensor, grids, window: Window, shift: bool = False) -> torch.Tensor:
     """Mean of ``x`` (B×N×... image tokens) over every whole window of each grid: ``(B, n, ...)``, grid by grid,
-    windows frame-major then row-major."""
+    windows frame-major then row-major. ``shift``: the windows shifted by half a window along every axis, those
+    that cross the grid's end wrapping around to its start (Swin's cyclic shift)."""
     B, rest = x.shape[0], x.shape[2:]
     pooled, start = [], 0
     for grid in grids:
         f, h, w = grid
         st, sy, sx = window_of(grid, window)
-        cube = x[:, start : start + f * h * w].view(B, f, h, w, *rest)
+        cube = _roll(x[:, start : start + f * h * w].view(B, f, h, w, *rest), grid, window, shift, 1)
         cube = cube[:, : f // st * st, : h // sy * sy, : w // sx * sx]
         cube = cube.reshape(B, f // st, st, h // sy, sy, w // sx, sx, *rest)
         pooled.append(cube.mean(dim=(2, 4, 6)).reshape(B, -1, *rest))
@@ -117,9 +142,25 @@ def random_offsets(grids, window: Window, seed: int, draw: int, device=None) -> 
     return hashed % sizes
 
 
-def dst_positions(grids, window: Window, offsets: torch.Tensor | None = None, device=None) -> torch.Tensor:
+def dst_positions(
+    grids, window: Window, offsets: torch.Tensor | None = None, device=None, shift: bool = False
+) -> torch.Tensor:
     """Token positions (among the image tokens) of one dst per window: the window's first token, or the one at
-    ``offsets`` (``dt·sy·sx + dy·sx + dx``, from :func:`random_offsets`). ``(num_windows,)`` long."""
+    ``offsets`` (``dt·sy·sx + dy·sx + dx``, from :func:`random_offsets`). ``(num_windows,)`` long. ``shift``: of
+    the shifted windows (:func:`pool`'s)."""
+    positions = _dst_positions(grids, window, offsets, device)
+    if not shift:
+        return positions
+    start, rolled = 0, []  # the token at each position of the rolled grids
+    for grid in grids:
+        f, h, w = grid
+        cube = torch.arange(start, start + f * h * w, device=device).view(f, h, w)
+        rolled.append(_roll(cube, grid, window, True, 0).flatten())
+        start += f * h * w
+    return torch.cat(rolled)[positions]
+
+
+def _dst_positions(grids, window: Window, offsets: torch.Tensor | None, device) -> torch.Tensor:
     positions, start = [], 0
     for grid in grids:
         f, h, w = grid
@@ -172,19 +213,22 @@ def _key_mask(
     if text_mask is None:
         text_bias = image_bias.new_zeros(B, layout.text)
     else:
-        text_bias = torch.zeros_like(text_mask, dtype=image_bias.dtype).masked_fill(~text_mask.to(torch.bool), -math.inf)
+        text_bias = torch.zeros_like(text_mask, dtype=image_bias.dtype).masked_fill(
+            ~text_mask.to(torch.bool), -math.inf
+        )
     bias = torch.cat([text_bias, image_bias] if layout.text_first else [image_bias, text_bias], dim=1)
     return bias[:, None, None, :]
 
 
 class Pooled:
-    """The groups of pooled agents: every whole window of each grid (tokens of a ragged border in none)."""
+    """The groups of pooled agents: every whole window of each grid (tokens of a ragged border in none), shifted
+    windows if ``shift`` (:func:`pool`)."""
 
-    def __init__(self, grids, window: Window, device=None):
-        self.grids, self.window, self.device = grids, window, device
+    def __init__(self, grids, window: Window, device=None, shift: bool = False):
+        self.grids, self.window, self.device, self.shift = grids, window, device, shift
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return pool(x, self.grids, self.window)
+        return pool(x, self.grids, self.window, self.shift)
 
     def sizes(self) -> torch.Tensor:
         """How many tokens each window holds: ``(1, n)`` float32."""
@@ -211,8 +255,8 @@ class _Partition(NamedTuple):
 _PARTITIONS: dict[tuple, _Partition] = {}
 
 
-def _partition(grids, window: Window, device) -> _Partition:
-    cached = _PARTITIONS.get((grids, window, str(device)))
+def _partition(grids, window: Window, device, shift: bool = False) -> _Partition:
+    cached = _PARTITIONS.get((grids, window, str(device), shift))
     if cached is not None:
         return cached
     parts, ragged, start, count = [], [], 0, 0
@@ -220,7 +264,7 @@ def _partition(grids, window: Window, device) -> _Partition:
     for grid in grids:
         f, h, w = grid
         st, sy, sx = window_of(grid, window)
-        cube = torch.arange(start, start + f * h * w).view(f, h, w)
+        cube = _roll(torch.arange(start, start + f * h * w).view(f, h, w), grid, window, shift, 0)
         inside = torch.zeros(f, h, w, dtype=torch.bool)
         inside[: f // st * st, : h // sy * sy, : w // sx * sx] = True
         whole = cube[: f // st * st, : h // sy * sy, : w // sx * sx]
@@ -237,7 +281,7 @@ def _partition(grids, window: Window, device) -> _Partition:
     result = _Partition(
         tuple(part.to(device) for part in parts), ragged.to(device), inverse.to(device), owner.to(device)
     )
-    _PARTITIONS[(grids, window, str(device))] = result
+    _PARTITIONS[(grids, window, str(device), shift)] = result
     return result
 
 
@@ -245,10 +289,12 @@ def sdpa_lse(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention of ``(B, H, L, D)`` tensors with its log-sum-exp: ``(out, lse)``, ``lse`` ``(B, H, L)`` in
-    float32 (float64 for float64 inputs). Fused kernels on CPU and CUDA (nothing ``L × S`` materialised); ``mask``: a float bias broadcast to
-    ``(B, H, L, S)`` or ``None``."""
+    float32 (float64 for float64 inputs). Fused kernels on CPU and CUDA (nothing ``L × S`` materialised); ``mask``:
+    a float bias broadcast to ``(B, H, L, S)`` or ``None``."""
     if query.device.type == "cpu":
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, attn_mask=mask, scale=scale)
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, key, value, attn_mask=mask, scale=scale
+        )
     if query.device.type == "cuda":
         bias = None
         if mask is not None:
@@ -257,7 +303,9 @@ def sdpa_lse(
             if S % 16:  # the kernel reads the bias in rows aligned to 16 elements
                 bias = F.pad(bias, (0, 16 - S % 16))[..., :S]
             bias = bias.expand(B, H, L, S)
-        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(query, key, value, bias, True, scale=scale)[:2]
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(query, key, value, bias, True, scale=scale)[
+            :2
+        ]
         return out, lse[..., : query.shape[2]]
     logits = (query @ key.transpose(-1, -2)).float() * scale  # other devices: the plain formula
     if mask is not None:
@@ -334,6 +382,7 @@ def agent_attention(
     text_mask: torch.Tensor | None = None,
     proportional: bool = False,
     near: Window | None = None,
+    shift: bool = False,
 ) -> torch.Tensor:
     """Attention of ``(B, S, heads, head_dim)`` queries, keys and values laid out as ``layout``, through agents.
 
@@ -352,6 +401,7 @@ def agent_attention(
             window of the grid (its own key where it lies in no whole window) and over the summary of the rest:
             the agents of the other windows (the image query's scale ``s^k_scale2``, no shortcut) or every merged
             key less the shares of its window's tokens. The agents' windows must be these windows.
+        shift: the near field's windows are shifted (:func:`pool`), as the agents' are.
 
     Returns:
         ``(B, S, heads, head_dim)`` in the input's dtype and layout.
@@ -390,7 +440,7 @@ def agent_attention(
         share = -sizes.log() if bias is None else bias - sizes.log()
         slots = keys_of.slots
         share = share.gather(1, slots)
-        part = _partition(layout.grids, near, query.device)
+        part = _partition(layout.grids, near, query.device, shift)
         q_x, k_x, v_x = (t.transpose(1, 2) for t in (q_image, k_image, v_image))
         k_share, v_share = _per_token(k_merged.transpose(1, 2), slots), _per_token(v_merged.transpose(1, 2), slots)
         dup = _windowed(q_x, k_share, v_share, part, scale, share)
@@ -419,7 +469,7 @@ def agent_attention(
         out_image = torch.add(out_image, v_x, alpha=k_shortcut)
     else:
         far = sdpa_lse(q_x, agent, agent_value, mask, scale**k_scale2)
-        part = _partition(layout.grids, near, query.device)
+        part = _partition(layout.grids, near, query.device, shift)
         own = part.window.clamp(min=0)  # the own window's agent (none for a token in no whole window)
         work = far[1].dtype
         lse_own = (q_x.to(work) * agent.index_select(2, own).to(work)).sum(-1) * scale**k_scale2

@@ -73,8 +73,10 @@ class DiTState:
         self.image_tokens = 0  # the grids' tokens, counted once per new layout
         self.phases: tuple[Phase, ...] | None = None
         self.progress: float | None = None
-        self.dst: dict[Window, torch.Tensor] = {}  # this call's dst positions of each merged window
-        self.groups: dict[Window, object] = {}  # this call's ToMe groups, made by the first block that needs them
+        # this call's dst positions of each merged window, and its ToMe groups (made by the first block that needs
+        # them), by (window, shifted)
+        self.dst: dict[tuple[Window, bool], torch.Tensor] = {}
+        self.groups: dict[tuple[Window, bool], object] = {}
         self.calls = 0
 
     @property
@@ -96,11 +98,13 @@ class DiTState:
         for phase in phases:
             if phase.merges and phase.agents == "merged" and grids is not None:
                 win = window(phase)
-                if win not in self.dst:
+                if (win, False) not in self.dst:
                     offsets = None
                     if self.use_rand and batch % 2 == 0:
                         offsets = random_offsets(grids, win, self.seed, self.calls, device=device)
-                    self.dst[win] = dst_positions(grids, win, offsets, device=device)
+                    self.dst[(win, False)] = dst_positions(grids, win, offsets, device=device)
+                    if phase.shift:  # the shifted blocks' windows, the same draw in each
+                        self.dst[(win, True)] = dst_positions(grids, win, offsets, device=device, shift=True)
         self.calls += 1
 
     def end_call(self) -> None:
@@ -110,8 +114,9 @@ class DiTState:
 class _AgentProcessor:
     """What every adapter shares: the phase check, the agents or merged keys, the fallback."""
 
-    def __init__(self, original, state: DiTState, band: int):
+    def __init__(self, original, state: DiTState, band: int, shifted: bool = False):
         self.original, self.state, self.band = original, state, band
+        self.shifted = shifted  # a block whose windows shift where the phase says so (every other patched block)
         self.block_input: torch.Tensor | None = None
 
     def begin_block(self, block_input: torch.Tensor) -> None:
@@ -140,13 +145,13 @@ class _AgentProcessor:
 
     def _attend(self, query, key, value, layout: Layout, phase: Phase, metric, text_mask=None) -> torch.Tensor:
         state = self.state
-        win = window(phase)
+        win, shift = window(phase), phase.shift and self.shifted
         if phase.agents == "pooled":
-            groups = Pooled(state.grids, win, query.device)
+            groups = Pooled(state.grids, win, query.device, shift)
         else:
-            groups = state.groups.get(win)
+            groups = state.groups.get((win, shift))
             if groups is None:
-                groups = state.groups[win] = tome_groups(metric, state.dst[win])
+                groups = state.groups[(win, shift)] = tome_groups(metric, state.dst[(win, shift)])
         agents = phase.agent_ratio is not None or phase.agents == "pooled"
         return agent_attention(
             query,
@@ -161,6 +166,7 @@ class _AgentProcessor:
             text_mask=text_mask,
             proportional=phase.proportional,
             near=win if phase.near else None,
+            shift=shift,
         )
 
 

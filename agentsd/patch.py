@@ -165,16 +165,17 @@ def apply(
         if max_downsample != "auto":
             raise ValueError("max_downsample is for UNets: an SD 3 transformer has one level; choose blocks= instead")
         plans = [_dit_bands(module, schedule, blocks) for module in denoisers]
-        if any(phase.near for bands, _ in plans for band in bands for phase in band.phases):
-            raise ValueError("the near field (near=True) is not yet on SD 3: Flux, Wan and Qwen-Image take it")
+        if any(phase.near or phase.shift for bands, _ in plans for band in bands for phase in band.phases):
+            raise ValueError("near=True and shift=True are not yet on SD 3: Flux, Wan and Qwen-Image take them")
         configs = [AgentConfig(bands=bands, levels=(1,), **settings) for bands, _ in plans]
     else:
         if blocks != "auto":
             raise ValueError("blocks= is for SD 3 transformers; a UNet's schedule picks levels (max_downsample)")
         phases = resolve_schedule(schedule)
         for phase in (p for group in (phases.values() if isinstance(phases, dict) else [phases]) for p in group):
-            if phase.near:
-                raise ValueError(f"{phase}: the near field (near=True) is for DiTs (Flux, Wan, Qwen-Image)")
+            for name in ("near", "shift"):
+                if getattr(phase, name):
+                    raise ValueError(f"{phase}: {name}=True is for Flux, Wan and Qwen-Image (not built for UNets)")
         if isinstance(phases, dict) and max_downsample != "auto":
             raise ValueError(
                 "max_downsample applies to a sequence of phases; a {level: phases} schedule (such as the default, "
@@ -653,12 +654,12 @@ def _wrap(patch: _Patch) -> None:
     """Give every patched attention an agentsd processor around whatever processor it has now."""
     if patch.family:
         kind = _FLOW_PROCESSORS[patch.family]
-        for block, band in patch.blocks:
+        for position, (block, band) in enumerate(patch.blocks):
             attn = _flow_attention(block)
             processor = attn.processor
             if not (isinstance(processor, kind) and processor.state is patch.state):
                 fallback = processor.original if isinstance(processor, kind) else processor
-                attn.set_processor(kind(fallback, patch.state, band))
+                attn.set_processor(kind(fallback, patch.state, band, shifted=position % 2 == 1))
         return
     if patch.dit:
         for block, band in patch.blocks:

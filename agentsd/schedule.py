@@ -65,6 +65,9 @@ class Phase:
         near: near field exact (DiTs): each image query attends, in one softmax, over the exact keys of its own
             sx×sy(×st) window and over the rest through the summary: the other windows' agents, or the merged
             keys less its window's shares. ``tokens="all"`` on DiTs only.
+        shift: shifted windows (Swin's): every other patched block shifts its windows (the agents', the merged keys'
+            dst and the near field's) by half a window along each axis, wrapping around the grid's edges, so that
+            window borders do not lie at the same place in every block. ``tokens="all"`` on DiTs only.
     """
 
     end: float = 1.0
@@ -81,6 +84,7 @@ class Phase:
     st: int = 1
     proportional: bool = False
     near: bool = False
+    shift: bool = False
 
     def __post_init__(self):
         for name in ("sx", "sy", "st", "min_tokens"):
@@ -89,7 +93,7 @@ class Phase:
                 continue
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"Phase.{name} must be an int, got {type(value).__name__}")
-        for name in ("merge_crossattn", "merge_mlp", "share_matching", "proportional", "near"):
+        for name in ("merge_crossattn", "merge_mlp", "share_matching", "proportional", "near", "shift"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"Phase.{name} must be a bool, got {type(getattr(self, name)).__name__}")
         if self.min_tokens is not None and self.min_tokens < 0:
@@ -118,7 +122,7 @@ class Phase:
                 raise ValueError("Phase(tokens='all') needs agents (agent_ratio) or merged keys and values (ratio > 0)")
             if self.merge_crossattn or self.merge_mlp:
                 raise ValueError("Phase(tokens='all') unmerges nothing: merge_crossattn and merge_mlp must be off")
-        for name in ("proportional", "near"):
+        for name in ("proportional", "near", "shift"):
             if getattr(self, name) and self.tokens != "all":
                 raise ValueError(f"Phase({name}=True) needs tokens='all' (the lean path)")
         if self.agents == "pooled":

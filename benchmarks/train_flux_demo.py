@@ -375,7 +375,8 @@ def _unpack(folder: Path, run_folder: Path, new_stage: bool = False) -> None:
     opt = torch.optim.AdamW(model.parameters())
     shadow = [p.detach().clone() for p in model.parameters()]
     ema = {"shadow": shadow, "updates": 0 if new_stage else half["updates"]}
-    torch.save({"step": 0 if new_stage else half["step"], "transformer": model.state_dict(), "opt": opt.state_dict(), "ema": ema},
+    step = 0 if new_stage else half["step"]
+    torch.save({"step": step, "transformer": model.state_dict(), "opt": opt.state_dict(), "ema": ema},
                run_folder / "dit.pt")  # fmt: skip
     t5 = T5EncoderModel(T5Config(**T5_CONFIG))
     t5.load_state_dict({k: v.float() for k, v in half["t5"].items()})

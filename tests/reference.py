@@ -168,6 +168,7 @@ def all_tokens_attention(attn, x, y, h, w, phase, k_scale2, k_shortcut, windows_
                 per_batch.append([[src[i]] for i in ranked[agent_r:]] + list(members.values()))
             if phase.share_matching:
                 matchings[key] = per_batch
+
     def bias(groups):  # proportional attention: a merged key or an agent weighs like the tokens of its group
         return [math.log(len(g)) for g in groups] if phase.proportional else None
 
@@ -175,7 +176,13 @@ def all_tokens_attention(attn, x, y, h, w, phase, k_scale2, k_shortcut, windows_
         return torch.stack(
             [
                 attention(
-                    attn, y[b], None, k_scale2, k_shortcut, torch.stack([y[b, g].mean(dim=0) for g in groups]), bias(groups)
+                    attn,
+                    y[b],
+                    None,
+                    k_scale2,
+                    k_shortcut,
+                    torch.stack([y[b, g].mean(dim=0) for g in groups]),
+                    bias(groups),
                 )
                 for b, groups in enumerate(per_batch)
             ]
@@ -334,7 +341,16 @@ def _heads(t, heads):
 
 
 def joint_reference(
-    attn, image, text, *, tome=None, agent_groups=None, kv_groups=None, k_scale2=0.3, k_shortcut=0.075, proportional=False
+    attn,
+    image,
+    text,
+    *,
+    tome=None,
+    agent_groups=None,
+    kv_groups=None,
+    k_scale2=0.3,
+    k_shortcut=0.075,
+    proportional=False,
 ):
     """DESIGN.md §10 with §11's agents, for one batch element: image tokens ``image`` (N×C), text ``text`` (M×C,
     ``None`` for SD 3.5's image-only attn2, which then follows the UNet formulas).

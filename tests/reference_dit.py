@@ -12,16 +12,18 @@ import torch
 from reference import _M32, _hash32, softmax_attention
 
 
-def windows(grids, st, sy, sx):
+def windows(grids, st, sy, sx, shift=False):
     """Every whole window of every grid as a list of image-token positions (frame-major, then row-major). A window
-    larger than its grid in an axis takes the grid's size there."""
+    larger than its grid in an axis takes the grid's size there. ``shift``: every window moved by half its size
+    along each axis (rounded down), a window that runs past the grid's end taking the tokens at its start."""
     out, start = [], 0
     for f, h, w in grids:
         t, y, x = min(st, f), min(sy, h), min(sx, w)
+        dt, dy, dx = (t // 2, y // 2, x // 2) if shift else (0, 0, 0)
         for a, b, c in itertools.product(range(f // t), range(h // y), range(w // x)):
             out.append(
                 [
-                    start + (a * t + i) * h * w + (b * y + j) * w + (c * x + k)
+                    start + ((a * t + i + dt) % f) * h * w + ((b * y + j + dy) % h) * w + (c * x + k + dx) % w
                     for i, j, k in itertools.product(range(t), range(y), range(x))
                 ]
             )
@@ -29,10 +31,10 @@ def windows(grids, st, sy, sx):
     return out
 
 
-def tome_groups(metric, grids, st, sy, sx, seed=None, draw=None):
+def tome_groups(metric, grids, st, sy, sx, seed=None, draw=None, shift=False):
     """Each window's dst (its first token, or the one at the drawn offset), and every other image token in the group
     of the dst of highest cosine similarity of ``metric`` (N×C)."""
-    wins = windows(grids, st, sy, sx)
+    wins = windows(grids, st, sy, sx, shift)
     if seed is None:
         dst = [win[0] for win in wins]
     else:
@@ -171,21 +173,21 @@ class _Run:
             return None
         return phase
 
-    def near_field(self, phase):
-        """agent_heads' §12 options of ``phase``."""
-        near = windows(self.grids, phase.st, phase.sy, phase.sx) if phase.near else None
+    def near_field(self, phase, shifted):
+        """agent_heads' §12 options of ``phase`` in a block whose windows shift if the phase shifts them."""
+        near = windows(self.grids, phase.st, phase.sy, phase.sx, phase.shift and shifted) if phase.near else None
         return dict(proportional=phase.proportional, near=near)
 
-    def groups_of(self, phase, metric, b):
-        win = (phase.st, phase.sy, phase.sx)
+    def groups_of(self, phase, metric, b, shifted):
+        win, shift = (phase.st, phase.sy, phase.sx), phase.shift and shifted
         if phase.agents == "pooled":
-            return windows(self.grids, *win)
-        if (b, win) not in self.groups:  # the first patched block of the call matches, the others reuse it
+            return windows(self.grids, *win, shift)
+        if (b, win, shift) not in self.groups:  # the first patched block of the call matches, the others reuse it
             rand = self.seed is not None and self.batch % 2 == 0
-            self.groups[(b, win)] = tome_groups(
-                metric, self.grids, *win, seed=self.seed if rand else None, draw=self.call
+            self.groups[(b, win, shift)] = tome_groups(
+                metric, self.grids, *win, seed=self.seed if rand else None, draw=self.call, shift=shift
             )
-        return self.groups[(b, win)]
+        return self.groups[(b, win, shift)]
 
 
 def _split_heads(t, heads):
@@ -193,10 +195,12 @@ def _split_heads(t, heads):
 
 
 def _install(all_blocks, blocks, Processor):
-    """A ``Processor`` around the ``attn`` of each chosen block, handed the block's input as its matching metric."""
-    for index in blocks:
+    """A ``Processor`` around the ``attn`` of each chosen block, handed the block's input as its matching metric;
+    every other one (the second, fourth, ... in the model's order) shifts its windows where a phase says so."""
+    for position, index in enumerate(sorted(blocks)):
         block = all_blocks[index]
         processor = Processor(block.attn.processor)
+        processor.shifted = position % 2 == 1
         block.attn.set_processor(processor)
 
         def hook(module, args, kwargs, processor=processor):
@@ -239,7 +243,7 @@ def reference_flux(transformer, phases, blocks, *, k_scale2=0.3, k_shortcut=0.07
                 k = attn.norm_k(k.unflatten(-1, (H, -1))).flatten(-2)
                 M = text.shape[0]
                 q_all, k_all, v_all = (_split_heads(torch.cat([t, x]), H) for t, x in ((tq, q), (tk, k), (tv, v)))
-                groups = run.groups_of(phase, self.block_input[b], b)
+                groups = run.groups_of(phase, self.block_input[b], b, self.shifted)
                 agents = phase.agent_ratio is not None or phase.agents == "pooled"
                 head_x, head_t = [], []
                 for i in range(H):
@@ -257,7 +261,7 @@ def reference_flux(transformer, phases, blocks, *, k_scale2=0.3, k_shortcut=0.07
                         scale=d**-0.5,
                         k_scale2=k_scale2,
                         k_shortcut=k_shortcut,
-                        **run.near_field(phase),
+                        **run.near_field(phase, self.shifted),
                     )
                     head_x.append(ox)
                     head_t.append(ot)
@@ -315,7 +319,7 @@ def reference_wan(transformer, phases, blocks, *, k_scale2=0.3, k_shortcut=0.075
                 x = hidden_states[b]
                 q, k, v = attn.norm_q(attn.to_q(x)), attn.norm_k(attn.to_k(x)), attn.to_v(x)
                 q, k, v = _split_heads(q, H), _split_heads(k, H), _split_heads(v, H)
-                groups = run.groups_of(phase, self.block_input[b], b)
+                groups = run.groups_of(phase, self.block_input[b], b, self.shifted)
                 agents = phase.agent_ratio is not None or phase.agents == "pooled"
                 heads = []
                 for i in range(H):
@@ -332,15 +336,16 @@ def reference_wan(transformer, phases, blocks, *, k_scale2=0.3, k_shortcut=0.075
                         scale=qi.shape[-1] ** -0.5,
                         k_scale2=k_scale2,
                         k_shortcut=k_shortcut,
-                        **run.near_field(phase),
+                        **run.near_field(phase, self.shifted),
                     )
                     heads.append(ox)
                 outs.append(attn.to_out[1](attn.to_out[0](torch.cat(heads, -1))))
             return torch.stack(outs)
 
-    for index in blocks:
+    for position, index in enumerate(sorted(blocks)):
         block = ref.blocks[index]
         processor = Processor(block.attn1.processor)
+        processor.shifted = position % 2 == 1
         block.attn1.set_processor(processor)
 
         def hook(module, args, kwargs, processor=processor):
@@ -404,7 +409,7 @@ def reference_qwen(transformer, phases, blocks, *, k_scale2=0.3, k_shortcut=0.07
                     i for i in range(text.shape[0])
                     if encoder_hidden_states_mask is None or bool(encoder_hidden_states_mask[b, i])
                 ]  # fmt: skip
-                groups = run.groups_of(phase, self.block_input[b], b)
+                groups = run.groups_of(phase, self.block_input[b], b, self.shifted)
                 agents = phase.agent_ratio is not None or phase.agents == "pooled"
                 head_x, head_t = [], []
                 for i in range(H):
@@ -422,7 +427,7 @@ def reference_qwen(transformer, phases, blocks, *, k_scale2=0.3, k_shortcut=0.07
                         scale=qx.shape[-1] ** -0.5,
                         k_scale2=k_scale2,
                         k_shortcut=k_shortcut,
-                        **run.near_field(phase),
+                        **run.near_field(phase, self.shifted),
                         text_keys=len(keep),
                     )
                     head_x.append(ox)

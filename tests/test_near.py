@@ -1,4 +1,5 @@
-"""DESIGN.md §12 on the DiT core: proportional attention and the near field, equal to the float64 reference."""
+"""DESIGN.md §12 on the DiT core: proportional attention, the near field and shifted windows, equal to the float64
+reference."""
 
 import dataclasses
 import math
@@ -11,7 +12,13 @@ from test_dit import _forward, flux_inputs, phases, tiny_flux, tiny_wan, wan_inp
 import agentsd
 from agentsd.dit import Layout, Pooled, Window, agent_attention, sdpa_lse
 
-OPTIONS = {"proportional": dict(proportional=True), "near": dict(near=True), "both": dict(proportional=True, near=True)}
+OPTIONS = {
+    "proportional": dict(proportional=True),
+    "near": dict(near=True),
+    "both": dict(proportional=True, near=True),
+    "shift": dict(shift=True),
+    "all": dict(proportional=True, near=True, shift=True),
+}
 
 
 def _with(schedule, options):
@@ -120,7 +127,7 @@ def test_options_compile_without_graph_breaks(family):
 
     model = tiny_flux() if family == "flux" else tiny_wan()
     window = (1, 4, 4) if family == "flux" else (2, 2, 2)
-    schedule = _with(phases("merged", window, (1, 2, 2)), dict(proportional=True, near=True))
+    schedule = _with(phases("merged", window, (1, 2, 2)), dict(proportional=True, near=True, shift=True))
     agentsd.apply(model, schedule, blocks=[0, 2], seed=0)
     calls = [flux_inputs(2, [(6, 10)], t) for t in (0.9, 0.3)] if family == "flux" else None
     calls = calls or [wan_inputs(2, 5, 4, 6, t) for t in (900, 300)]
@@ -133,3 +140,15 @@ def test_options_compile_without_graph_breaks(family):
     for kwargs, expected in zip(calls, eager):
         torch.testing.assert_close(_forward(compiled, kwargs), expected, atol=1e-5, rtol=1e-5)
     assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+
+
+def test_near_and_shift_are_refused_where_they_are_not_built():
+    from conftest import tiny_unet
+    from test_sd3 import tiny_sd3
+
+    for option in ("near", "shift"):
+        phase = agentsd.Phase(ratio=0.75, tokens="all", **{option: True})
+        with pytest.raises(ValueError, match=f"{option}=True is for Flux, Wan and Qwen-Image"):
+            agentsd.apply(tiny_unet(), [phase])
+        with pytest.raises(ValueError, match="not yet on SD 3"):
+            agentsd.apply(tiny_sd3("sd3"), [phase], blocks=[1])

@@ -31,6 +31,7 @@ import torch
 from agentsd.bench import git_commit, pyplot, write_report
 from agentsd.schedule import PRESETS, Phase, resolve_schedule
 
+
 def _with(preset: str, **options) -> tuple[Phase, ...]:
     """A DiT preset's phases with ``options`` set on every phase that merges."""
     return tuple(dataclasses.replace(p, **options) if p.merges else p for p in PRESETS[preset])
@@ -66,8 +67,8 @@ METHODS = {
     # flux with Agent Attention's plain broadcast (the model's softmax scale, no V shortcut) instead of AgentSD's
     # (scale^0.3, 0.075 V)
     "flux-plain-broadcast": {"schedule": "flux", "k_scale2": 1.0, "k_shortcut": 0.0},
-    # DESIGN §12 on the Flux presets: proportional attention (+prop), the near field (+near), both (+both; +both-s: agents at
-    # the model's own scale instead of AgentSD's s^0.3)
+    # DESIGN §12 on the Flux presets: proportional attention (+prop), the near field (+near), both (+both; +both-s:
+    # agents at the model's own scale instead of AgentSD's s^0.3)
     **{
         f"{preset}+{name}": {"schedule": _with(preset, **options), **extra}
         for preset in ("flux", "flux-merged")
