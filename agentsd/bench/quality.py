@@ -68,7 +68,7 @@ METHODS = {
     # (scale^0.3, 0.075 V)
     "flux-plain-broadcast": {"schedule": "flux", "k_scale2": 1.0, "k_shortcut": 0.0},
     # DESIGN §12 on the Flux presets: proportional attention (+prop), the near field (+near), both (+both; +both-s:
-    # agents at the model's own scale instead of AgentSD's s^0.3)
+    # agents at the model's own scale instead of AgentSD's s^0.3), shifted windows (+shift), all three (+all)
     **{
         f"{preset}+{name}": {"schedule": _with(preset, **options), **extra}
         for preset in ("flux", "flux-merged")
@@ -77,6 +77,8 @@ METHODS = {
             ("near", dict(near=True), {}),
             ("both", dict(proportional=True, near=True), {}),
             ("both-s", dict(proportional=True, near=True), {"k_scale2": 1.0}),
+            ("shift", dict(shift=True), {}),
+            ("all", dict(proportional=True, near=True, shift=True), {}),
         )
     },
     # the UNet default's agent phase alone (lean's first 40%, then vanilla): what flux-no-late is to flux

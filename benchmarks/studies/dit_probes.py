@@ -38,12 +38,13 @@ PROBES = {
 
 
 def text_exact_attention(query, key, value, layout, *, agents=None, keys_of=None, scale=None, k_scale2=0.3,
-                         k_shortcut=0.075, upcast=False, text_mask=None):  # fmt: skip
-    """:func:`agentsd.dit.agent_attention` with the image queries reading ``[agents; text keys]`` in one softmax."""
-    if agents is None or layout.text == 0 or text_mask is not None or upcast:
+                         k_shortcut=0.075, upcast=False, text_mask=None, **options):  # fmt: skip
+    """:func:`agentsd.dit.agent_attention` with the image queries reading ``[agents; text keys]`` in one softmax
+    (AgentSD's broadcast otherwise: DESIGN §12's ``options`` on, or no text)."""
+    if agents is None or layout.text == 0 or text_mask is not None or upcast or any(options.values()):
         return agent_attention(
             query, key, value, layout, agents=agents, keys_of=keys_of, scale=scale, k_scale2=k_scale2,
-            k_shortcut=k_shortcut, upcast=upcast, text_mask=text_mask,
+            k_shortcut=k_shortcut, upcast=upcast, text_mask=text_mask, **options,
         )  # fmt: skip
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     (q_image, q_text), (_, k_text), (v_image, v_text) = (layout.split(t) for t in (query, key, value))
