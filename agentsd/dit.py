@@ -253,6 +253,10 @@ class _Partition(NamedTuple):
 
 
 _PARTITIONS: dict[tuple, _Partition] = {}
+# How the near field joins the agent broadcast: "softmax" (DESIGN §12.2: one softmax over the own window's exact keys
+# and the other windows' agents) or "correct" (the broadcast, with the own agent's exact attention over the window's
+# keys swapped for the query's own, weighed by the share of the agent's softmax that window holds).
+NEAR_AGENTS = "softmax"
 
 
 def _partition(grids, window: Window, device, shift: bool = False) -> _Partition:
@@ -341,6 +345,27 @@ def _windowed(q, k, v, part: _Partition, scale: float, bias: torch.Tensor | None
         outs.append(v.index_select(2, part.ragged))
     out, lse = torch.cat(outs, dim=2), torch.cat(lses, dim=2)
     return out.index_select(2, part.inverse), lse.index_select(2, part.inverse)
+
+
+def _agents_over_windows(agent, k, v, part: _Partition, scale: float):
+    """Agent ``j`` (``(B, H, n, D)``, one per whole window) over the exact keys of window ``j``: ``(out, lse)``."""
+    B, H, _, D = agent.shape
+    outs, lses, start = [], [], 0
+    for positions in part.parts:
+        windows, size = positions.shape
+        if windows == 0:
+            continue
+        index = positions.flatten()
+
+        def cut(t, index=index, windows=windows, size=size):
+            return t.index_select(2, index).view(B, H, windows, size, D).transpose(1, 2).reshape(-1, H, size, D)
+
+        a = agent[:, :, start : start + windows].transpose(1, 2).reshape(-1, H, 1, D)
+        out, lse = sdpa_lse(a, cut(k), cut(v), None, scale)
+        outs.append(out.view(B, windows, H, D).transpose(1, 2))
+        lses.append(lse.view(B, windows, H).transpose(1, 2))
+        start += windows
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
 
 
 def _combine(far, near, dup=None) -> torch.Tensor:
@@ -450,13 +475,15 @@ def agent_attention(
     keys, values = key.transpose(1, 2), value.transpose(1, 2)
     n = agent.shape[2]
     # The agents and the text queries attend over the same keys: one call for both.
-    gathered = F.scaled_dot_product_attention(
-        torch.cat([agent, q_text.transpose(1, 2)], dim=2),
-        keys,
-        values,
-        attn_mask=_key_mask(layout, text_mask, layout.image),
-        scale=scale,
-    )
+    both = torch.cat([agent, q_text.transpose(1, 2)], dim=2)
+    correct = near is not None and NEAR_AGENTS == "correct"
+    if correct:  # the agents' log-sum-exp too
+        zeros = None if text_mask is None else agent.new_zeros(agent.shape[0], layout.image)
+        mask = _key_mask(layout, text_mask, layout.image, zeros)
+        gathered, lse_gathered = sdpa_lse(both, keys, values, mask, scale)
+    else:
+        mask = _key_mask(layout, text_mask, layout.image)
+        gathered = F.scaled_dot_product_attention(both, keys, values, attn_mask=mask, scale=scale)
     agent_value, out_text = gathered[:, :, :n], gathered[:, :, n:]
     q_x = q_image.transpose(1, 2)
     bias = None
@@ -467,6 +494,20 @@ def agent_attention(
     if near is None:
         out_image = F.scaled_dot_product_attention(q_x, agent, agent_value, attn_mask=mask, scale=scale**k_scale2)
         out_image = torch.add(out_image, v_x, alpha=k_shortcut)
+    elif correct:
+        # The broadcast, then each query's own window corrected: its agent's output held the agent's exact attention
+        # over the window's keys (a share rho of the agent's softmax); swap in the query's own.
+        part = _partition(layout.grids, near, query.device, shift)
+        broadcast = F.scaled_dot_product_attention(q_x, agent, agent_value, attn_mask=mask, scale=scale**k_scale2)
+        local_agent, lse_local = _agents_over_windows(agent, k_x, v_x, part, scale)
+        rho = (lse_local - lse_gathered[:, :, :n]).exp()
+        own = part.window.clamp(min=0)
+        local_query, _ = _windowed(q_x, k_x, v_x, part, scale)
+        work = lse_local.dtype
+        fix = rho.index_select(2, own)[..., None] * (local_query.to(work) - local_agent.index_select(2, own).to(work))
+        inside = (part.window >= 0)[:, None]
+        fix = torch.where(inside, fix, k_shortcut * v_x.to(work))  # a token in no window: AgentSD's shortcut
+        out_image = (broadcast.to(work) + fix).to(out_text.dtype)
     else:
         far = sdpa_lse(q_x, agent, agent_value, mask, scale**k_scale2)
         part = _partition(layout.grids, near, query.device, shift)

@@ -117,6 +117,20 @@ def agent_heads(
             logits = q_x @ a.T * scale**k_scale2 + torch.tensor(bias, dtype=q_x.dtype)
             return torch.softmax(logits, -1) @ v_a + k_shortcut * v_x, out_t
         out_x = torch.empty_like(q_x)
+        if NEAR_AGENTS == "correct":  # the broadcast, the own window's exact part of the own agent swapped for q's
+            logits = q_x @ a.T * scale**k_scale2 + torch.tensor(bias, dtype=q_x.dtype)
+            broadcast = torch.softmax(logits, -1) @ v_a
+            for i in range(N):
+                if i not in window_of:
+                    out_x[i] = broadcast[i] + k_shortcut * v_x[i]
+                    continue
+                j = window_of[i]
+                mass = torch.exp(a[j] @ k.T * scale)
+                rho = mass[[(M + m) if text_first else m for m in near[j]]].sum() / mass.sum()
+                local_q = softmax_attention(q_x[i : i + 1], k_x[near[j]], v_x_all[near[j]], scale)[0]
+                local_a = softmax_attention(a[j : j + 1], k_x[near[j]], v_x_all[near[j]], scale)[0]
+                out_x[i] = broadcast[i] + rho * (local_q - local_a)
+            return out_x, out_t
         for i in range(N):
             own = near[window_of[i]] if i in window_of else [i]
             others = [j for j in range(len(groups)) if window_of.get(i) != j]
@@ -152,6 +166,9 @@ def agent_heads(
         weights = torch.softmax(torch.tensor(logit, dtype=q_x.dtype), 0)
         out_x[i] = sum(w * val for w, val in zip(weights, values))
     return out_x, out_t
+
+
+NEAR_AGENTS = "softmax"  # how the near field joins the agents (agentsd.dit.NEAR_AGENTS): set by the tests
 
 
 class _Run:

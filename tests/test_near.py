@@ -50,6 +50,22 @@ def test_flux_options_equal_the_reference(option, batch, grids, agents, t):
         assert change > 1e-4  # the option acted
 
 
+@pytest.mark.parametrize("option", ["near", "all"])
+@pytest.mark.parametrize("batch,grids,agents", [(1, [(8, 12)], "pooled"), (2, [(6, 10)], "merged")])
+def test_the_near_field_as_a_correction_equals_the_reference(option, batch, grids, agents, monkeypatch):
+    """NEAR_AGENTS = "correct": the agent broadcast with each query's own window swapped in exactly."""
+    import reference_dit
+
+    monkeypatch.setattr(agentsd.dit, "NEAR_AGENTS", "correct")
+    monkeypatch.setattr(reference_dit, "NEAR_AGENTS", "correct")
+    model = tiny_flux()
+    schedule = _with(phases(agents, (1, 4, 4), (1, 2, 2)), OPTIONS[option])
+    ref = reference_flux(model, schedule, [1, 3], seed=7)
+    agentsd.apply(model, schedule, blocks=[1, 3], seed=7)
+    kwargs = flux_inputs(batch, grids, 0.9)
+    torch.testing.assert_close(_forward(model, kwargs).double(), ref(**kwargs), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("option", sorted(OPTIONS))
 @pytest.mark.parametrize("batch,frames,h,w,agents", [(2, 4, 4, 8, "pooled"), (1, 5, 5, 6, "merged")])
 @pytest.mark.parametrize("t", [900, 300], ids=["agent-phase", "late-phase"])
