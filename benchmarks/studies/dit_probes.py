@@ -9,7 +9,8 @@ it ships (``flux``, ``flux-no-late``, ``flux-agents-2x2``, ``flux-plain-broadcas
   (``softmax([Q_X Aᵀ s^k_scale2; Q_X K_Tᵀ s]) [V_A; V_T]``) instead of the agents alone: whether the
   image-from-text route through the agents is what costs;
 - ``flux+near-correct``, ``flux+both-correct``, ``flux+all-correct``: the near field joined to the agents as a
-  correction of the broadcast (``agentsd.dit.NEAR_AGENTS = "correct"``) instead of DESIGN §12.2's one softmax.
+  correction of the broadcast (``agentsd.dit.NEAR_AGENTS = "correct"``) instead of DESIGN §12.2's one softmax;
+- ``flux-block-<k>``: the ``flux`` preset in block ``k`` alone: which blocks a preset can patch.
 
 Run from the repository root with vanilla's images linked in, e.g. for the first 100 one-object captions::
 
@@ -40,6 +41,9 @@ PROBES = {
     # the near field joined to the agents as a correction of the broadcast (agentsd.dit.NEAR_AGENTS = "correct")
     # instead of DESIGN §12.2's one softmax: the flux+near, +both and +all methods of bench quality
     **{f"{name}-correct": quality.METHODS[name] for name in ("flux+near", "flux+both", "flux+all")},
+    # per-block sensitivity: the flux preset in one block at a time (the proving ground's 2 double- and 6 single-stream
+    # blocks: 0-1 and 2-7)
+    **{f"flux-block-{k}": {"schedule": "flux", "blocks": [k]} for k in range(8)},
 }
 
 
