@@ -168,3 +168,22 @@ def test_near_and_shift_are_refused_where_they_are_not_built():
             agentsd.apply(tiny_unet(), [phase])
         with pytest.raises(ValueError, match="not yet on SD 3"):
             agentsd.apply(tiny_sd3("sd3"), [phase], blocks=[1])
+
+
+@pytest.mark.parametrize("near_agents", ["softmax", "correct"])
+@pytest.mark.parametrize("agents", ["pooled", "merged"])
+@pytest.mark.parametrize("t", [0.9, 0.3], ids=["agent-phase", "late-phase"])
+def test_qwen_with_a_padded_prompt_equals_the_reference(near_agents, agents, t, monkeypatch):
+    """The padding mask in every softmax over keys: the merged keys' proportional mask, the agents' gather."""
+    import reference_dit
+    from reference_dit import reference_qwen
+    from test_qwen import qwen_inputs, tiny_qwen
+
+    monkeypatch.setattr(agentsd.dit, "NEAR_AGENTS", near_agents)
+    monkeypatch.setattr(reference_dit, "NEAR_AGENTS", near_agents)
+    model = tiny_qwen()
+    schedule = _with(phases(agents, (1, 4, 4), (1, 2, 2)), OPTIONS["all"])
+    ref = reference_qwen(model, schedule, [1, 2], seed=5)
+    agentsd.apply(model, schedule, blocks=[1, 2], seed=5)
+    kwargs = qwen_inputs(2, [(6, 10)], t, masked=True)
+    torch.testing.assert_close(_forward(model, kwargs).double(), ref(**kwargs), atol=1e-5, rtol=1e-5)
