@@ -122,6 +122,24 @@ class _AgentProcessor:
     def begin_block(self, block_input: torch.Tensor) -> None:
         self.block_input = block_input
 
+    # diffusers sets these on every attention processor (enable_parallelism, set_attention_backend): they belong to
+    # the processor agentsd wraps, which runs wherever agentsd does not act, so they pass through to it
+    @property
+    def _parallel_config(self):
+        return getattr(self.original, "_parallel_config", None)
+
+    @_parallel_config.setter
+    def _parallel_config(self, value) -> None:
+        self.original._parallel_config = value
+
+    @property
+    def _attention_backend(self):
+        return getattr(self.original, "_attention_backend", None)
+
+    @_attention_backend.setter
+    def _attention_backend(self, value) -> None:
+        self.original._attention_backend = value
+
     def _phase(self, image_tokens: torch.Tensor) -> Phase | None:
         """This call's phase when it changes this block, else ``None``; ``image_tokens``: any tensor of the call."""
         state = self.state

@@ -76,6 +76,7 @@ class _Patch:
     merge_crossattn: bool = False
     merge_mlp: bool = False
     handles: list = field(default_factory=list)
+    warned_parallel: bool = False  # said once that context parallelism leaves agentsd idle
 
 
 def apply(
@@ -614,6 +615,8 @@ def _patch_flow(module: torch.nn.Module, patch: _Patch, band_of_block: dict[int,
             _, _, f, h, w = hidden_states.shape
             grids = ((f // p_t, h // p_h, w // p_w),)
             sigma = float(timestep.reshape(-1).max()) / patch.num_train_timesteps  # Wan with t in [0, T]
+        if _context_parallel(patch):
+            grids = None  # every adapter falls back to the processor it wraps, which runs diffusers' parallel attention
         latent_tokens = 0 if grids is None else grids[0][0] * grids[0][1] * grids[0][2]
         scheduler = patch.scheduler()
         config = getattr(scheduler, "config", None)
@@ -632,6 +635,23 @@ def _patch_flow(module: torch.nn.Module, patch: _Patch, band_of_block: dict[int,
     for block, _ in patch.blocks:
         patch.handles.append(block.register_forward_pre_hook(_flow_metric_hook, with_kwargs=True))
     inner.__dict__[_ATTR] = patch
+
+
+def _context_parallel(patch: _Patch) -> bool:
+    """Whether diffusers' context parallelism is on (``enable_parallelism``, before or after ``apply``): agent
+    attention does not act under it yet, and says so once."""
+    for block, _ in patch.blocks:
+        config = getattr(_flow_attention(block).processor, "_parallel_config", None)
+        if config is not None and getattr(config, "context_parallel_config", None) is not None:
+            if not patch.warned_parallel:
+                patch.warned_parallel = True
+                warnings.warn(
+                    "agentsd does not act under diffusers' context parallelism yet: the transformer runs its own "
+                    "context-parallel attention (vanilla); agentsd.remove() or enable_parallelism() alone give the same",
+                    stacklevel=2,
+                )
+            return True
+    return False
 
 
 def _flow_attention(block):
