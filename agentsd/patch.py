@@ -647,7 +647,7 @@ def _context_parallel(patch: _Patch) -> bool:
                 patch.warned_parallel = True
                 warnings.warn(
                     "agentsd does not act under diffusers' context parallelism yet: the transformer runs its own "
-                    "context-parallel attention (vanilla); agentsd.remove() or enable_parallelism() alone give the same",
+                    "context-parallel attention (vanilla), as after agentsd.remove()",
                     stacklevel=2,
                 )
             return True

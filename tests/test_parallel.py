@@ -74,8 +74,9 @@ def _forward(model, kwargs):
 
 
 def _orders(rank, world, family, order, folder):
-    import agentsd
     from diffusers import ContextParallelConfig
+
+    import agentsd
 
     model, kwargs, schedule = _model_and_inputs(family)
     config = ContextParallelConfig(ulysses_degree=world)
@@ -109,8 +110,9 @@ def test_either_order_runs_diffusers_context_parallelism(family, order, tmp_path
 
 
 def test_set_attention_backend_reaches_the_wrapped_processors():
-    import agentsd
     from test_dit import phases, tiny_flux
+
+    import agentsd
 
     model = tiny_flux()
     agentsd.apply(model, phases("pooled", (1, 4, 4), (1, 2, 2)), blocks=range(4))
