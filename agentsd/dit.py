@@ -253,10 +253,6 @@ class _Partition(NamedTuple):
 
 
 _PARTITIONS: dict[tuple, _Partition] = {}
-# How the near field joins the agent broadcast: "softmax" (DESIGN §12.2: one softmax over the own window's exact keys
-# and the other windows' agents) or "correct" (the broadcast, with the own agent's exact attention over the window's
-# keys swapped for the query's own, weighed by the share of the agent's softmax that window holds).
-NEAR_AGENTS = "softmax"
 
 
 def _partition(grids, window: Window, device, shift: bool = False) -> _Partition:
@@ -407,6 +403,7 @@ def agent_attention(
     text_mask: torch.Tensor | None = None,
     proportional: bool = False,
     near: Window | None = None,
+    near_join: str = "correct",
     shift: bool = False,
 ) -> torch.Tensor:
     """Attention of ``(B, S, heads, head_dim)`` queries, keys and values laid out as ``layout``, through agents.
@@ -426,6 +423,10 @@ def agent_attention(
             window of the grid (its own key where it lies in no whole window) and over the summary of the rest:
             the agents of the other windows (the image query's scale ``s^k_scale2``, no shortcut) or every merged
             key less the shares of its window's tokens. The agents' windows must be these windows.
+        near_join: how the near field joins the agents: ``"correct"``, the broadcast with each query's exact
+            attention over its window swapped in for its agent's, weighed by the share of the agent's softmax that
+            window holds; ``"softmax"``, DESIGN §12.2's one softmax over the window's exact keys and the other
+            windows' agents (at ``s^k_scale2``, the own agent left out).
         shift: the near field's windows are shifted (:func:`pool`), as the agents' are.
 
     Returns:
@@ -476,7 +477,9 @@ def agent_attention(
     n = agent.shape[2]
     # The agents and the text queries attend over the same keys: one call for both.
     both = torch.cat([agent, q_text.transpose(1, 2)], dim=2)
-    correct = near is not None and NEAR_AGENTS == "correct"
+    if near_join not in ("correct", "softmax"):
+        raise ValueError(f"near_join must be 'correct' or 'softmax', got {near_join!r}")
+    correct = near is not None and near_join == "correct"
     if correct:  # the agents' log-sum-exp too
         zeros = None if text_mask is None else agent.new_zeros(agent.shape[0], layout.image)
         mask = _key_mask(layout, text_mask, layout.image, zeros)

@@ -183,7 +183,8 @@ class _AgentProcessor:
             upcast=state.upcast,
             text_mask=text_mask,
             proportional=phase.proportional,
-            near=win if phase.near else None,
+            near=win if phase.near_join else None,
+            near_join=phase.near_join or "correct",
             shift=shift,
         )
 

@@ -62,9 +62,12 @@ class Phase:
         proportional: proportional attention (ToMe's): the logit of a merged key or of an agent gains ``log|g|``,
             ``|g|`` the tokens its group holds, so it weighs like them: against the text keys of joint attention,
             and among groups of unequal size. ``tokens="all"`` only.
-        near: near field exact (DiTs): each image query attends, in one softmax, over the exact keys of its own
-            sx×sy(×st) window and over the rest through the summary: the other windows' agents, or the merged
-            keys less its window's shares. ``tokens="all"`` on DiTs only.
+        near: near field exact (DiTs): each image query's attention over the exact keys of its own sx×sy(×st)
+            window joins the summary of the rest. Late phase: one softmax over them and the merged keys less the
+            window's shares. With agents, ``True`` or ``"correct"``: the broadcast, with the query's exact attention
+            over its window swapped in for its agent's (weighed by the share of the agent's softmax that window
+            holds); ``"softmax"``: DESIGN §12.2's one softmax over the window's keys and the other windows' agents.
+            ``tokens="all"`` on DiTs only.
         shift: shifted windows (Swin's): every other patched block shifts its windows (the agents', the merged keys'
             dst and the near field's) by half a window along each axis, wrapping around the grid's edges, so that
             window borders do not lie at the same place in every block. ``tokens="all"`` on DiTs only.
@@ -83,7 +86,7 @@ class Phase:
     agents: str = "merged"
     st: int = 1
     proportional: bool = False
-    near: bool = False
+    near: bool | str = False
     shift: bool = False
 
     def __post_init__(self):
@@ -93,7 +96,9 @@ class Phase:
                 continue
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"Phase.{name} must be an int, got {type(value).__name__}")
-        for name in ("merge_crossattn", "merge_mlp", "share_matching", "proportional", "near", "shift"):
+        if not (self.near is False or self.near is True or self.near in ("correct", "softmax")):
+            raise ValueError(f"Phase.near must be False, True, 'correct' or 'softmax', got {self.near!r}")
+        for name in ("merge_crossattn", "merge_mlp", "share_matching", "proportional", "shift"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"Phase.{name} must be a bool, got {type(getattr(self, name)).__name__}")
         if self.min_tokens is not None and self.min_tokens < 0:
@@ -130,6 +135,11 @@ class Phase:
                 raise ValueError("Phase(agents='pooled') needs tokens='all'")
             if self.agent_ratio is not None:
                 raise ValueError("Phase(agents='pooled') makes one agent per window: agent_ratio must be None")
+
+    @property
+    def near_join(self) -> str | None:
+        """How the near field joins the agents (``near``'s), or ``None`` without a near field."""
+        return None if self.near is False else "correct" if self.near is True else self.near
 
     @property
     def merges(self) -> bool:

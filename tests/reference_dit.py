@@ -93,13 +93,17 @@ def agent_heads(
     text_keys=None,
     proportional=False,
     near=None,
+    near_join="correct",
 ):
     """One head of §11 and §12: ``q_x`` (N×d) image queries, ``k``/``v`` every token's keys and values in sequence
     order, ``q_t`` text queries (M×d), ``v_x`` the image values; ``text_keys``: how many of ``k`` are text keys where a
     mask left out some (``M`` if ``None``). ``proportional``: an agent's or merged key's logit gains log|g|. ``near``:
     the windows (lists of image positions) whose exact keys their own queries attend to, the summary standing for
     the rest only (an agent for the tokens of its window, window j being agent j's; a merged key for its tokens
-    outside the query's window). Returns (image out N×d, text out M×d)."""
+    outside the query's window). ``near_join`` (with agents): ``"correct"``, the broadcast plus, for a query in window
+    j, ρ_j (O_j(q) − O_j(a_j)), O_j the exact attention over window j's keys and ρ_j the share of agent j's softmax
+    over every key that window holds; ``"softmax"``, one softmax over window j's exact keys and every other agent.
+    Returns (image out N×d, text out M×d)."""
     M = q_t.shape[0] if text_keys is None else text_keys
     N = q_x.shape[0]
     k_t, k_x = (k[:M], k[M:]) if text_first else (k[N:], k[:N])
@@ -117,7 +121,7 @@ def agent_heads(
             logits = q_x @ a.T * scale**k_scale2 + torch.tensor(bias, dtype=q_x.dtype)
             return torch.softmax(logits, -1) @ v_a + k_shortcut * v_x, out_t
         out_x = torch.empty_like(q_x)
-        if NEAR_AGENTS == "correct":  # the broadcast, the own window's exact part of the own agent swapped for q's
+        if near_join == "correct":  # the broadcast, the own window's exact part of the own agent swapped for q's
             logits = q_x @ a.T * scale**k_scale2 + torch.tensor(bias, dtype=q_x.dtype)
             broadcast = torch.softmax(logits, -1) @ v_a
             for i in range(N):
@@ -168,9 +172,6 @@ def agent_heads(
     return out_x, out_t
 
 
-NEAR_AGENTS = "softmax"  # how the near field joins the agents (agentsd.dit.NEAR_AGENTS): set by the tests
-
-
 class _Run:
     def __init__(self, phases, seed):
         self.phases, self.seed = phases, seed
@@ -193,7 +194,8 @@ class _Run:
     def near_field(self, phase, shifted):
         """agent_heads' §12 options of ``phase`` in a block whose windows shift if the phase shifts them."""
         near = windows(self.grids, phase.st, phase.sy, phase.sx, phase.shift and shifted) if phase.near else None
-        return dict(proportional=phase.proportional, near=near)
+        join = "correct" if phase.near is True else phase.near or "correct"
+        return dict(proportional=phase.proportional, near=near, near_join=join)
 
     def groups_of(self, phase, metric, b, shifted):
         win, shift = (phase.st, phase.sy, phase.sx), phase.shift and shifted

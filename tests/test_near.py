@@ -14,8 +14,10 @@ from agentsd.dit import Layout, Pooled, Window, agent_attention, sdpa_lse
 
 OPTIONS = {
     "proportional": dict(proportional=True),
-    "near": dict(near=True),
+    "near": dict(near=True),  # the near field joined as a correction of the broadcast
+    "near-softmax": dict(near="softmax"),  # DESIGN §12.2's one softmax
     "both": dict(proportional=True, near=True),
+    "both-softmax": dict(proportional=True, near="softmax"),
     "shift": dict(shift=True),
     "all": dict(proportional=True, near=True, shift=True),
 }
@@ -48,22 +50,6 @@ def test_flux_options_equal_the_reference(option, batch, grids, agents, t):
         assert change < 1e-6  # pooled agents of equal windows: the bias is the same on every agent
     else:
         assert change > 1e-4  # the option acted
-
-
-@pytest.mark.parametrize("option", ["near", "all"])
-@pytest.mark.parametrize("batch,grids,agents", [(1, [(8, 12)], "pooled"), (2, [(6, 10)], "merged")])
-def test_the_near_field_as_a_correction_equals_the_reference(option, batch, grids, agents, monkeypatch):
-    """NEAR_AGENTS = "correct": the agent broadcast with each query's own window swapped in exactly."""
-    import reference_dit
-
-    monkeypatch.setattr(agentsd.dit, "NEAR_AGENTS", "correct")
-    monkeypatch.setattr(reference_dit, "NEAR_AGENTS", "correct")
-    model = tiny_flux()
-    schedule = _with(phases(agents, (1, 4, 4), (1, 2, 2)), OPTIONS[option])
-    ref = reference_flux(model, schedule, [1, 3], seed=7)
-    agentsd.apply(model, schedule, blocks=[1, 3], seed=7)
-    kwargs = flux_inputs(batch, grids, 0.9)
-    torch.testing.assert_close(_forward(model, kwargs).double(), ref(**kwargs), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("option", sorted(OPTIONS))
@@ -134,6 +120,9 @@ def test_phase_options_are_checked():
         agentsd.Phase(ratio=0.5, near=True)
     with pytest.raises(TypeError, match="Phase.proportional must be a bool"):
         agentsd.Phase(ratio=0.5, tokens="all", proportional=1)
+    with pytest.raises(ValueError, match="Phase.near must be False, True, 'correct' or 'softmax'"):
+        agentsd.Phase(ratio=0.5, tokens="all", near=1)
+    assert agentsd.Phase(ratio=0.5, tokens="all", near=True).near_join == "correct"
 
 
 @pytest.mark.parametrize("family", ["flux", "wan"])
@@ -170,19 +159,16 @@ def test_near_and_shift_are_refused_where_they_are_not_built():
             agentsd.apply(tiny_sd3("sd3"), [phase], blocks=[1])
 
 
-@pytest.mark.parametrize("near_agents", ["softmax", "correct"])
+@pytest.mark.parametrize("near", [True, "softmax"])
 @pytest.mark.parametrize("agents", ["pooled", "merged"])
 @pytest.mark.parametrize("t", [0.9, 0.3], ids=["agent-phase", "late-phase"])
-def test_qwen_with_a_padded_prompt_equals_the_reference(near_agents, agents, t, monkeypatch):
+def test_qwen_with_a_padded_prompt_equals_the_reference(near, agents, t):
     """The padding mask in every softmax over keys: the merged keys' proportional mask, the agents' gather."""
-    import reference_dit
     from reference_dit import reference_qwen
     from test_qwen import qwen_inputs, tiny_qwen
 
-    monkeypatch.setattr(agentsd.dit, "NEAR_AGENTS", near_agents)
-    monkeypatch.setattr(reference_dit, "NEAR_AGENTS", near_agents)
     model = tiny_qwen()
-    schedule = _with(phases(agents, (1, 4, 4), (1, 2, 2)), OPTIONS["all"])
+    schedule = _with(phases(agents, (1, 4, 4), (1, 2, 2)), dict(proportional=True, near=near, shift=True))
     ref = reference_qwen(model, schedule, [1, 2], seed=5)
     agentsd.apply(model, schedule, blocks=[1, 2], seed=5)
     kwargs = qwen_inputs(2, [(6, 10)], t, masked=True)

@@ -133,9 +133,7 @@ def qwen_pipeline(tmp_path, cls=QwenImagePipeline):
         use_dynamic_shifting=True, base_image_seq_len=256, max_image_seq_len=8192, base_shift=0.5, max_shift=0.9,
         shift_terminal=0.02, time_shift_type="exponential",
     )  # fmt: skip
-    pipe = cls(
-        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=tiny_qwen(16)
-    )
+    pipe = cls(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=tiny_qwen(16))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -61,7 +61,10 @@ def test_quality_table_gives_intervals_and_a_dash_where_no_time_was_kept(tmp_pat
     folder = tmp_path / "benchmarks" / "results" / "quality_demo_flux"
     folder.mkdir(parents=True)
     row = {"images": 500, "fid": 170.8, "kid": 111.4, "kid_std": 32.0, "caption_accuracy": 0.5}
-    methods = {"none": {**row, "seconds_per_image": None}, "flux": {**row, "seconds_per_image": 2.5, "psnr_vs_none": 24.6}}
+    methods = {
+        "none": {**row, "seconds_per_image": None},
+        "flux": {**row, "seconds_per_image": 2.5, "psnr_vs_none": 24.6},
+    }
     results = {"num": 500, "steps": 25, "guidance": 3.0, "commit": "abcd", "metrics": {"methods": methods}}
     (folder / "quality.json").write_text(json.dumps(results))
     lines = report.quality_demo_flux(tmp_path).splitlines()

@@ -67,8 +67,9 @@ METHODS = {
     # flux with Agent Attention's plain broadcast (the model's softmax scale, no V shortcut) instead of AgentSD's
     # (scale^0.3, 0.075 V)
     "flux-plain-broadcast": {"schedule": "flux", "k_scale2": 1.0, "k_shortcut": 0.0},
-    # DESIGN §12 on the Flux presets: proportional attention (+prop), the near field (+near), both (+both; +both-s:
-    # agents at the model's own scale instead of AgentSD's s^0.3), shifted windows (+shift), all three (+all)
+    # DESIGN §12 on the Flux presets: proportional attention (+prop), the near field joined as a correction of the
+    # broadcast (+near), both (+both), shifted windows (+shift), all three (+all); the near field as DESIGN §12.2's
+    # one softmax (-softmax; -softmax-s: with the agents at the model's own scale instead of AgentSD's s^0.3)
     **{
         f"{preset}+{name}": {"schedule": _with(preset, **options), **extra}
         for preset in ("flux", "flux-merged")
@@ -76,9 +77,11 @@ METHODS = {
             ("prop", dict(proportional=True), {}),
             ("near", dict(near=True), {}),
             ("both", dict(proportional=True, near=True), {}),
-            ("both-s", dict(proportional=True, near=True), {"k_scale2": 1.0}),
             ("shift", dict(shift=True), {}),
             ("all", dict(proportional=True, near=True, shift=True), {}),
+            ("near-softmax", dict(near="softmax"), {}),
+            ("both-softmax", dict(proportional=True, near="softmax"), {}),
+            ("both-softmax-s", dict(proportional=True, near="softmax"), {"k_scale2": 1.0}),
         )
     },
     # the UNet default's agent phase alone (lean's first 40%, then vanilla): what flux-no-late is to flux

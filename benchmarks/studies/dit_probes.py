@@ -8,8 +8,6 @@ it ships (``flux``, ``flux-no-late``, ``flux-agents-2x2``, ``flux-plain-broadcas
 - ``flux-text-exact``: the preset with every image query reading the agents and the text keys in one softmax
   (``softmax([Q_X Aᵀ s^k_scale2; Q_X K_Tᵀ s]) [V_A; V_T]``) instead of the agents alone: whether the
   image-from-text route through the agents is what costs;
-- ``flux+near-correct``, ``flux+both-correct``, ``flux+all-correct``: the near field joined to the agents as a
-  correction of the broadcast (``agentsd.dit.NEAR_AGENTS = "correct"``) instead of DESIGN §12.2's one softmax;
 - ``flux-block-<k>``: the ``flux`` preset in block ``k`` alone: which blocks a preset can patch.
 
 Run from the repository root with vanilla's images linked in, e.g. for the first 100 one-object captions::
@@ -29,7 +27,6 @@ import sys
 import torch
 import torch.nn.functional as F
 
-import agentsd.dit
 import agentsd.families
 from agentsd.bench import quality
 from agentsd.dit import _heads_mean, agent_attention
@@ -38,9 +35,6 @@ from agentsd.schedule import PRESETS
 PROBES = {
     "flux-late-only": {"schedule": (dataclasses.replace(PRESETS["flux"][1], end=1.0),)},
     "flux-text-exact": {"schedule": "flux"},
-    # the near field joined to the agents as a correction of the broadcast (agentsd.dit.NEAR_AGENTS = "correct")
-    # instead of DESIGN §12.2's one softmax: the flux+near, +both and +all methods of bench quality
-    **{f"{name}-correct": quality.METHODS[name] for name in ("flux+near", "flux+both", "flux+all")},
     # per-block sensitivity: the flux preset in one block at a time (the proving ground's 2 double- and 6 single-stream
     # blocks: 0-1 and 2-7)
     **{f"flux-block-{k}": {"schedule": "flux", "blocks": [k]} for k in range(8)},
@@ -80,12 +74,6 @@ def main(argv: list[str]) -> int:
         if any(m in methods for m in ("flux", "flux-merged", "flux-no-late", "flux-agents-2x2")):
             raise SystemExit("flux-text-exact replaces agent_attention for the whole run: give it its own run")
         agentsd.families.agent_attention = text_exact_attention
-    if any(m.endswith("-correct") for m in methods):
-        if any("+near" in m or "+both" in m or "+all" in m for m in methods if not m.endswith("-correct")):
-            raise SystemExit(
-                "the -correct probes change how every near field joins the agents: give them their own run"
-            )
-        agentsd.dit.NEAR_AGENTS = "correct"
     return cli(["bench", "quality", *argv])
 
 
