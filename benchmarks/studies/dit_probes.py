@@ -8,7 +8,8 @@ it ships (``flux``, ``flux-no-late``, ``flux-agents-2x2``, ``flux-plain-broadcas
 - ``flux-text-exact``: the preset with every image query reading the agents and the text keys in one softmax
   (``softmax([Q_X Aᵀ s^k_scale2; Q_X K_Tᵀ s]) [V_A; V_T]``) instead of the agents alone: whether the
   image-from-text route through the agents is what costs;
-- ``flux-block-<k>``: the ``flux`` preset in block ``k`` alone: which blocks a preset can patch.
+- ``flux-block-<k>``: the ``flux`` preset in block ``k`` alone: which blocks a preset can patch; ``flux-last-blocks``,
+  ``flux+both-last-blocks``: in the last four blocks instead of the middle four.
 
 Run from the repository root with vanilla's images linked in, e.g. for the first 100 one-object captions::
 
@@ -38,6 +39,10 @@ PROBES = {
     # per-block sensitivity: the flux preset in one block at a time (the proving ground's 2 double- and 6 single-stream
     # blocks: 0-1 and 2-7)
     **{f"flux-block-{k}": {"schedule": "flux", "blocks": [k]} for k in range(8)},
+    # the flux preset in the last four blocks (the least sensitive one by one) instead of the middle four, alone and
+    # with proportional attention and the near field
+    "flux-last-blocks": {"schedule": "flux", "blocks": [4, 5, 6, 7]},
+    "flux+both-last-blocks": {**quality.METHODS["flux+both"], "blocks": [4, 5, 6, 7]},
 }
 
 
