@@ -123,9 +123,11 @@ def quality_demo128(root: Path, folder: str = "quality_demo128") -> str:
         pair = two_rows.get(method, {})
         pair = "–" if pair.get("caption_accuracy") is None else _accuracy(pair["caption_accuracy"], pair["images"])
         seconds = "–" if m.get("seconds_per_image") is None else f"{m['seconds_per_image']:.2f}"
+        fid = "–" if m.get("fid") is None else f"{m['fid']:.1f}"  # none against itself, where vanilla is the reference
+        kid = "–" if m.get("kid") is None else f"{m['kid']:.0f} ± {m['kid_std']:.0f}"
         lines.append(
-            f"| {method} | {_accuracy(m['caption_accuracy'], m['images'])} | {pair} | {m['fid']:.1f} "
-            f"| {m['kid']:.0f} ± {m['kid_std']:.0f} | {psnr} | {ssim} | {seconds} |"
+            f"| {method} | {_accuracy(m['caption_accuracy'], m['images'])} | {pair} | {fid} | {kid} | {psnr} | {ssim} "
+            f"| {seconds} |"
         )
     return "\n".join(lines)
 
@@ -155,11 +157,23 @@ def quality_demo_flux(root: Path) -> str:
     return quality_demo128(root, "quality_demo_flux")
 
 
+def quality_demo_flux_s12(root: Path) -> str:
+    """DESIGN §12's options on the DiT proving ground (first 100 captions)."""
+    return quality_demo128(root, "quality_demo_flux_s12")
+
+
+def quality_demo_flux_blocks(root: Path) -> str:
+    """The flux preset in one block at a time on the DiT proving ground (first 100 captions)."""
+    return quality_demo128(root, "quality_demo_flux_probes/blocks")
+
+
 TABLES = {
     "where-it-pays": where_it_pays,
     "ops": ops,
     "quality-demo128": quality_demo128,
     "quality-demo-flux": quality_demo_flux,
+    "quality-demo-flux-s12": quality_demo_flux_s12,
+    "quality-demo-flux-blocks": quality_demo_flux_blocks,
     "dit-blocks": dit_blocks,
 }
 _BLOCK = re.compile(r"(<!-- report:([a-z0-9-]+) -->\n)(.*?)(<!-- /report:\2 -->)", re.S)
