@@ -112,3 +112,19 @@ def test_a_compact_checkpoint_resumes_the_run(recipe, trained, tmp_path):
     part = "transformer/diffusion_pytorch_model.safetensors"
     first, resumed = (load_file(root / "model" / part) for root in (trained / "out", tmp_path / "out"))
     assert first.keys() == resumed.keys() and all(torch.equal(first[k], resumed[k]) for k in first)  # fp16 both
+
+
+def test_a_new_stage_starts_from_a_compact_checkpoint_at_another_size(recipe, trained, tmp_path):
+    """--init: a resolution curriculum's next stage, its transformer from the checkpoint's EMA weights at step 0 with a
+    fresh budget, its latents rendered at image_size (64² here: 256 tokens of a 16×16 grid)."""
+    recipe.main(["--run", str(trained / "run"), "--out", str(tmp_path / "o"), "--keep", str(tmp_path / "keep")])
+    argv = ["--run", str(tmp_path / "run"), "--out", str(tmp_path / "out"), "--dit-steps", "2", "--init"]
+    settings = [a for kv in [*TINY, "image_size=64"] for a in ("--set", kv)]
+    recipe.main([*argv, str(tmp_path / "keep"), *settings])
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["init"] == str(tmp_path / "keep") and config["image_size"] == 64 and config["dit_steps"] == 2
+    assert torch.load(tmp_path / "run" / "cache.pt")["latents"].shape[-1] == 16  # 64² through the factor-4 VAE
+    rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["stage"] == "dit" and "loss" in r] == [0]  # a fresh stage from step 0
+    with pytest.raises(SystemExit, match="exists already"):
+        recipe.main([*argv, str(tmp_path / "keep")])
