@@ -314,6 +314,14 @@ def sdpa_lse(
     return ((logits - lse[..., None]).exp().to(value.dtype) @ value), lse
 
 
+def _cut_windows(t: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The tokens of ``t`` (``(B, H, N, D)``) at ``positions`` (``(windows, size)``) as a batch of windows:
+    ``(B·windows, H, size, D)``."""
+    B, H, _, D = t.shape
+    windows, size = positions.shape
+    return t.index_select(2, positions.flatten()).view(B, H, windows, size, D).transpose(1, 2).reshape(-1, H, size, D)
+
+
 def _windowed(q, k, v, part: _Partition, scale: float, bias: torch.Tensor | None = None):
     """Every image query over the keys of its own window (a token in no whole window: over its own key):
     ``(out, lse)`` as :func:`sdpa_lse`'s, in the tokens' order. ``q``, ``k``, ``v``: ``(B, H, N, D)``; ``bias``:
@@ -324,13 +332,8 @@ def _windowed(q, k, v, part: _Partition, scale: float, bias: torch.Tensor | None
         windows, size = positions.shape
         if windows == 0:
             continue
-        index = positions.flatten()
-
-        def cut(t, index=index, windows=windows, size=size):
-            return t.index_select(2, index).view(B, H, windows, size, D).transpose(1, 2).reshape(-1, H, size, D)
-
-        mask = None if bias is None else bias.index_select(1, index).view(B * windows, 1, 1, size)
-        out, lse = sdpa_lse(cut(q), cut(k), cut(v), mask, scale)
+        mask = None if bias is None else bias.index_select(1, positions.flatten()).view(B * windows, 1, 1, size)
+        out, lse = sdpa_lse(*(_cut_windows(t, positions) for t in (q, k, v)), mask, scale)
         outs.append(out.view(B, windows, H, size, D).transpose(1, 2).reshape(B, H, windows * size, D))
         lses.append(lse.view(B, windows, H, size).transpose(1, 2).reshape(B, H, windows * size))
     if part.ragged.numel():
@@ -348,16 +351,11 @@ def _agents_over_windows(agent, k, v, part: _Partition, scale: float):
     B, H, _, D = agent.shape
     outs, lses, start = [], [], 0
     for positions in part.parts:
-        windows, size = positions.shape
+        windows = positions.shape[0]
         if windows == 0:
             continue
-        index = positions.flatten()
-
-        def cut(t, index=index, windows=windows, size=size):
-            return t.index_select(2, index).view(B, H, windows, size, D).transpose(1, 2).reshape(-1, H, size, D)
-
         a = agent[:, :, start : start + windows].transpose(1, 2).reshape(-1, H, 1, D)
-        out, lse = sdpa_lse(a, cut(k), cut(v), None, scale)
+        out, lse = sdpa_lse(a, _cut_windows(k, positions), _cut_windows(v, positions), None, scale)
         outs.append(out.view(B, windows, H, D).transpose(1, 2))
         lses.append(lse.view(B, windows, H).transpose(1, 2))
         start += windows
@@ -419,10 +417,10 @@ def agent_attention(
             Only the softmaxes over the keys read it (the agents' gather, the text queries, the late phase).
         proportional: an agent's or a merged key's logit gains ``log|g|``, ``|g|`` the tokens its group holds
             (``sizes()`` of ``agents`` or ``keys_of``), so that it weighs like the tokens it stands for.
-        near: the near field's window: each image query attends, in one softmax, over the exact keys of its own
-            window of the grid (its own key where it lies in no whole window) and over the summary of the rest:
-            the agents of the other windows (the image query's scale ``s^k_scale2``, no shortcut) or every merged
-            key less the shares of its window's tokens. The agents' windows must be these windows.
+        near: the near field's window: each image query's exact attention over the keys of its own window of the
+            grid (its own key where it lies in no whole window) joins the summary of the rest, as ``near_join``
+            says with agents, and without them in one softmax with every merged key less the shares of its
+            window's tokens. The agents' windows must be these windows.
         near_join: how the near field joins the agents: ``"correct"``, the broadcast with each query's exact
             attention over its window swapped in for its agent's, weighed by the share of the agent's softmax that
             window holds; ``"softmax"``, DESIGN §12.2's one softmax over the window's exact keys and the other
@@ -436,6 +434,8 @@ def agent_attention(
         raise ValueError("agent_attention takes agents or keys_of, not both")
     if near is not None and agents is None and keys_of is None:
         raise ValueError("agent_attention: a near field needs agents or keys_of for the far field")
+    if near_join not in ("correct", "softmax"):
+        raise ValueError(f"near_join must be 'correct' or 'softmax', got {near_join!r}")
     dtype = query.dtype
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     if upcast:
@@ -477,8 +477,6 @@ def agent_attention(
     n = agent.shape[2]
     # The agents and the text queries attend over the same keys: one call for both.
     both = torch.cat([agent, q_text.transpose(1, 2)], dim=2)
-    if near_join not in ("correct", "softmax"):
-        raise ValueError(f"near_join must be 'correct' or 'softmax', got {near_join!r}")
     correct = near is not None and near_join == "correct"
     if correct:  # the agents' log-sum-exp too
         zeros = None if text_mask is None else agent.new_zeros(agent.shape[0], layout.image)

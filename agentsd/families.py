@@ -111,6 +111,19 @@ class DiTState:
         self.groups = {}
 
 
+class _PassThrough:
+    """An attribute of an adapter that is its wrapped processor's (``original``'s), read and written through."""
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.name = name
+
+    def __get__(self, processor, owner=None):
+        return self if processor is None else getattr(processor.original, self.name, None)
+
+    def __set__(self, processor, value) -> None:
+        setattr(processor.original, self.name, value)
+
+
 class _AgentProcessor:
     """What every adapter shares: the phase check, the agents or merged keys, the fallback."""
 
@@ -124,21 +137,8 @@ class _AgentProcessor:
 
     # diffusers sets these on every attention processor (enable_parallelism, set_attention_backend): they belong to
     # the processor agentsd wraps, which runs wherever agentsd does not act, so they pass through to it
-    @property
-    def _parallel_config(self):
-        return getattr(self.original, "_parallel_config", None)
-
-    @_parallel_config.setter
-    def _parallel_config(self, value) -> None:
-        self.original._parallel_config = value
-
-    @property
-    def _attention_backend(self):
-        return getattr(self.original, "_attention_backend", None)
-
-    @_attention_backend.setter
-    def _attention_backend(self, value) -> None:
-        self.original._attention_backend = value
+    _parallel_config = _PassThrough()
+    _attention_backend = _PassThrough()
 
     def _phase(self, image_tokens: torch.Tensor) -> Phase | None:
         """This call's phase when it changes this block, else ``None``; ``image_tokens``: any tensor of the call."""
