@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers import transformer_flux, transformer_qwenimage, transformer_wan
 
 from .dit import Layout, Pooled, Window, agent_attention, dst_positions, num_windows, random_offsets, tome_groups
+from .parallel import Shard, ShardedGroups, ShardedPooled, sharded_agent_attention
 from .schedule import Phase, min_tokens_on, phase_at
 
 __all__ = ["DiTState", "FluxAgentProcessor", "QwenAgentProcessor", "WanAgentProcessor", "check_dit_phase"]
@@ -71,6 +73,8 @@ class DiTState:
         self.k_scale2, self.k_shortcut, self.upcast = k_scale2, k_shortcut, attn_precision == "fp32"
         self.grids: tuple[tuple[int, int, int], ...] | None = None
         self.image_tokens = 0  # the grids' tokens, counted once per new layout
+        self.shard: Shard | None = None  # this rank's part of a context-parallel call (set per call), or None
+        self.warned_near = False  # said once that the near field leaves a context-parallel call to diffusers
         self.phases: tuple[Phase, ...] | None = None
         self.progress: float | None = None
         # this call's dst positions of each merged window, and its ToMe groups (made by the first block that needs
@@ -78,6 +82,11 @@ class DiTState:
         self.dst: dict[tuple[Window, bool], torch.Tensor] = {}
         self.groups: dict[tuple[Window, bool], object] = {}
         self.calls = 0
+
+    @property
+    def local_tokens(self) -> int:
+        """The grids' tokens an attention call sees: all of them, or this rank's share under context parallelism."""
+        return self.image_tokens if self.shard is None else self.shard.count
 
     @property
     def phase(self) -> Phase | None:
@@ -133,6 +142,10 @@ class _AgentProcessor:
         self.block_input: torch.Tensor | None = None
 
     def begin_block(self, block_input: torch.Tensor) -> None:
+        shard = self.state.shard
+        if shard is not None and block_input.shape[1] == self.state.image_tokens != shard.count:
+            # a block whose input diffusers splits after this hook sees it (Wan's first): the rank's chunk
+            block_input = block_input.narrow(1, shard.start, shard.count)
         self.block_input = block_input
 
     # diffusers sets these on every attention processor (enable_parallelism, set_attention_backend): they belong to
@@ -154,23 +167,34 @@ class _AgentProcessor:
             return None
         if 2 * num_windows(state.grids, window(phase)) >= n:
             return None  # as many groups as half the tokens: plain attention is what runs
+        if state.shard is not None and phase.near_join:
+            if not state.warned_near:
+                state.warned_near = True
+                warnings.warn(
+                    f"{phase}: the near field is not yet sharded by agentsd; under context parallelism these calls "
+                    "run diffusers' own context-parallel attention (vanilla)",
+                    stacklevel=2,
+                )
+            return None
         return phase
 
     def _on_grid(self, hidden_states: torch.Tensor, metric: torch.Tensor | None) -> bool:
         """The call's tokens and the block's input (the matching metric) are the grids' image tokens, no more."""
-        image = self.state.image_tokens
+        image = self.state.local_tokens
         return hidden_states.shape[1] == image and metric is not None and metric.shape[1] == image
 
     def _attend(self, query, key, value, layout: Layout, phase: Phase, metric, text_mask=None) -> torch.Tensor:
         state = self.state
         win, shift = window(phase), phase.shift and self.shifted
+        agents = phase.agent_ratio is not None or phase.agents == "pooled"
+        if state.shard is not None:
+            return self._attend_sharded(query, key, value, layout, phase, metric, agents, win, shift)
         if phase.agents == "pooled":
             groups = Pooled(state.grids, win, query.device, shift)
         else:
             groups = state.groups.get((win, shift))
             if groups is None:
                 groups = state.groups[(win, shift)] = tome_groups(metric, state.dst[(win, shift)])
-        agents = phase.agent_ratio is not None or phase.agents == "pooled"
         return agent_attention(
             query,
             key,
@@ -188,6 +212,28 @@ class _AgentProcessor:
             shift=shift,
         )
 
+    def _attend_sharded(self, query, key, value, layout: Layout, phase: Phase, metric, agents, win, shift):
+        state, shard = self.state, self.state.shard
+        if phase.agents == "pooled":
+            groups = ShardedPooled(state.grids, win, shard, query.device, shift)
+        else:
+            groups = state.groups.get((win, shift))
+            if groups is None:
+                groups = state.groups[(win, shift)] = ShardedGroups(metric, state.dst[(win, shift)], shard)
+        return sharded_agent_attention(
+            query,
+            key,
+            value,
+            layout,
+            shard,
+            agents=groups if agents else None,
+            keys_of=None if agents else groups,
+            k_scale2=state.k_scale2,
+            k_shortcut=state.k_shortcut,
+            upcast=state.upcast,
+            proportional=phase.proportional,
+        )
+
 
 class FluxAgentProcessor(_AgentProcessor):
     """Replaces the attention processor of a Flux double- or single-stream block."""
@@ -203,7 +249,7 @@ class FluxAgentProcessor(_AgentProcessor):
     ):
         metric, self.block_input = self.block_input, None
         phase = None if attention_mask is not None or ip_hidden_states is not None else self._phase(hidden_states)
-        image = self.state.image_tokens
+        image = self.state.local_tokens
         joint = encoder_hidden_states is not None
         if phase is not None:
             text = encoder_hidden_states.shape[1] if joint else hidden_states.shape[1] - image

@@ -46,6 +46,7 @@ from .families import (
     terminal_stretch,
 )
 from .joint import JointAgentProcessor
+from .parallel import shard_of, unsupported
 from .schedule import (
     DEFAULT,
     DIT_DEFAULT,
@@ -76,7 +77,8 @@ class _Patch:
     merge_crossattn: bool = False
     merge_mlp: bool = False
     handles: list = field(default_factory=list)
-    warned_parallel: bool = False  # said once that context parallelism leaves agentsd idle
+    warned_parallel: bool = False  # said once that this context parallelism leaves agentsd idle
+    seed_shared: bool = False  # under context parallelism, the seed drawn by rank 0 taken by every rank
 
 
 def apply(
@@ -615,8 +617,17 @@ def _patch_flow(module: torch.nn.Module, patch: _Patch, band_of_block: dict[int,
             _, _, f, h, w = hidden_states.shape
             grids = ((f // p_t, h // p_h, w // p_w),)
             sigma = float(timestep.reshape(-1).max()) / patch.num_train_timesteps  # Wan with t in [0, T]
-        if _context_parallel(patch):
-            grids = None  # every adapter falls back to the processor it wraps, which runs diffusers' parallel attention
+        state.shard = None
+        parallel = _context_parallel(patch)
+        if parallel is not None and grids is not None:
+            tokens = sum(f * h * w for f, h, w in grids)
+            why = unsupported(parallel, family, tokens)
+            if why is None:
+                state.shard = shard_of(parallel, tokens)
+                _share_seed(patch, state.shard)
+            else:
+                _warn_parallel(patch, why)
+                grids = None  # every adapter falls back to the processor it wraps: diffusers' parallel attention
         latent_tokens = 0 if grids is None else grids[0][0] * grids[0][1] * grids[0][2]
         scheduler = patch.scheduler()
         config = getattr(scheduler, "config", None)
@@ -637,21 +648,33 @@ def _patch_flow(module: torch.nn.Module, patch: _Patch, band_of_block: dict[int,
     inner.__dict__[_ATTR] = patch
 
 
-def _context_parallel(patch: _Patch) -> bool:
-    """Whether diffusers' context parallelism is on (``enable_parallelism``, before or after ``apply``): agent
-    attention does not act under it yet, and says so once."""
+def _context_parallel(patch: _Patch):
+    """The ``ParallelConfig`` of diffusers' context parallelism where it is on (``enable_parallelism``, before or
+    after ``apply``), else ``None``."""
     for block, _ in patch.blocks:
         config = getattr(_flow_attention(block).processor, "_parallel_config", None)
         if config is not None and getattr(config, "context_parallel_config", None) is not None:
-            if not patch.warned_parallel:
-                patch.warned_parallel = True
-                warnings.warn(
-                    "agentsd does not act under diffusers' context parallelism yet: the transformer runs its own "
-                    "context-parallel attention (vanilla), as after agentsd.remove()",
-                    stacklevel=2,
-                )
-            return True
-    return False
+            return config
+    return None
+
+
+def _warn_parallel(patch: _Patch, why: str) -> None:
+    if not patch.warned_parallel:
+        patch.warned_parallel = True
+        warnings.warn(
+            f"agentsd does not act under this context parallelism ({why}): the transformer runs diffusers' own "
+            "context-parallel attention (vanilla), as after agentsd.remove()",
+            stacklevel=3,
+        )
+
+
+def _share_seed(patch: _Patch, shard) -> None:
+    """Every rank must draw the same dst tokens: where ``apply`` drew its seed in each process, take rank 0's."""
+    if patch.options["seed"] is not None or patch.seed_shared:
+        return
+    seed = torch.tensor([patch.state.seed], dtype=torch.long)
+    torch.distributed.broadcast(seed, group=shard.group, group_src=0)
+    patch.state.seed, patch.seed_shared = int(seed), True
 
 
 def _flow_attention(block):

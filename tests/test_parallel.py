@@ -1,12 +1,14 @@
-"""agentsd beside diffusers' context parallelism, checked with CPU processes over gloo (DESIGN.md §13).
+"""agentsd under diffusers' context parallelism, checked with CPU processes over gloo (DESIGN.md §13).
 
-Agent attention does not act under context parallelism yet: in either order (``apply`` then ``enable_parallelism``,
-or the other way) the transformer must run diffusers' own context-parallel attention, equal to one process's vanilla
-output, and say once why agentsd stands aside; ``remove`` leaves plain context parallelism, and
-``set_attention_backend`` reaches the processors agentsd wraps. Each test spawns its ranks on a free port and is
-bounded in time; no process outlives it.
+Each rank holds a contiguous chunk of the sequence; agentsd's sharded agent attention must give the one-process
+agentsd output (agents summed across ranks, the gather joined by its log-sum-exp, the late phase's global groups) in
+either order of ``apply`` and ``enable_parallelism``, both phases, pooled and merged agents, windows a shard boundary
+cuts, Ulysses, ring and a mixed mesh; ``remove`` leaves plain context parallelism. Where agentsd cannot act (the near
+field) it says so once and the call is diffusers' own. Each test spawns its ranks on a free port and is bounded in
+time; no process outlives it.
 """
 
+import dataclasses
 import os
 import socket
 import warnings
@@ -51,21 +53,59 @@ def _rank_main(rank, fn, world, port, *args):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     # diffusers places rank r on device r % device_count, 0 on a CPU-only torch: one CPU "device" per rank (a CPU gap)
     torch.accelerator.device_count = lambda: 1
+    # the ring asks the native backend for a log-sum-exp it does not return on CPU (a CPU gap): the plain formula
+    from diffusers.models import attention_dispatch
+
+    attention_dispatch._native_attention_forward_op = _native_with_lse
     try:
         fn(rank, world, *args)
     finally:
         dist.destroy_process_group()
 
 
-def _model_and_inputs(family):
-    from test_dit import flux_inputs, phases, tiny_flux, tiny_wan, wan_inputs
+def _native_with_lse(
+    ctx,
+    query,
+    key,
+    value,
+    attn_mask=None,
+    dropout_p=0.0,
+    is_causal=False,
+    scale=None,
+    enable_gqa=False,
+    return_lse=False,
+    _save_ctx=True,
+    _parallel_config=None,
+):
+    q, k, v = (x.transpose(1, 2) for x in (query, key, value))
+    logits = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    if attn_mask is not None:
+        logits = logits + attn_mask
+    lse = logits.logsumexp(dim=-1)
+    out = ((logits - lse[..., None]).exp() @ v).transpose(1, 2)
+    return (out, lse.transpose(1, 2)) if return_lse else out
+
+
+TIMES = {"flux": (0.9, 0.3), "wan": (900, 300)}  # the agent phase, then the late phase (merged keys)
+
+
+def _model_and_inputs(family, t):
+    from test_dit import flux_inputs, tiny_flux, tiny_wan, wan_inputs
 
     if family == "flux":
-        kwargs = flux_inputs(2, [(8, 12)], 0.9)
-        g = torch.Generator().manual_seed(5)  # six text tokens: the plan splits the text across the ranks too
-        kwargs.update(encoder_hidden_states=torch.randn(2, 6, 32, generator=g), txt_ids=torch.zeros(6, 3))
-        return tiny_flux(), kwargs, phases("pooled", (1, 4, 4), (1, 2, 2))
-    return tiny_wan(), wan_inputs(2, 4, 4, 8, 900), phases("pooled", (2, 2, 2), (1, 2, 2))
+        kwargs = flux_inputs(2, [(8, 12)], t)
+        g = torch.Generator().manual_seed(5)  # eight text tokens: the plan splits the text across the ranks too
+        kwargs.update(encoder_hidden_states=torch.randn(2, 8, 32, generator=g), txt_ids=torch.zeros(8, 3))
+        return tiny_flux(), kwargs
+    return tiny_wan(), wan_inputs(2, 4, 4, 8, t)
+
+
+def _schedule(family, agents):
+    from test_dit import phases
+
+    if family == "flux":  # 4x4 windows on an 8x12 grid: each of 4 ranks holds two rows of them, cut in half
+        return phases(agents, (1, 4, 4), (1, 2, 2))
+    return phases(agents, (2, 2, 2), (1, 2, 2))  # two-frame windows: 4 ranks hold a frame each
 
 
 def _forward(model, kwargs):
@@ -73,40 +113,93 @@ def _forward(model, kwargs):
         return model(**kwargs, return_dict=False)[0]
 
 
-def _orders(rank, world, family, order, folder):
+def _one_process(family, agents):
+    import agentsd
+
+    outs = []
+    for t in TIMES[family]:
+        model, kwargs = _model_and_inputs(family, t)
+        agentsd.apply(model, _schedule(family, agents), blocks="all", seed=0)
+        outs.append(_forward(model, kwargs))
+    return outs
+
+
+def _sharded(rank, world, family, agents, mesh, folder):
     from diffusers import ContextParallelConfig
 
     import agentsd
 
-    model, kwargs, schedule = _model_and_inputs(family)
-    config = ContextParallelConfig(ulysses_degree=world)
+    ring, ulysses = mesh
+    result = {}
+    for order in ("apply-first", "parallel-first"):
+        outs = []
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for t in TIMES[family]:
+                model, kwargs = _model_and_inputs(family, t)
+                config = ContextParallelConfig(ring_degree=ring, ulysses_degree=ulysses)
+                if order == "apply-first":
+                    agentsd.apply(model, _schedule(family, agents), blocks="all", seed=0)
+                    model.enable_parallelism(config=config)
+                else:
+                    model.enable_parallelism(config=config)
+                    agentsd.apply(model, _schedule(family, agents), blocks="all", seed=0)
+                outs.append(_forward(model, kwargs))
+        result[order] = outs
+        result[order + "-said"] = [str(w.message) for w in caught if "agentsd" in str(w.message)]
+    agentsd.remove(model)
+    result["removed"] = _forward(model, kwargs)
+    if rank == 0:
+        torch.save(result, folder / "rank0.pt")
+
+
+@pytest.mark.parametrize(
+    "family, agents, mesh",
+    [
+        ("flux", "pooled", (1, 2)),  # Ulysses
+        ("wan", "merged", (2, 1)),  # ring
+        ("flux", "merged", (2, 2)),  # a mixed mesh, windows cut by the shards
+        ("wan", "pooled", (2, 2)),
+    ],
+)
+def test_sharded_agent_attention_equals_one_process(family, agents, mesh, tmp_path):
+    run_ranks(_sharded, mesh[0] * mesh[1], family, agents, mesh, tmp_path)
+    result = torch.load(tmp_path / "rank0.pt")
+    expected = _one_process(family, agents)
+    for order in ("apply-first", "parallel-first"):
+        for phase, (out, want) in enumerate(zip(result[order], expected)):
+            torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5, msg=f"{order}, phase {phase}")
+        assert result[order + "-said"] == []  # nothing left to diffusers
+    model, kwargs = _model_and_inputs(family, TIMES[family][1])
+    vanilla = _forward(model, kwargs)
+    assert (expected[1] - vanilla).abs().max() > 1e-3  # agentsd changed the output: the check above could fail
+    torch.testing.assert_close(result["removed"], vanilla, atol=1e-5, rtol=1e-5)
+
+
+def _near(rank, world, folder):
+    from diffusers import ContextParallelConfig
+
+    import agentsd
+
+    model, kwargs = _model_and_inputs("wan", TIMES["wan"][0])
+    schedule = tuple(dataclasses.replace(p, near=True) for p in _schedule("wan", "pooled"))
+    agentsd.apply(model, schedule, blocks="all", seed=0)
+    model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        if order == "apply-first":
-            agentsd.apply(model, schedule, blocks=range(3), seed=0)
-            model.enable_parallelism(config=config)
-        else:
-            model.enable_parallelism(config=config)
-            agentsd.apply(model, schedule, blocks=range(3), seed=0)
         out = _forward(model, kwargs)
         _forward(model, kwargs)
-    said = [w for w in caught if "context parallelism" in str(w.message)]
-    agentsd.remove(model)
-    removed = _forward(model, kwargs)
     if rank == 0:
-        torch.save({"out": out, "removed": removed, "said": len(said)}, folder / "rank0.pt")
+        torch.save({"out": out, "said": [str(w.message) for w in caught]}, folder / "rank0.pt")
 
 
-@pytest.mark.parametrize("family", ["flux", "wan"])
-@pytest.mark.parametrize("order", ["apply-first", "parallel-first"])
-def test_either_order_runs_diffusers_context_parallelism(family, order, tmp_path):
-    run_ranks(_orders, 2, family, order, tmp_path)
+def test_what_is_not_sharded_runs_diffusers_context_parallelism_and_says_so(tmp_path):
+    run_ranks(_near, 2, tmp_path)
     result = torch.load(tmp_path / "rank0.pt")
-    model, kwargs, _ = _model_and_inputs(family)
-    vanilla = _forward(model, kwargs)
-    torch.testing.assert_close(result["out"], vanilla, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(result["removed"], vanilla, atol=1e-5, rtol=1e-5)
-    assert result["said"] == 1  # once, not once per call
+    model, kwargs = _model_and_inputs("wan", TIMES["wan"][0])
+    torch.testing.assert_close(result["out"], _forward(model, kwargs), atol=1e-5, rtol=1e-5)
+    said = [m for m in result["said"] if "near field" in m]
+    assert len(said) == 1, result["said"]  # once, not once per call
 
 
 def test_set_attention_backend_reaches_the_wrapped_processors():
