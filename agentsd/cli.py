@@ -133,6 +133,10 @@ def _parser() -> argparse.ArgumentParser:
     blocks.set_defaults(run=_bench_blocks)
     ops = bench.add_parser("ops", help="count the kernel ops of one UNet call per preset and phase")
     ops.set_defaults(run=_bench_ops)
+    traffic = bench.add_parser(
+        "traffic", help="bytes per rank and attention call under context parallelism: agentsd, Ulysses, ring"
+    )
+    traffic.set_defaults(run=_bench_traffic)
     report = bench.add_parser("report", help="render the tables of README.md and docs/ from benchmarks/results/")
     report.set_defaults(run=_bench_report)
     from .bench import blocks as blocks_bench
@@ -141,6 +145,7 @@ def _parser() -> argparse.ArgumentParser:
     from .bench import report as report_bench
     from .bench import speed as speed_bench
     from .bench import suite as suite_bench
+    from .bench import traffic as traffic_bench
 
     speed_bench.add_arguments(speed)
     blocks_bench.add_arguments(blocks)
@@ -148,6 +153,7 @@ def _parser() -> argparse.ArgumentParser:
     suite_bench.add_arguments(suite)
     ops_bench.add_arguments(ops)
     report_bench.add_arguments(report)
+    traffic_bench.add_arguments(traffic)
 
     cal = commands.add_parser(
         "calibrate", help="measure from how many tokens the lean path pays on this device, and remember it"
@@ -196,6 +202,12 @@ def _bench_report(args) -> int:
         return report.bench(args)
     except ValueError as error:
         raise UsageError(str(error)) from None
+
+
+def _bench_traffic(args) -> int:
+    from .bench import traffic
+
+    return traffic.bench(args)
 
 
 def _bench_blocks(args) -> int:

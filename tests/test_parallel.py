@@ -9,81 +9,20 @@ time; no process outlives it.
 """
 
 import dataclasses
-import os
-import socket
 import warnings
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from agentsd.bench import traffic
 
 pytestmark = pytest.mark.multiprocess
 
-TIMEOUT_S = 180
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def run_ranks(fn, world: int, *args) -> None:
-    """``fn(rank, world, *args)`` in ``world`` spawned processes joined in one gloo group; fails on an error or on
-    ``TIMEOUT_S``, and kills what is left."""
-    port = _free_port()
-    context = mp.start_processes(
-        _rank_main, args=(fn, world, port, *args), nprocs=world, join=False, start_method="spawn"
-    )
-    try:
-        for _ in range(TIMEOUT_S):
-            if context.join(timeout=1):
-                return
-        raise TimeoutError(f"{world} ranks still running after {TIMEOUT_S} s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
-
-
-def _rank_main(rank, fn, world, port, *args):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    # diffusers places rank r on device r % device_count, 0 on a CPU-only torch: one CPU "device" per rank (a CPU gap)
-    torch.accelerator.device_count = lambda: 1
-    # the ring asks the native backend for a log-sum-exp it does not return on CPU (a CPU gap): the plain formula
-    from diffusers.models import attention_dispatch
-
-    attention_dispatch._native_attention_forward_op = _native_with_lse
-    try:
-        fn(rank, world, *args)
-    finally:
-        dist.destroy_process_group()
-
-
-def _native_with_lse(
-    ctx,
-    query,
-    key,
-    value,
-    attn_mask=None,
-    dropout_p=0.0,
-    is_causal=False,
-    scale=None,
-    enable_gqa=False,
-    return_lse=False,
-    _save_ctx=True,
-    _parallel_config=None,
-):
-    q, k, v = (x.transpose(1, 2) for x in (query, key, value))
-    logits = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
-    if attn_mask is not None:
-        logits = logits + attn_mask
-    lse = logits.logsumexp(dim=-1)
-    out = ((logits - lse[..., None]).exp() @ v).transpose(1, 2)
-    return (out, lse.transpose(1, 2)) if return_lse else out
+    """``fn(rank, world, *args)`` in ``world`` spawned CPU processes in one gloo group on a free port, diffusers' CPU
+    gaps (device_count, the ring's log-sum-exp) worked around; fails on an error or after 180 s, nothing left."""
+    traffic.spawn(fn, world, *args, timeout_s=180)
 
 
 TIMES = {"flux": (0.9, 0.3), "wan": (900, 300)}  # the agent phase, then the late phase (merged keys)
@@ -214,3 +153,52 @@ def test_set_attention_backend_reaches_the_wrapped_processors():
         assert attn.processor.original._attention_backend == "_native_math"
     agentsd.remove(model)
     assert all(b.attn.processor._attention_backend == "_native_math" for b in model.transformer_blocks)
+
+
+def test_bytes_counted_from_the_collectives_equal_the_formulas(tmp_path):
+    """``agentsd bench traffic`` scales per-call formulas to the real models: on a tiny Wan over two ranks they must
+    give the bytes counted from every collective (agentsd's phases, diffusers' Ulysses and ring)."""
+    rows = traffic.count("wan", 2, tmp_path)
+    assert set(rows) == set(traffic.METHODS)
+    for method, row in rows.items():
+        assert row["bytes"] > 0 and row["bytes"] == pytest.approx(row["formula"], rel=1e-12), method
+    assert rows["agents"]["bytes"] < rows["ulysses"]["bytes"] / 2  # only the agents cross
+
+
+def _compiled(rank, world, folder):
+    from agentsd.dit import Layout, Window
+    from agentsd.parallel import ShardedPooled, shard_of, sharded_agent_attention
+
+    class Mesh:  # what shard_of reads of diffusers' config: the flattened mesh
+        def __init__(self):
+            import torch.distributed as dist
+
+            self.group = dist.group.WORLD
+
+        def get_group(self):
+            return self.group
+
+        def size(self):
+            return world
+
+    config = type("C", (), {"context_parallel_config": type("P", (), {"_flattened_mesh": Mesh()})()})()
+    grids, text = ((1, 8, 12),), 4
+    shard = shard_of(config, 96)
+    g = torch.Generator().manual_seed(rank)
+    q, k, v = (torch.randn(2, text + shard.count, 2, 8, generator=g) for _ in range(3))
+
+    def attend(q, k, v):
+        agents = ShardedPooled(grids, Window(1, 4, 4), shard, q.device)
+        return sharded_agent_attention(q, k, v, Layout(text, True, grids), shard, agents=agents, proportional=True)
+
+    eager = attend(q, k, v)
+    torch._dynamo.reset()
+    compiled = torch.compile(attend, fullgraph=True, backend="aot_eager")(q, k, v)  # fails on a graph break
+    torch.testing.assert_close(compiled, eager, atol=1e-6, rtol=1e-6)
+    if rank == 0:
+        (folder / "done").write_text("ok")
+
+
+def test_sharded_agent_attention_compiles_without_graph_breaks(tmp_path):
+    run_ranks(_compiled, 2, tmp_path)
+    assert (tmp_path / "done").exists()
