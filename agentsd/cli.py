@@ -88,6 +88,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("prompt", nargs="?", help="what to draw, in quotes")
     gen.add_argument(
+        "--prompts",
+        type=Path,
+        help="a text file, one prompt a line: one image per line into the --output folder (NNNNN.png, the line's "
+        "number from 0, at --seed + that number; existing images are kept, so a run resumes), split between the "
+        "processes of torchrun or accelerate launch",
+    )
+    gen.add_argument(
         "--model", help="demo (default), demo-flux (the shipped models), or a hub id or local diffusers folder"
     )
     gen.add_argument(
@@ -115,8 +122,8 @@ def _parser() -> argparse.ArgumentParser:
         "-o",
         "--output",
         type=Path,
-        default=Path("out.png"),
-        help="a .png; for a video pipeline a .mp4 (needs imageio and imageio-ffmpeg) or a .png name for its frames",
+        help="a .png (default out.png); for a video pipeline a .mp4 (needs imageio and imageio-ffmpeg) or a .png name "
+        "for its frames; with --prompts a folder (default out/)",
     )
     gen.set_defaults(run=generate)
 
@@ -293,8 +300,12 @@ def _bench_quality(args) -> int:
 
 
 def generate(args) -> int:
-    if not args.prompt:
+    if args.prompts is not None:
+        lines = _prompt_lines(args)
+    elif not args.prompt:
         raise UsageError('generate needs a prompt, e.g.: agentsd generate "a small red circle on the left" -o out.png')
+    else:
+        args.output = args.output or Path("out.png")
     methods = _methods(args.compare if args.compare else args.method)
     if not args.compare and len(methods) > 1:
         raise UsageError(f"--method takes one method, got {args.method!r}; use --compare to render several")
@@ -314,7 +325,7 @@ def generate(args) -> int:
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
     if args.num_images < 1:
         raise UsageError(f"--num-images must be >= 1, got {args.num_images}")
-    if args.output.suffix.lower() not in (".png", ".mp4"):
+    if args.prompts is None and args.output.suffix.lower() not in (".png", ".mp4"):
         raise UsageError(f"--output must be a .png file (or a .mp4 for a video pipeline), got {args.output}")
     if args.frames is not None and args.frames < 1:
         raise UsageError(f"--frames must be >= 1, got {args.frames}")
@@ -327,6 +338,10 @@ def generate(args) -> int:
     if getattr(pipe, "unet", None) is None and any(m.startswith("deepcache") for m in methods):
         raise UsageError(f"DeepCache caches UNet features; {type(pipe).__name__} has no UNet: drop deepcache")
     video = _is_video(pipe)
+    if args.prompts is not None:
+        if video:
+            raise UsageError(f"--prompts makes one image per line; {type(pipe).__name__} makes videos: give one prompt")
+        return _generate_lines(pipe, model_name, methods[0], schedule, args, size, lines, device, dtype)
     if not video and (args.frames is not None or args.output.suffix.lower() == ".mp4"):
         raise UsageError(f"--frames and a .mp4 --output are for video pipelines; {type(pipe).__name__} makes images")
     if video and args.output.suffix.lower() == ".mp4":
@@ -374,6 +389,75 @@ def generate(args) -> int:
         fastest = f" (fastest of {repeats} runs)" if repeats > 1 else ""
         print(f"{render.method}: {render.seconds_per_image:.2f} s/{unit}{fastest}")
     print("saved " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def _prompt_lines(args) -> dict[int, str]:
+    """The prompts of ``--prompts`` by line number (from 0; blank lines make no image), after checking the options
+    that go with it."""
+    if args.prompt:
+        raise UsageError("give one prompt or --prompts FILE, not both")
+    if args.compare:
+        raise UsageError("--prompts renders one method (--method); --compare is for one prompt")
+    if args.num_images != 1:
+        raise UsageError("--prompts makes one image per line: drop --num-images")
+    if args.repeats not in (None, 1):
+        raise UsageError("--repeats times one prompt; --prompts makes each image once")
+    if not args.prompts.is_file():
+        raise UsageError(f"--prompts: no such file {args.prompts}")
+    args.output = args.output or Path("out")
+    if args.output.suffix.lower() in (".png", ".mp4"):
+        raise UsageError(f"with --prompts, --output is a folder for the images, got {args.output}")
+    lines = {k: line.strip() for k, line in enumerate(args.prompts.read_text(encoding="utf-8").splitlines())}
+    lines = {k: line for k, line in lines.items() if line}
+    if not lines:
+        raise UsageError(f"--prompts: {args.prompts} holds no prompt")
+    return lines
+
+
+def _processes() -> tuple[int, int]:
+    """This process's rank and the number of processes, as torchrun and accelerate launch set them (else 0, 1)."""
+    import os
+
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if not 0 <= rank < world:
+        raise UsageError(f"RANK={rank} does not lie in WORLD_SIZE={world}")
+    return rank, world
+
+
+def _generate_lines(pipe, model_name, method, schedule, args, size, lines, device, dtype) -> int:
+    """One image per prompt line into the output folder, this process's share of them (line k to process k mod the
+    number of processes); images already there are kept."""
+    import copy
+
+    from tqdm.auto import tqdm
+
+    rank, world = _processes()
+    args.output.mkdir(parents=True, exist_ok=True)
+    mine = [k for k in lines if k % world == rank]
+    todo = [k for k in mine if not (args.output / f"{k:05d}.png").exists()]
+    for k in tqdm(todo, desc=f"process {rank} of {world}" if world > 1 else "images", disable=not todo):
+        line = copy.copy(args)
+        line.prompt, line.seed = lines[k], args.seed + k
+        render = _render(pipe, method, schedule, line, size, progress=False)
+        meta = {
+            "prompt": line.prompt,
+            "seed": line.seed,
+            "line": k,
+            "model": model_name,
+            "steps": args.steps,
+            "guidance": args.guidance,
+            "device": str(device),
+            "dtype": str(dtype).removeprefix("torch."),
+            "method": render.method,
+            "settings": render.settings,
+        }
+        path = args.output / f"{k:05d}.png"
+        partial = path.with_name(f".{path.name}.{rank}")  # written whole, then renamed: a stopped run leaves no half
+        render.images[0].save(partial, format="png", pnginfo=_png_info(meta))
+        partial.replace(path)
+    kept = len(mine) - len(todo)
+    print(f"{len(todo)} images saved to {args.output} ({kept} of this process's {len(mine)} were there already)")
     return 0
 
 
@@ -559,7 +643,7 @@ def _load(model: str | None, device, dtype):
     return pipe.to(device), model
 
 
-def _render(pipe, method: str, schedule, args, size) -> Render:
+def _render(pipe, method: str, schedule, args, size, progress: bool = True) -> Render:
     import torch
 
     import agentsd
@@ -584,7 +668,7 @@ def _render(pipe, method: str, schedule, args, size) -> Render:
         agentsd.apply(pipe, schedule, seed=args.seed)
         undo.append(lambda: agentsd.remove(pipe))
         settings["schedule"] = _describe(schedule)
-    pipe.set_progress_bar_config(disable=False, desc=f"{method:5s}", leave=True)
+    pipe.set_progress_bar_config(disable=not progress, desc=f"{method:5s}", leave=True)
     height, width = size if size else (None, None)
     try:
         options = dict(

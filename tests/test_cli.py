@@ -162,3 +162,66 @@ def test_version_help_and_a_missing_prompt(capsys):
     assert "demo model" in shown and "Flux.1" in shown and "lean on a UNet" in shown and "fast" in shown
     assert main(["generate"]) == 2
     assert 'agentsd generate "a small red circle on the left"' in capsys.readouterr().err
+
+
+def _lines_file(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a small red circle on the left\n\na large blue square at the top\na green cross\n")
+    return prompts
+
+
+def test_prompts_file_one_image_per_line_resumes(tmp_path, capsys):
+    prompts, out = _lines_file(tmp_path), tmp_path / "images"
+    assert main(["generate", "--prompts", str(prompts), "--method", "tome", *FAST, "-o", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["00000.png", "00002.png", "00003.png"]  # line 1 is blank
+    image = Image.open(out / "00002.png")
+    assert image.text["prompt"] == "a large blue square at the top" and json.loads(image.text["seed"]) == 3 + 2
+    assert json.loads(image.text["line"]) == 2 and image.text["method"] == "tome"
+    single = tmp_path / "single.png"  # the line's image is the one its prompt and seed make alone
+    assert main(["generate", "a large blue square at the top", "--method", "tome", "--steps", "2", "--seed", "5",
+                 "-o", str(single)]) == 0  # fmt: skip
+    assert Image.open(single).tobytes() == image.tobytes()
+    (out / "00003.png").unlink()
+    capsys.readouterr()
+    assert main(["generate", "--prompts", str(prompts), "--method", "tome", *FAST, "-o", str(out)]) == 0
+    assert "1 images saved" in capsys.readouterr().out and (out / "00003.png").exists()
+
+
+def test_prompts_file_split_between_processes(tmp_path):
+    """Two processes as torchrun starts them (RANK, WORLD_SIZE) make the same files as one."""
+    import os
+    import subprocess
+    import sys
+
+    prompts = _lines_file(tmp_path)
+    command = [sys.executable, "-m", "agentsd", "generate", "--prompts", str(prompts), "--method", "lean", *FAST]
+    assert main(["generate", "--prompts", str(prompts), "--method", "lean", *FAST, "-o", str(tmp_path / "one")]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = [
+        subprocess.Popen([*command, "-o", str(tmp_path / "two")], env={**env, "RANK": str(r), "WORLD_SIZE": "2"})
+        for r in range(2)
+    ]
+    try:
+        assert [run.wait(timeout=300) for run in runs] == [0, 0]
+    finally:
+        for run in runs:
+            run.kill()
+    one, two = (sorted((tmp_path / name).iterdir()) for name in ("one", "two"))
+    assert [p.name for p in one] == [p.name for p in two] == ["00000.png", "00002.png", "00003.png"]
+    for a, b in zip(one, two):
+        assert Image.open(a).tobytes() == Image.open(b).tobytes() and Image.open(a).text == Image.open(b).text
+
+
+def test_prompts_file_refuses_what_does_not_go_with_it(tmp_path, capsys):
+    prompts, empty = _lines_file(tmp_path), tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    for extra, message in [
+        (["a prompt"], "not both"),
+        (["--compare", "none,tome"], "--compare is for one prompt"),
+        (["--num-images", "2"], "drop --num-images"),
+        (["-o", str(tmp_path / "x.png")], "--output is a folder"),
+        (["--prompts", str(empty)], "holds no prompt"),
+        (["--prompts", str(tmp_path / "missing.txt")], "no such file"),
+    ]:
+        assert main(["generate", "--prompts", str(prompts), *extra]) == 2
+        assert message in capsys.readouterr().err
