@@ -101,7 +101,8 @@ class ShardedPooled:
         B, _, C = x.shape
         work = torch.promote_types(x.dtype, torch.float32)
         sums = x.new_zeros(B, self.n + 1, C, dtype=work).index_add_(1, self.slots, x.to(work))
-        return (all_sum(sums[:, : self.n], self.shard) / self.full.sizes()[..., None]).to(x.dtype)
+        # this rank's share of each window's mean, in the model's dtype: what crosses is as wide as the tokens
+        return all_sum((sums[:, : self.n] / self.full.sizes()[..., None]).to(x.dtype), self.shard)
 
     def sizes(self) -> torch.Tensor:
         return self.full.sizes()
@@ -143,8 +144,8 @@ class ShardedGroups:
         B, N, C = x.shape
         work = torch.promote_types(x.dtype, torch.float32)
         sums = x.new_zeros(B * self.size, C, dtype=work).index_add_(0, self.flat, x.reshape(B * N, C).to(work))
-        sums = all_sum(sums.view(B, self.size, C), self.shard)
-        return (sums / self._sizes[..., None].to(work)).to(x.dtype)
+        share = sums.view(B, self.size, C) / self._sizes[..., None].to(work)  # this rank's share of each group's mean
+        return all_sum(share.to(x.dtype), self.shard)
 
     def sizes(self) -> torch.Tensor:
         return self._sizes

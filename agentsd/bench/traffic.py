@@ -61,9 +61,9 @@ def per_call(method: str, *, tokens, text, heads, head_dim, ranks, itemsize, age
     """Bytes one rank sends in one self-attention call of ``tokens`` image and ``text`` text tokens.
 
     ``ulysses``: diffusers' all-to-alls of the queries, keys, values and output (heads padded to a multiple of the
-    ranks); ``ring``: its all-gather of the keys and values; ``agents``: agentsd's agent phase (the agents' sums,
-    every rank's text queries, the gather's maxima and weighted sums, float32 where they are sums); ``merged-keys``:
-    its late phase (the merged keys' and values' sums, every rank's text keys and values)."""
+    ranks); ``ring``: its all-gather of the keys and values; ``agents``: agentsd's agent phase (each rank's share of
+    the agents, every rank's text queries, the gather's maxima and weighted sums in float32); ``merged-keys``: its
+    late phase (each rank's share of the merged keys and values, every rank's text keys and values)."""
     r, seq, inner = ranks, (tokens + text) / ranks, heads * head_dim
     wide = max(itemsize, 4)  # what agentsd sums in: float32 (float64 for float64)
     if method == "ulysses":
@@ -73,11 +73,11 @@ def per_call(method: str, *, tokens, text, heads, head_dim, ranks, itemsize, age
         return SENT["all_gather_into_tensor"](2 * batch * seq * inner * itemsize, r)
     texts = SENT["all_gather_into_tensor"](batch * text / r * inner * itemsize, r) if text else 0.0
     if method == "agents":
-        sums = batch * agents * inner * wide
+        shares = batch * agents * inner * itemsize  # each rank's share of the agents (means)
         gather = batch * heads * (agents + text) * (head_dim + 2) * wide  # maxima, then sums and weights
-        return SENT["all_reduce"](sums + gather, r) + texts
+        return SENT["all_reduce"](shares + gather, r) + texts
     if method == "merged-keys":
-        return SENT["all_reduce"](batch * groups * 2 * inner * wide, r) + 2 * texts
+        return SENT["all_reduce"](batch * groups * 2 * inner * itemsize, r) + 2 * texts
     raise ValueError(f"unknown method {method!r}")
 
 
