@@ -70,9 +70,10 @@ def where_it_pays(root: Path) -> str:
         ("Wan 2.1 1.3B", "wan", "wan", "{}: 832×480, 81 frames"),
         ("Wan 2.1 14B", "wan14b", "wan", "{}: 832×480, 81 frames"),
     ):
-        measured = [(results, size, summary) for results in _blocks_results(root, name) for size, summary in
-                    results["sizes"].items()]  # fmt: skip
-        for results, size, summary in sorted(measured, key=lambda row: row[1].zfill(8)):
+        newest = {}  # size -> (results, summary): a later file of _blocks_results re-measures a size, as for SD 3.5
+        for results in _blocks_results(root, name):
+            newest.update({size: (results, summary) for size, summary in results["sizes"].items()})
+        for size, (results, summary) in sorted(newest.items(), key=lambda item: item[0].zfill(8)):
             value = summary.get("speedup", {}).get(preset)
             default = "–" if value is None else f"{value:.2f}× ({preset}, over a run)"
             where = (model, label.format(size), _cpu(results), "blocks at the real width")
@@ -167,6 +168,39 @@ def quality_demo_flux_blocks(root: Path) -> str:
     return quality_demo128(root, "quality_demo_flux_probes/blocks")
 
 
+def parallel_traffic(root: Path) -> str:
+    """Bytes per rank and attention call under context parallelism (``agentsd bench traffic``)."""
+    from .traffic import table
+
+    results = _load(root, RESULTS / "parallel_traffic.json")
+    return table(results) if results else "(no bench traffic results)"
+
+
+def shard_grouping(root: Path) -> str:
+    """The late phase grouped within each shard, simulated on the DiT proving ground
+    (``benchmarks/studies/shard_grouping.py``)."""
+    results = _load(root, RESULTS / "shard_grouping_demo_flux" / "shard_grouping.json")
+    return shard_grouping_table(results) if results else "(no shard grouping results)"
+
+
+def shard_grouping_table(results: dict) -> str:
+    lines = [
+        f"The late phase's grouping within R shards, simulated in one process on the DiT proving ground (first "
+        f"{results['num']} one-object captions, 256 tokens, {results['steps']} steps); commit {results['commit']}; "
+        "caption accuracy ± the half-width of its 95% interval",
+        "",
+        "| grouping | caption accuracy | PSNR vs vanilla | PSNR vs the global grouping |",
+        "|---|---|---|---|",
+    ]
+    for name, row in results["metrics"]["methods"].items():
+        label = {"none": "vanilla", "flux": "global (`flux`, what ships)"}.get(name)
+        label = label or f"within {name.removeprefix('flux-shards')} shards"
+        cells = [row.get("psnr_vs_none"), row.get("psnr_vs_flux")]
+        db = ["–" if c is None else f"{c:.1f} dB" for c in cells]
+        lines.append(f"| {label} | {_accuracy(row['caption_accuracy'], results['num'])} | {db[0]} | {db[1]} |")
+    return "\n".join(lines)
+
+
 TABLES = {
     "where-it-pays": where_it_pays,
     "ops": ops,
@@ -175,6 +209,8 @@ TABLES = {
     "quality-demo-flux-s12": quality_demo_flux_s12,
     "quality-demo-flux-blocks": quality_demo_flux_blocks,
     "dit-blocks": dit_blocks,
+    "parallel-traffic": parallel_traffic,
+    "shard-grouping": shard_grouping,
 }
 _BLOCK = re.compile(r"(<!-- report:([a-z0-9-]+) -->\n)(.*?)(<!-- /report:\2 -->)", re.S)
 
