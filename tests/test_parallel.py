@@ -115,7 +115,8 @@ def test_sharded_agent_attention_equals_one_process(family, agents, mesh, tmp_pa
     torch.testing.assert_close(result["removed"], vanilla, atol=1e-5, rtol=1e-5)
 
 
-def _near(rank, world, folder):
+def _near_and_seed(rank, world, folder):
+    import torch.distributed as dist
     from diffusers import ContextParallelConfig
 
     import agentsd
@@ -128,31 +129,33 @@ def _near(rank, world, folder):
         warnings.simplefilter("always")
         out = _forward(model, kwargs)
         _forward(model, kwargs)
+    # no seed given: each process draws its own, and every rank must take rank 0's before drawing dst tokens
+    model, kwargs = _model_and_inputs("wan", TIMES["wan"][1])
+    agentsd.apply(model, _schedule("wan", "merged"), blocks="all")
+    model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))
+    unseeded = _forward(model, kwargs)
+    seeds = [None] * world
+    dist.all_gather_object(seeds, agentsd.state_of(model).seed)
     if rank == 0:
-        torch.save({"out": out, "said": [str(w.message) for w in caught]}, folder / "rank0.pt")
+        result = {"out": out, "said": [str(w.message) for w in caught], "unseeded": unseeded, "seeds": seeds}
+        torch.save(result, folder / "rank0.pt")
 
 
-def test_what_is_not_sharded_runs_diffusers_context_parallelism_and_says_so(tmp_path):
-    run_ranks(_near, 2, tmp_path)
+def test_what_is_not_sharded_says_so_and_one_seed_serves_every_rank(tmp_path):
+    """The near field (not sharded) runs diffusers' context-parallel attention and says so once; and without a seed
+    every rank takes rank 0's, so the sharded late phase equals one process at that seed."""
+    import agentsd
+
+    run_ranks(_near_and_seed, 2, tmp_path)
     result = torch.load(tmp_path / "rank0.pt")
     model, kwargs = _model_and_inputs("wan", TIMES["wan"][0])
     torch.testing.assert_close(result["out"], _forward(model, kwargs), atol=1e-5, rtol=1e-5)
     said = [m for m in result["said"] if "near field" in m]
     assert len(said) == 1, result["said"]  # once, not once per call
-
-
-def test_set_attention_backend_reaches_the_wrapped_processors():
-    from test_dit import phases, tiny_flux
-
-    import agentsd
-
-    model = tiny_flux()
-    agentsd.apply(model, phases("pooled", (1, 4, 4), (1, 2, 2)), blocks=range(4))
-    model.set_attention_backend("_native_math")
-    for attn in (b.attn for b in [*model.transformer_blocks, *model.single_transformer_blocks]):
-        assert attn.processor.original._attention_backend == "_native_math"
-    agentsd.remove(model)
-    assert all(b.attn.processor._attention_backend == "_native_math" for b in model.transformer_blocks)
+    assert result["seeds"][0] == result["seeds"][1]
+    model, kwargs = _model_and_inputs("wan", TIMES["wan"][1])
+    agentsd.apply(model, _schedule("wan", "merged"), blocks="all", seed=result["seeds"][0])
+    torch.testing.assert_close(result["unseeded"], _forward(model, kwargs), atol=1e-5, rtol=1e-5)
 
 
 def test_bytes_counted_from_the_collectives_equal_the_formulas(tmp_path):
