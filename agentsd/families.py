@@ -188,7 +188,7 @@ class _AgentProcessor:
         win, shift = window(phase), phase.shift and self.shifted
         agents = phase.agent_ratio is not None or phase.agents == "pooled"
         if state.shard is not None:
-            return self._attend_sharded(query, key, value, layout, phase, metric, agents, win, shift)
+            return self._attend_sharded(query, key, value, layout, phase, metric, agents, win, shift, text_mask)
         if phase.agents == "pooled":
             groups = Pooled(state.grids, win, query.device, shift)
         else:
@@ -212,7 +212,7 @@ class _AgentProcessor:
             shift=shift,
         )
 
-    def _attend_sharded(self, query, key, value, layout: Layout, phase: Phase, metric, agents, win, shift):
+    def _attend_sharded(self, query, key, value, layout: Layout, phase: Phase, metric, agents, win, shift, text_mask):
         state, shard = self.state, self.state.shard
         if phase.agents == "pooled":
             groups = ShardedPooled(state.grids, win, shard, query.device, shift)
@@ -232,6 +232,7 @@ class _AgentProcessor:
             k_shortcut=state.k_shortcut,
             upcast=state.upcast,
             proportional=phase.proportional,
+            text_mask=text_mask,
         )
 
 

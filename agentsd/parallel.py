@@ -14,7 +14,7 @@ processor then sees its rank's chunk. Agent attention needs no rank's keys but i
   and the text keys of every rank (all-gathered): the one-process grouping, exact.
 
 Collectives are torch's functional ones, traceable by ``torch.compile``. What this module does not cover (the near
-field, padded prompts, the mesh's unequal "anything" chunks) the caller leaves to diffusers' own parallel attention.
+field, the mesh's unequal "anything" chunks) the caller leaves to diffusers' own parallel attention.
 """
 
 from __future__ import annotations
@@ -42,11 +42,9 @@ class Shard(NamedTuple):
     count: int
 
 
-def unsupported(parallel_config, family: str, image_tokens: int) -> str | None:
+def unsupported(parallel_config, image_tokens: int) -> str | None:
     """Why agentsd cannot act under ``parallel_config`` (a diffusers ``ParallelConfig``), or ``None`` if it can."""
     cp = parallel_config.context_parallel_config
-    if family == "qwen":
-        return "Qwen-Image's padded prompts are not yet sharded by agentsd"
     if getattr(cp, "ulysses_anything", False) or getattr(cp, "ring_anything", False):
         return "ulysses_anything / ring_anything cut the sequence into unequal chunks, which agentsd does not follow"
     world = cp._flattened_mesh.size()
@@ -165,13 +163,15 @@ def sharded_agent_attention(
     k_shortcut: float = 0.075,
     upcast: bool = False,
     proportional: bool = False,
+    text_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`~agentsd.dit.agent_attention` of one rank's chunk of a context-parallel call, equal to the matching
     rows of the one-process output.
 
     ``query``, ``key``, ``value``: ``(B, S, heads, head_dim)``, the rank's text tokens (``layout.text`` of them, an
     equal share on every rank, text first) and its ``shard.count`` image tokens; ``layout.grids`` the whole grids.
-    ``agents`` / ``keys_of``: :class:`ShardedPooled` or :class:`ShardedGroups` of this call.
+    ``agents`` / ``keys_of``: :class:`ShardedPooled` or :class:`ShardedGroups` of this call. ``text_mask``: ``(B,
+    layout.text)`` the rank's text keys to attend to (Qwen-Image's padded prompts), or ``None``.
     """
     if (agents is None) == (keys_of is None):
         raise ValueError("sharded_agent_attention takes agents or keys_of")
@@ -193,7 +193,9 @@ def sharded_agent_attention(
         k_all = k_merged if text_kv is None else torch.cat([text_kv[:, :, :heads], k_merged], dim=1)
         v_all = v_merged if text_kv is None else torch.cat([text_kv[:, :, heads:], v_merged], dim=1)
         bias = keys_of.sizes().log().to(query.dtype) if proportional else None
-        mask = _key_mask(Layout(k_all.shape[1] - k_merged.shape[1], True, ()), None, k_merged.shape[1], bias)
+        every_mask = None if text_mask is None else all_gather(text_mask.to(torch.int32), 1, shard)
+        text_keys = k_all.shape[1] - k_merged.shape[1]
+        mask = _key_mask(Layout(text_keys, True, ()), every_mask, k_merged.shape[1], bias)
         out = F.scaled_dot_product_attention(
             query.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2), attn_mask=mask, scale=scale
         )
@@ -202,7 +204,10 @@ def sharded_agent_attention(
     n = agent.shape[2]
     text_queries = all_gather(q_text, 1, shard).transpose(1, 2) if layout.text else q_text.transpose(1, 2)
     both = torch.cat([agent, text_queries], dim=2)  # the agents and every rank's text queries, over this rank's keys
-    out, lse = sdpa_lse(both, key.transpose(1, 2), value.transpose(1, 2), None, scale)
+    mask = None
+    if text_mask is not None:  # a float mask: -inf on this rank's padded text keys (its image keys are never masked)
+        mask = _key_mask(local, text_mask, shard.count, agent.new_zeros(agent.shape[0], shard.count))
+    out, lse = sdpa_lse(both, key.transpose(1, 2), value.transpose(1, 2), mask, scale)
     gathered = join_softmaxes(out, lse, shard).to(query.dtype)
     agent_value = gathered[:, :, :n]
     out_text = gathered[:, :, n + shard.rank * layout.text : n + (shard.rank + 1) * layout.text]

@@ -621,7 +621,7 @@ def _patch_flow(module: torch.nn.Module, patch: _Patch, band_of_block: dict[int,
         parallel = _context_parallel(patch)
         if parallel is not None and grids is not None:
             tokens = sum(f * h * w for f, h, w in grids)
-            why = unsupported(parallel, family, tokens)
+            why = unsupported(parallel, tokens)
             if why is None:
                 state.shard = shard_of(parallel, tokens)
                 _share_seed(patch, state.shard)
