@@ -236,3 +236,20 @@ def _compiled(rank, world, folder):
 def test_sharded_agent_attention_compiles_without_graph_breaks(tmp_path):
     run_ranks(_compiled, 2, tmp_path)
     assert (tmp_path / "done").exists()
+
+
+def test_configurations_agentsd_does_not_follow_are_named():
+    from types import SimpleNamespace
+
+    from agentsd.parallel import unsupported
+
+    mesh = SimpleNamespace(size=lambda: 4)
+
+    def config(**flags):
+        flags = {"ulysses_anything": False, "ring_anything": False, **flags}
+        return SimpleNamespace(context_parallel_config=SimpleNamespace(_flattened_mesh=mesh, **flags))
+
+    assert unsupported(config(), 96) is None
+    assert "unequal chunks" in unsupported(config(ulysses_anything=True), 96)
+    assert "unequal chunks" in unsupported(config(ring_anything=True), 96)
+    assert "do not split evenly over 4 ranks" in unsupported(config(), 98)
