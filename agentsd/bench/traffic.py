@@ -37,7 +37,8 @@ SENT = {  # bytes a rank sends for a collective whose input on each rank is `siz
     "reduce_scatter_tensor": lambda size, ranks: (ranks - 1) / ranks * size,
 }
 
-METHODS = ("ulysses", "ring", "agents", "merged-keys")
+METHODS = ("ulysses", "ring", "agents", "merged-keys")  # counted on the tiny models, then scaled
+MODELLED = ("merged-in-shards",)  # by formula alone: not built (docs/dits.md says why)
 
 # The real models, one self-attention call of batch 1 (a video's or an image's tokens and its text's).
 MODELS = {
@@ -78,6 +79,8 @@ def per_call(method: str, *, tokens, text, heads, head_dim, ranks, itemsize, age
         return SENT["all_reduce"](shares + gather, r) + texts
     if method == "merged-keys":
         return SENT["all_reduce"](batch * groups * 2 * inner * itemsize, r) + 2 * texts
+    if method == "merged-in-shards":  # each rank's own groups' merged keys and values, all-gathered
+        return SENT["all_gather_into_tensor"](batch * groups / r * 2 * inner * itemsize, r) + 2 * texts
     raise ValueError(f"unknown method {method!r}")
 
 
@@ -278,7 +281,7 @@ def scaled(ranks=(2, 4, 8, 16), itemsize: int = 2) -> dict:
         family = config["family"]
         table[name] = {
             "tokens": math.prod(config["grid"]), **_sizes(config, family),
-            "ranks": {str(r): {m: formula(family, m, r, config, itemsize) for m in METHODS} for r in ranks},
+            "ranks": {str(r): {m: formula(family, m, r, config, itemsize) for m in METHODS + MODELLED} for r in ranks},
         }  # fmt: skip
     return table
 
@@ -287,18 +290,21 @@ def table(results: dict) -> str:
     lines = [
         f"Bytes one rank sends per self-attention call (MB, bf16, batch 1), by the formulas the tiny models' counts "
         f"check; commit {results['commit']}. `agents`: agentsd's agent phase; `merged keys`: its late phase "
-        "(+ once per step: the ToMe groups' features).",
+        "(+ once per step: the ToMe groups' features); `in shards`: the late phase grouped within each shard, "
+        "modelled only (not built).",
         "",
-        "| model | tokens (agents / groups) | ranks | Ulysses | ring | agents | merged keys (+ per step) |",
-        "|---|---|---|---|---|---|---|",
+        "| model | tokens (agents / groups) | ranks | Ulysses | ring | agents | merged keys (+ per step) | in shards |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, model in results["scaled"].items():
         for r, methods in model["ranks"].items():
-            mb = {m: methods[m]["per_call"] / 1e6 for m in METHODS}
+            mb = {m: methods[m]["per_call"] / 1e6 for m in methods}
             step = methods["merged-keys"]["per_step"] / 1e6
+            shards = "–" if "merged-in-shards" not in mb else f"{mb['merged-in-shards']:.1f}"
             lines.append(
                 f"| {name} | {model['tokens']:,} ({model['agents']:,} / {model['groups']:,}) | {r} | "
-                f"{mb['ulysses']:.1f} | {mb['ring']:.1f} | {mb['agents']:.1f} | {mb['merged-keys']:.1f} (+{step:.1f}) |"
+                f"{mb['ulysses']:.1f} | {mb['ring']:.1f} | {mb['agents']:.1f} | {mb['merged-keys']:.1f} "
+                f"(+{step:.1f}) | {shards} |"
             )
     lines += ["", "Counted on the tiny models (bytes per forward, every self-attention call; formula beside):", ""]
     lines += ["| tiny model | ranks | method | counted | formula |", "|---|---|---|---|---|"]
@@ -318,8 +324,10 @@ def plot(results: dict):
     for ax, name in zip(axes, names):
         model = results["scaled"][name]
         ranks = [int(r) for r in model["ranks"]]
-        for method in METHODS:
-            ax.plot(ranks, [model["ranks"][str(r)][method]["per_call"] / 1e6 for r in ranks], marker="o", label=method)
+        for method in (m for m in METHODS + MODELLED if m in model["ranks"][str(ranks[0])]):
+            style = dict(linestyle="--") if method in MODELLED else {}
+            values = [model["ranks"][str(r)][method]["per_call"] / 1e6 for r in ranks]
+            ax.plot(ranks, values, marker="o", label=method + (" (modelled)" if method in MODELLED else ""), **style)
         ax.set_xscale("log", base=2)
         ax.set_xticks(ranks, [str(r) for r in ranks])
         ax.set_title(name, fontsize=8)
