@@ -462,15 +462,10 @@ def agent_attention(
             return out.transpose(1, 2).to(dtype)
         out, lse = sdpa_lse(queries, keys, values, mask, scale)
         (out_image, out_text), (lse_image, _) = layout.split(out, 2), layout.split(lse, 2)
-        # each token of the query's window stood in its group's key for exp(bias)/|g| of a key: take those out
-        share = -sizes.log() if bias is None else bias - sizes.log()
-        slots = keys_of.slots
-        share = share.gather(1, slots)
         part = _partition(layout.grids, near, query.device, shift)
         q_x, k_x, v_x = (t.transpose(1, 2) for t in (q_image, k_image, v_image))
-        k_share, v_share = _per_token(k_merged.transpose(1, 2), slots), _per_token(v_merged.transpose(1, 2), slots)
-        dup = _windowed(q_x, k_share, v_share, part, scale, share)
-        out_image = _combine((out_image, lse_image), _windowed(q_x, k_x, v_x, part, scale), dup)
+        merged = (k_merged.transpose(1, 2), v_merged.transpose(1, 2), sizes, bias, keys_of.slots)
+        out_image = _near_late((out_image, lse_image), q_x, k_x, v_x, merged, part, scale)
         return layout.join(out_image.to(out_text.dtype), out_text, 2).transpose(1, 2).to(dtype)
     agent = _heads_mean(agents, q_image).transpose(1, 2)  # (B, H, n, D)
     keys, values = key.transpose(1, 2), value.transpose(1, 2)
@@ -495,29 +490,54 @@ def agent_attention(
     if near is None:
         out_image = F.scaled_dot_product_attention(q_x, agent, agent_value, attn_mask=mask, scale=scale**k_scale2)
         out_image = torch.add(out_image, v_x, alpha=k_shortcut)
-    elif correct:
+    else:
+        part = _partition(layout.grids, near, query.device, shift)
+        agents_of = (agent, agent_value, lse_gathered[:, :, :n] if correct else None, bias)
+        out_image = _near_agents(q_x, k_x, v_x, agents_of, part, None, scale, k_scale2, k_shortcut, near_join)
+        out_image = out_image.to(out_text.dtype)
+    return layout.join(out_image, out_text, 2).transpose(1, 2).to(dtype)
+
+
+def _near_late(far, q_x, k_x, v_x, merged, part: _Partition, scale: float) -> torch.Tensor:
+    """The late phase's near field: ``far`` (``(out, lse)`` of the image queries over the text keys and every merged
+    key) joined with their exact attention over their windows' keys (``part``), each merged key less the shares of the
+    window's tokens in it. ``merged``: ``(keys, values)`` ``(B, H, n, D)``, the groups' ``sizes`` ``(B, n)``, the
+    logit ``bias`` they were given (or ``None``) and each query token's group (``slots``, ``(B, N)``)."""
+    k_merged, v_merged, sizes, bias, slots = merged
+    # each token of the query's window stood in its group's key for exp(bias)/|g| of a key: take those out
+    share = -sizes.log() if bias is None else bias - sizes.log()
+    share = share.gather(1, slots)
+    dup = _windowed(q_x, _per_token(k_merged, slots), _per_token(v_merged, slots), part, scale, share)
+    return _combine(far, _windowed(q_x, k_x, v_x, part, scale), dup)
+
+
+def _near_agents(q_x, k_x, v_x, agents_of, part: _Partition, ids, scale, k_scale2, k_shortcut, join) -> torch.Tensor:
+    """The agent phase's near field for image queries ``q_x`` over their windows' keys ``k_x``, ``v_x`` (``part``).
+    ``agents_of``: the agents and their values ``(B, H, n, D)``, the log-sum-exp of the agents' gather ``(B, H, n)``
+    (``join="correct"``) and the agents' logit bias ``(B, n)`` or ``None``. ``ids``: the agents of ``part``'s windows
+    (``part.window`` counting them from 0), or ``None`` where its windows are every agent's, in order."""
+    agent, agent_value, lse_agents, bias = agents_of
+    mask = None if bias is None else bias[:, None, None, :]
+    own = part.window.clamp(min=0)  # the own window's (none for a token in no whole window)
+    if join == "correct":
         # The broadcast, then each query's own window corrected: its agent's output held the agent's exact attention
         # over the window's keys (a share rho of the agent's softmax); swap in the query's own.
-        part = _partition(layout.grids, near, query.device, shift)
         broadcast = F.scaled_dot_product_attention(q_x, agent, agent_value, attn_mask=mask, scale=scale**k_scale2)
-        local_agent, lse_local = _agents_over_windows(agent, k_x, v_x, part, scale)
-        rho = (lse_local - lse_gathered[:, :, :n]).exp()
-        own = part.window.clamp(min=0)
+        mine = agent if ids is None else agent.index_select(2, ids)
+        local_agent, lse_local = _agents_over_windows(mine, k_x, v_x, part, scale)
+        rho = (lse_local - (lse_agents if ids is None else lse_agents.index_select(2, ids))).exp()
         local_query, _ = _windowed(q_x, k_x, v_x, part, scale)
         work = lse_local.dtype
         fix = rho.index_select(2, own)[..., None] * (local_query.to(work) - local_agent.index_select(2, own).to(work))
         inside = (part.window >= 0)[:, None]
         fix = torch.where(inside, fix, k_shortcut * v_x.to(work))  # a token in no window: AgentSD's shortcut
-        out_image = (broadcast.to(work) + fix).to(out_text.dtype)
-    else:
-        far = sdpa_lse(q_x, agent, agent_value, mask, scale**k_scale2)
-        part = _partition(layout.grids, near, query.device, shift)
-        own = part.window.clamp(min=0)  # the own window's agent (none for a token in no whole window)
-        work = far[1].dtype
-        lse_own = (q_x.to(work) * agent.index_select(2, own).to(work)).sum(-1) * scale**k_scale2
-        if bias is not None:
-            lse_own = lse_own + bias.to(work).index_select(1, own)[:, None]
-        lse_own = lse_own.masked_fill(part.window < 0, -math.inf)
-        dup = (agent_value.index_select(2, own), lse_own)
-        out_image = _combine(far, _windowed(q_x, k_x, v_x, part, scale), dup).to(out_text.dtype)
-    return layout.join(out_image, out_text, 2).transpose(1, 2).to(dtype)
+        return broadcast.to(work) + fix
+    far = sdpa_lse(q_x, agent, agent_value, mask, scale**k_scale2)
+    own = own if ids is None else ids.index_select(0, own)  # the own window's agent
+    work = far[1].dtype
+    lse_own = (q_x.to(work) * agent.index_select(2, own).to(work)).sum(-1) * scale**k_scale2
+    if bias is not None:
+        lse_own = lse_own + bias.to(work).index_select(1, own)[:, None]
+    lse_own = lse_own.masked_fill(part.window < 0, -math.inf)
+    dup = (agent_value.index_select(2, own), lse_own)
+    return _combine(far, _windowed(q_x, k_x, v_x, part, scale), dup)
