@@ -25,7 +25,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers import transformer_flux, transformer_qwenimage, transformer_wan
 
 from .dit import Layout, Pooled, Window, agent_attention, dst_positions, num_windows, random_offsets, tome_groups
-from .parallel import Shard, ShardedGroups, ShardedPooled, sharded_agent_attention
+from .parallel import Shard, ShardedGroups, ShardedPooled, local_partition, sharded_agent_attention
 from .schedule import Phase, min_tokens_on, phase_at
 
 __all__ = ["DiTState", "FluxAgentProcessor", "QwenAgentProcessor", "WanAgentProcessor", "check_dit_phase"]
@@ -167,16 +167,22 @@ class _AgentProcessor:
             return None
         if 2 * num_windows(state.grids, window(phase)) >= n:
             return None  # as many groups as half the tokens: plain attention is what runs
-        if state.shard is not None and phase.near_join:
+        if state.shard is not None and phase.near_join and self._near_here(phase, image_tokens.device) is None:
             if not state.warned_near:
                 state.warned_near = True
                 warnings.warn(
-                    f"{phase}: the near field is not yet sharded by agentsd; under context parallelism these calls "
-                    "run diffusers' own context-parallel attention (vanilla)",
+                    f"{phase}: its near-field windows cross the ranks' shards (say, with shift=True, or shards that "
+                    "do not end on a window's border); these calls run diffusers' own context-parallel attention "
+                    "(vanilla)",
                     stacklevel=2,
                 )
             return None
         return phase
+
+    def _near_here(self, phase: Phase, device):
+        """The near field's windows on this rank (:func:`agentsd.parallel.local_partition`), or ``None``."""
+        shift = phase.shift and self.shifted
+        return local_partition(self.state.grids, window(phase), self.state.shard, device, shift)
 
     def _on_grid(self, hidden_states: torch.Tensor, metric: torch.Tensor | None) -> bool:
         """The call's tokens and the block's input (the matching metric) are the grids' image tokens, no more."""
@@ -233,6 +239,8 @@ class _AgentProcessor:
             upcast=state.upcast,
             proportional=phase.proportional,
             text_mask=text_mask,
+            near=self._near_here(phase, query.device) if phase.near_join else None,
+            near_join=phase.near_join or "correct",
         )
 
 

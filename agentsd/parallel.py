@@ -13,8 +13,9 @@ processor then sees its rank's chunk. Agent attention needs no rank's keys but i
 - the late phase's merged keys and values are global groups summed the same way; every query attends over them
   and the text keys of every rank (all-gathered): the one-process grouping, exact.
 
-Collectives are torch's functional ones, traceable by ``torch.compile``. What this module does not cover (the near
-field, the mesh's unequal "anything" chunks) the caller leaves to diffusers' own parallel attention.
+Collectives are torch's functional ones, traceable by ``torch.compile``. The near field acts where its windows lie
+whole on each rank (they need no other rank's keys). What this module does not cover (near-field windows a shard
+boundary cuts, the mesh's unequal "anything" chunks) the caller leaves to diffusers' own parallel attention.
 """
 
 from __future__ import annotations
@@ -26,9 +27,29 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 
-from .dit import Layout, Pooled, Window, _heads_mean, _key_mask, _partition, num_windows, sdpa_lse
+from .dit import (
+    Layout,
+    Pooled,
+    Window,
+    _heads_mean,
+    _key_mask,
+    _near_agents,
+    _near_late,
+    _Partition,
+    _partition,
+    num_windows,
+    sdpa_lse,
+)
 
-__all__ = ["Shard", "ShardedGroups", "ShardedPooled", "shard_of", "sharded_agent_attention", "unsupported"]
+__all__ = [
+    "Shard",
+    "ShardedGroups",
+    "ShardedPooled",
+    "local_partition",
+    "shard_of",
+    "sharded_agent_attention",
+    "unsupported",
+]
 
 
 class Shard(NamedTuple):
@@ -76,14 +97,53 @@ def all_gather(x: torch.Tensor, dim: int, shard: Shard) -> torch.Tensor:
     return _wait(funcol.all_gather_single(x.contiguous(), gather_dim=dim, group=shard.group))
 
 
-def join_softmaxes(out: torch.Tensor, lse: torch.Tensor, shard: Shard) -> torch.Tensor:
+def join_softmaxes(out: torch.Tensor, lse: torch.Tensor, shard: Shard) -> tuple[torch.Tensor, torch.Tensor]:
     """The softmax over every rank's keys from each rank's softmax over its own: ``out`` ``(B, H, L, D)`` and its
-    log-sum-exp ``lse`` ``(B, H, L)``, the same queries on every rank. Float32 (float64 for float64 inputs)."""
+    log-sum-exp ``lse`` ``(B, H, L)``, the same queries on every rank. ``(out, lse)`` over every key, float32 (float64
+    for float64 inputs)."""
     work = lse.dtype
     top = _wait(funcol.all_reduce(lse.contiguous(), "max", shard.group))
     weight = (lse - top).exp()[..., None]
     total = all_sum(torch.cat([out.to(work) * weight, weight], dim=-1), shard)
-    return total[..., :-1] / total[..., -1:]
+    return total[..., :-1] / total[..., -1:], top + total[..., -1].log()
+
+
+_LOCAL: dict[tuple, tuple[_Partition, torch.Tensor] | None] = {}
+
+
+def local_partition(grids, window: Window, shard: Shard, device, shift: bool = False):
+    """The near field's windows among a rank's image tokens: ``(partition, ids)``, the partition's positions counted
+    from the rank's first token and its windows counted from 0, ``ids`` the agents (windows of the whole grids) they
+    are; ``None`` where a window lies partly on the rank (its keys would have to cross). Made once per layout."""
+    key = (grids, window, shard.start, shard.count, str(device), shift)
+    if key in _LOCAL:
+        return _LOCAL[key]
+    whole_part = _partition(grids, window, "cpu", shift)
+    start, end = shard.start, shard.start + shard.count
+    parts, ids, first = [], [], 0
+    result = None
+    for positions in whole_part.parts:
+        inside = (positions >= start) & (positions < end)
+        whole = inside.all(dim=1)
+        if bool((inside.any(dim=1) & ~whole).any()):
+            break
+        parts.append(positions[whole] - start)
+        ids.append(torch.arange(first, first + positions.shape[0])[whole])
+        first += positions.shape[0]
+    else:
+        ragged = whole_part.ragged[(whole_part.ragged >= start) & (whole_part.ragged < end)] - start
+        order = torch.cat([*(part.flatten() for part in parts), ragged])
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel())
+        ids = torch.cat(ids)
+        local_of = torch.full((first,), -1, dtype=torch.long)
+        local_of[ids] = torch.arange(ids.numel())
+        owner = whole_part.window[start:end]
+        window = torch.where(owner >= 0, local_of[owner.clamp(min=0)], -1)
+        part = _Partition(tuple(p.to(device) for p in parts), ragged.to(device), inverse.to(device), window.to(device))
+        result = (part, ids.to(device))
+    _LOCAL[key] = result
+    return result
 
 
 class ShardedPooled:
@@ -164,6 +224,8 @@ def sharded_agent_attention(
     upcast: bool = False,
     proportional: bool = False,
     text_mask: torch.Tensor | None = None,
+    near: tuple[_Partition, torch.Tensor] | None = None,
+    near_join: str = "correct",
 ) -> torch.Tensor:
     """:func:`~agentsd.dit.agent_attention` of one rank's chunk of a context-parallel call, equal to the matching
     rows of the one-process output.
@@ -171,7 +233,8 @@ def sharded_agent_attention(
     ``query``, ``key``, ``value``: ``(B, S, heads, head_dim)``, the rank's text tokens (``layout.text`` of them, an
     equal share on every rank, text first) and its ``shard.count`` image tokens; ``layout.grids`` the whole grids.
     ``agents`` / ``keys_of``: :class:`ShardedPooled` or :class:`ShardedGroups` of this call. ``text_mask``: ``(B,
-    layout.text)`` the rank's text keys to attend to (Qwen-Image's padded prompts), or ``None``.
+    layout.text)`` the rank's text keys to attend to (Qwen-Image's padded prompts), or ``None``. ``near``: the
+    near field's windows on this rank (:func:`local_partition`), joined as ``near_join`` says (``agent_attention``'s).
     """
     if (agents is None) == (keys_of is None):
         raise ValueError("sharded_agent_attention takes agents or keys_of")
@@ -196,10 +259,16 @@ def sharded_agent_attention(
         every_mask = None if text_mask is None else all_gather(text_mask.to(torch.int32), 1, shard)
         text_keys = k_all.shape[1] - k_merged.shape[1]
         mask = _key_mask(Layout(text_keys, True, ()), every_mask, k_merged.shape[1], bias)
-        out = F.scaled_dot_product_attention(
-            query.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2), attn_mask=mask, scale=scale
-        )
-        return out.transpose(1, 2).to(dtype)
+        queries, keys, values = query.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2)
+        if near is None:
+            out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale)
+            return out.transpose(1, 2).to(dtype)
+        out, lse = sdpa_lse(queries, keys, values, mask, scale)
+        (out_image, out_text), (lse_image, _) = local.split(out, 2), local.split(lse, 2)
+        q_x, k_x, v_x = (t.transpose(1, 2) for t in (q_image, k_image, v_image))
+        merged = (k_merged.transpose(1, 2), v_merged.transpose(1, 2), keys_of.sizes(), bias, keys_of.slots)
+        out_image = _near_late((out_image, lse_image), q_x, k_x, v_x, merged, near[0], scale)
+        return local.join(out_image.to(out_text.dtype), out_text, 2).transpose(1, 2).to(dtype)
     agent = _heads_mean(agents, q_image).transpose(1, 2)  # (B, H, n, D): every rank's queries
     n = agent.shape[2]
     text_queries = all_gather(q_text, 1, shard).transpose(1, 2) if layout.text else q_text.transpose(1, 2)
@@ -208,13 +277,21 @@ def sharded_agent_attention(
     if text_mask is not None:  # a float mask: -inf on this rank's padded text keys (its image keys are never masked)
         mask = _key_mask(local, text_mask, shard.count, agent.new_zeros(agent.shape[0], shard.count))
     out, lse = sdpa_lse(both, key.transpose(1, 2), value.transpose(1, 2), mask, scale)
-    gathered = join_softmaxes(out, lse, shard).to(query.dtype)
+    gathered, lse_gathered = join_softmaxes(out, lse, shard)
+    gathered = gathered.to(query.dtype)
     agent_value = gathered[:, :, :n]
     out_text = gathered[:, :, n + shard.rank * layout.text : n + (shard.rank + 1) * layout.text]
     bias = None
-    if proportional and not agents.uniform():
-        bias = agents.sizes().log().to(query.dtype)[:, None, None, :]
-    q_x, v_x = q_image.transpose(1, 2), v_image.transpose(1, 2)
-    out_image = F.scaled_dot_product_attention(q_x, agent, agent_value, attn_mask=bias, scale=scale**k_scale2)
-    out_image = torch.add(out_image, v_x, alpha=k_shortcut)
+    if proportional and (near is not None or not agents.uniform()):
+        bias = agents.sizes().log().to(query.dtype)  # equal windows without a near field: it would cancel
+    q_x, k_x, v_x = q_image.transpose(1, 2), k_image.transpose(1, 2), v_image.transpose(1, 2)
+    if near is None:
+        mask = None if bias is None else bias[:, None, None, :]
+        out_image = F.scaled_dot_product_attention(q_x, agent, agent_value, attn_mask=mask, scale=scale**k_scale2)
+        out_image = torch.add(out_image, v_x, alpha=k_shortcut)
+    else:
+        agents_of = (agent, agent_value, lse_gathered[:, :, :n], bias)
+        part, ids = near
+        out_image = _near_agents(q_x, k_x, v_x, agents_of, part, ids, scale, k_scale2, k_shortcut, near_join)
+        out_image = out_image.to(out_text.dtype)
     return torch.cat([out_text, out_image], dim=2).transpose(1, 2).to(dtype)

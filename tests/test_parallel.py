@@ -52,12 +52,22 @@ def _model_and_inputs(family, t):
     return tiny_wan(), wan_inputs(2, 4, 4, 8, t)
 
 
+OPTIONS = {  # DESIGN §12's options on top of a case's agents ("pooled+both"): the near field acts on every rank
+    "": {},
+    "both": dict(proportional=True, near=True),
+    "near-softmax": dict(proportional=True, near="softmax"),
+}
+
+
 def _schedule(family, agents):
     from test_dit import phases
 
+    agents, _, options = agents.partition("+")
     if family in ("flux", "qwen"):  # 4x4 windows on an 8x12 grid: each of 4 ranks holds two rows of them, cut in half
-        return phases(agents, (1, 4, 4), (1, 2, 2))
-    return phases(agents, (2, 2, 2), (1, 2, 2))  # two-frame windows: 4 ranks hold a frame each
+        schedule = phases(agents, (1, 4, 4), (1, 2, 2))
+    else:
+        schedule = phases(agents, (2, 2, 2), (1, 2, 2))  # two-frame windows: 4 ranks hold a frame each
+    return tuple(dataclasses.replace(phase, **OPTIONS[options]) for phase in schedule)
 
 
 def _forward(model, kwargs):
@@ -108,8 +118,8 @@ def _sharded(rank, world, family, agents, mesh, folder):
 @pytest.mark.parametrize(
     "family, agents, mesh",
     [
-        ("flux", "pooled", (1, 2)),  # Ulysses
-        ("wan", "merged", (2, 1)),  # ring
+        ("flux", "pooled+both", (1, 2)),  # Ulysses; the near field's windows whole on each rank
+        ("wan", "merged+near-softmax", (2, 1)),  # ring
         ("flux", "merged", (2, 2)),  # a mixed mesh, windows cut by the shards
         ("wan", "pooled", (2, 2)),
         ("qwen", "merged", (1, 2)),  # a padded prompt
@@ -149,11 +159,13 @@ def _diffusers_context_parallel(folder, family, mesh):
 def _near_and_seed(rank, world, folder):
     import torch.distributed as dist
     from diffusers import ContextParallelConfig
+    from test_dit import phases
 
     import agentsd
 
     model, kwargs = _model_and_inputs("wan", TIMES["wan"][0])
-    schedule = tuple(dataclasses.replace(p, near=True) for p in _schedule("wan", "pooled"))
+    # windows of all four frames: each of the two ranks holds half of every one
+    schedule = tuple(dataclasses.replace(p, near=True) for p in phases("pooled", (4, 2, 2), (1, 2, 2)))
     agentsd.apply(model, schedule, blocks="all", seed=0)
     model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))
     with warnings.catch_warnings(record=True) as caught:
@@ -173,15 +185,15 @@ def _near_and_seed(rank, world, folder):
 
 
 def test_what_is_not_sharded_says_so_and_one_seed_serves_every_rank(tmp_path):
-    """The near field (not sharded) runs diffusers' context-parallel attention and says so once; and without a seed
-    every rank takes rank 0's, so the sharded late phase equals one process at that seed."""
+    """The near field where its windows cross the shards runs diffusers' context-parallel attention and says so once;
+    and without a seed every rank takes rank 0's, so the sharded late phase equals one process at that seed."""
     import agentsd
 
     run_ranks(_near_and_seed, 2, tmp_path)
     result = torch.load(tmp_path / "rank0.pt")
     model, kwargs = _model_and_inputs("wan", TIMES["wan"][0])
     torch.testing.assert_close(result["out"], _forward(model, kwargs), atol=1e-5, rtol=1e-5)
-    said = [m for m in result["said"] if "near field" in m]
+    said = [m for m in result["said"] if "near-field windows cross" in m]
     assert len(said) == 1, result["said"]  # once, not once per call
     assert result["seeds"][0] == result["seeds"][1]
     model, kwargs = _model_and_inputs("wan", TIMES["wan"][1])
@@ -201,7 +213,7 @@ def test_bytes_counted_from_the_collectives_equal_the_formulas(tmp_path):
 
 def _compiled(rank, world, folder):
     from agentsd.dit import Layout, Window
-    from agentsd.parallel import ShardedPooled, shard_of, sharded_agent_attention
+    from agentsd.parallel import ShardedPooled, local_partition, shard_of, sharded_agent_attention
 
     class Mesh:  # what shard_of reads of diffusers' config: the flattened mesh
         def __init__(self):
@@ -221,9 +233,11 @@ def _compiled(rank, world, folder):
     g = torch.Generator().manual_seed(rank)
     q, k, v = (torch.randn(2, text + shard.count, 2, 8, generator=g) for _ in range(3))
 
-    def attend(q, k, v):
+    def attend(q, k, v):  # with the near field: its windows lie whole on each rank
         agents = ShardedPooled(grids, Window(1, 4, 4), shard, q.device)
-        return sharded_agent_attention(q, k, v, Layout(text, True, grids), shard, agents=agents, proportional=True)
+        near = local_partition(grids, Window(1, 4, 4), shard, q.device)
+        layout = Layout(text, True, grids)
+        return sharded_agent_attention(q, k, v, layout, shard, agents=agents, proportional=True, near=near)
 
     eager = attend(q, k, v)
     torch._dynamo.reset()
