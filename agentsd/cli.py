@@ -92,7 +92,7 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         help="a text file, one prompt a line: one image per line into the --output folder (NNNNN.png, the line's "
         "number from 0, at --seed + that number; existing images are kept, so a run resumes), split between the "
-        "processes of torchrun or accelerate launch",
+        "processes of torchrun or accelerate launch (--device auto: each its own GPU)",
     )
     gen.add_argument(
         "--model", help="demo (default), demo-flux (the shipped models), or a hub id or local diffusers folder"
@@ -580,8 +580,8 @@ def _device(text: str):
     import torch
 
     if text == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
+        if torch.cuda.is_available():  # under torchrun or accelerate launch, each process its own card
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")

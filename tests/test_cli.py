@@ -225,3 +225,16 @@ def test_prompts_file_refuses_what_does_not_go_with_it(tmp_path, capsys):
     ]:
         assert main(["generate", "--prompts", str(prompts), *extra]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_auto_device_gives_each_launched_process_its_own_card(monkeypatch):
+    import torch
+
+    from agentsd.cli import _device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert _device("auto") == torch.device("cuda", 1)
+    monkeypatch.delenv("LOCAL_RANK")
+    assert _device("auto") == torch.device("cuda", 0)
