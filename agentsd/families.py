@@ -190,58 +190,36 @@ class _AgentProcessor:
         return hidden_states.shape[1] == image and metric is not None and metric.shape[1] == image
 
     def _attend(self, query, key, value, layout: Layout, phase: Phase, metric, text_mask=None) -> torch.Tensor:
-        state = self.state
-        win, shift = window(phase), phase.shift and self.shifted
-        agents = phase.agent_ratio is not None or phase.agents == "pooled"
-        if state.shard is not None:
-            return self._attend_sharded(query, key, value, layout, phase, metric, agents, win, shift, text_mask)
-        if phase.agents == "pooled":
-            groups = Pooled(state.grids, win, query.device, shift)
-        else:
-            groups = state.groups.get((win, shift))
-            if groups is None:
-                groups = state.groups[(win, shift)] = tome_groups(metric, state.dst[(win, shift)])
-        return agent_attention(
-            query,
-            key,
-            value,
-            layout,
-            agents=groups if agents else None,
-            keys_of=None if agents else groups,
-            k_scale2=state.k_scale2,
-            k_shortcut=state.k_shortcut,
-            upcast=state.upcast,
-            text_mask=text_mask,
-            proportional=phase.proportional,
-            near=win if phase.near_join else None,
-            near_join=phase.near_join or "correct",
-            shift=shift,
-        )
-
-    def _attend_sharded(self, query, key, value, layout: Layout, phase: Phase, metric, agents, win, shift, text_mask):
         state, shard = self.state, self.state.shard
+        win, shift = window(phase), phase.shift and self.shifted
         if phase.agents == "pooled":
-            groups = ShardedPooled(state.grids, win, shard, query.device, shift)
+            groups = (
+                Pooled(state.grids, win, query.device, shift)
+                if shard is None
+                else ShardedPooled(state.grids, win, shard, query.device, shift)
+            )
         else:
             groups = state.groups.get((win, shift))
             if groups is None:
-                groups = state.groups[(win, shift)] = ShardedGroups(metric, state.dst[(win, shift)], shard)
-        return sharded_agent_attention(
-            query,
-            key,
-            value,
-            layout,
-            shard,
+                dst = state.dst[(win, shift)]
+                groups = tome_groups(metric, dst) if shard is None else ShardedGroups(metric, dst, shard)
+                state.groups[(win, shift)] = groups
+        agents = phase.agent_ratio is not None or phase.agents == "pooled"
+        settings = dict(
             agents=groups if agents else None,
             keys_of=None if agents else groups,
             k_scale2=state.k_scale2,
             k_shortcut=state.k_shortcut,
             upcast=state.upcast,
-            proportional=phase.proportional,
             text_mask=text_mask,
-            near=self._near_here(phase, query.device) if phase.near_join else None,
+            proportional=phase.proportional,
             near_join=phase.near_join or "correct",
         )
+        if shard is None:
+            near = win if phase.near_join else None
+            return agent_attention(query, key, value, layout, **settings, near=near, shift=shift)
+        near = self._near_here(phase, query.device) if phase.near_join else None  # this rank's windows
+        return sharded_agent_attention(query, key, value, layout, shard, **settings, near=near)
 
 
 class FluxAgentProcessor(_AgentProcessor):
