@@ -292,9 +292,16 @@ def _bench_quality(args) -> int:
     except ImportError:
         raise UsageError("bench quality needs torchmetrics: pip install 'agentsd[quality]'") from None
 
+    if args.frames is not None and args.frames < 1:
+        raise UsageError(f"--frames must be >= 1, got {args.frames}")
+    args.size = _size(args.size)
+
     def load(model, device, dtype):
         device = _device(device) if isinstance(device, str) else device
-        return _load(model, device, _dtype(dtype, device))
+        pipe, name = _load(model, device, _dtype(dtype, device))
+        if args.frames is not None and not _is_video(pipe):
+            raise UsageError(f"--frames is for video pipelines; {type(pipe).__name__} makes images")
+        return pipe, name
 
     return quality.bench(args, load)
 
@@ -329,6 +336,7 @@ def generate(args) -> int:
         raise UsageError(f"--output must be a .png file (or a .mp4 for a video pipeline), got {args.output}")
     if args.frames is not None and args.frames < 1:
         raise UsageError(f"--frames must be >= 1, got {args.frames}")
+    args.size = _size(args.size)
     size = _size(args.size)
     schedule = _schedule(args.schedule)
     args.guidance = _guidance(args.guidance, args.model)

@@ -2,6 +2,8 @@
 switch where the docs say, it composes with LoRA, torch.compile and diffusers' step caches, and remove restores
 vanilla bit for bit."""
 
+import json
+
 import pytest
 import torch
 from conftest import CROSS_DIM, _text_encoder_config, char_tokenizer, compile_graphs
@@ -307,3 +309,30 @@ def test_cli_compares_on_a_saved_folder(tmp_path, capsys, family):
         frames = sorted(tmp_path.glob("out-f*.png"))
         assert len(frames) == 5 and PILImage.open(frames[0]).size == (2 * 256, 256 + 16)
         assert main(args[:-2] + ["-o", str(tmp_path / "clip.gif")]) == 2  # videos: .png frames or .mp4
+
+
+def test_bench_quality_reads_a_video_pipelines_frames(tmp_path):
+    """`agentsd bench quality` on a Wan folder: each video saved as one filmstrip of its frames, measured whole."""
+    from PIL import Image as PILImage
+
+    from agentsd.cli import main
+
+    wan_pipeline(tmp_path).save_pretrained(tmp_path / "model")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square\n")
+    out = tmp_path / "quality"
+    args = ["bench", "quality", "--model", str(tmp_path / "model"), "--prompts", str(prompts), "--num", "2"]
+    args += ["--steps", "2", "--batch", "2", "--size", "32", "--frames", "5", "--methods", "none", "wan", "--force"]
+    args += ["--out", str(out)]
+    assert main(args) == 0
+    strip = PILImage.open(out / "images" / "wan" / "00001.png")
+    width, height = strip.size
+    assert height == 5 * width  # five square frames, one above the other
+    vanilla = PILImage.open(out / "images" / "none" / "00001.png")
+    assert (
+        vanilla.size == strip.size
+        and vanilla.tobytes() != PILImage.open(out / "images" / "none" / "00000.png").tobytes()
+    )
+    results = json.loads((out / "quality.json").read_text())["metrics"]["methods"]
+    assert results["wan"]["images"] == 2 and results["wan"]["psnr_vs_none"] > 0  # read from the strips
+    assert main([*args[:-2], "--model", "demo", "--out", str(tmp_path / "x")]) == 2  # --frames: videos only

@@ -1,7 +1,8 @@
 """Image quality per method: the same prompts and seeds for each, images saved as they are made.
 
 For every method the images go to ``<out>/images/<method>/NNNNN.png`` (a re-run skips
-the ones that exist). Then, on the main process:
+the ones that exist; a video pipeline's videos as filmstrips, their frames one above the other).
+Then, on the main process:
 
 - FID and KID (± std) against a reference folder, or against vanilla's images when
   none is given; features from the demo evaluator (demo model) or from Inception
@@ -153,7 +154,10 @@ def generate(pipe, method: str, prompts: list[str], batches: list[list[int]], fo
 
     import agentsd
 
+    from ..cli import _is_video
+
     folder.mkdir(parents=True, exist_ok=True)
+    video, frames = _is_video(pipe), getattr(args, "frames", None)
     todo = [batch for batch in batches if not all((folder / f"{i:05d}.png").exists() for i in batch)]
     made, seconds = 0, 0.0
     cache = _deepcache(pipe) if method.startswith("deepcache") and todo else None
@@ -163,12 +167,18 @@ def generate(pipe, method: str, prompts: list[str], batches: list[list[int]], fo
             if kwargs is not None:
                 agentsd.apply(pipe, **kwargs, seed=args.seed + batch[0])
             began = time.perf_counter()
-            images = pipe(
+            options = dict(output_type="pil", **({} if frames is None else {"num_frames": frames})) if video else {}
+            size = getattr(args, "size", None)
+            if size is not None:
+                options.update(height=size[0], width=size[1])
+            out = pipe(
                 [prompts[i] for i in batch],
                 num_inference_steps=args.steps,
                 guidance_scale=args.guidance,
                 generator=[torch.Generator().manual_seed(args.seed + i) for i in batch],
-            ).images
+                **options,
+            )
+            images = [filmstrip(clip) for clip in out.frames] if video else out.images
             seconds += time.perf_counter() - began
             made += len(batch)
             for i, image in zip(batch, images):
@@ -178,6 +188,17 @@ def generate(pipe, method: str, prompts: list[str], batches: list[list[int]], fo
         if cache is not None:
             cache.disable()
     return made, seconds
+
+
+def filmstrip(frames):
+    """A video's frames (PIL images) one above the other in one image: every metric reads the whole video."""
+    from PIL import Image
+
+    width, height = frames[0].size
+    strip = Image.new("RGB", (width, height * len(frames)))
+    for k, frame in enumerate(frames):
+        strip.paste(frame.convert("RGB"), (0, k * height))
+    return strip
 
 
 def _deepcache(pipe):
@@ -399,6 +420,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guidance", type=float, help="default: 7.5, or the demo model's own")
     parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i; demo prompts use it too")
     parser.add_argument("--batch", type=int, default=25)
+    parser.add_argument("--size", help="WIDTHxHEIGHT or N, multiples of 8 (default: the model's own)")
+    parser.add_argument(
+        "--frames", type=int, help="video pipelines (Wan): frames per video (default: the pipeline's); each video is "
+        "saved as one image, its frames one above the other, and measured whole"
+    )  # fmt: skip
     parser.add_argument(
         "--force",
         action="store_true",
