@@ -163,6 +163,11 @@ def quality_demo_flux_s12(root: Path) -> str:
     return quality_demo128(root, "quality_demo_flux_s12")
 
 
+def quality_demo_flux_s12_500(root: Path) -> str:
+    """DESIGN §12's options on the DiT proving ground, all 500 one-object captions."""
+    return quality_demo128(root, "quality_demo_flux_s12_500")
+
+
 def quality_demo_flux_blocks(root: Path) -> str:
     """The flux preset in one block at a time on the DiT proving ground (first 100 captions)."""
     return quality_demo128(root, "quality_demo_flux_probes/blocks")
@@ -207,6 +212,7 @@ TABLES = {
     "quality-demo128": quality_demo128,
     "quality-demo-flux": quality_demo_flux,
     "quality-demo-flux-s12": quality_demo_flux_s12,
+    "quality-demo-flux-s12-500": quality_demo_flux_s12_500,
     "quality-demo-flux-blocks": quality_demo_flux_blocks,
     "dit-blocks": dit_blocks,
     "parallel-traffic": parallel_traffic,
