@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU suite (≤ 8 minutes on one H100-class GPU, by its --budget), fp16: first the checks (no host sync in a
-# patched forward; torch.compile in the default, max-autotune-no-cudagraphs and reduce-overhead modes), then whole
+# patched forward; torch.compile in the default, max-autotune-no-cudagraphs and reduce-overhead modes; the near
+# field's fused kernel against the plain formula), then whole
 # 20-step runs of SD 1.5 at 512², 1024², 2048², SDXL at 1024² and 2048² and SDXL's 2048² hi-res pass
 # (image-to-image, strength 0.5), compiled runs (default mode and CUDA graphs) at 1024², UNet forwards last.
 # Results: benchmarks/results/gpu/<card>/*.{json,md,png} (e.g. nvidia-h100-80gb-hbm3), checks.json, suite.md and

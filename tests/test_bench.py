@@ -253,3 +253,21 @@ def test_speed_times_sd3_transformer_forwards(tmp_path, monkeypatch):
     assert "sd3-early" in entry["softmax_share_median"]
     assert {"sd3", "sd3-paper"} <= set(entry["speedup_median"])
     assert main([*common, "--sizes", "256", "--methods", "vanilla", "tomesd"]) == 2
+
+
+def test_gpu_suite_times_the_dit_presets_with_design_12s_options():
+    """The suite's DiT block parts time every default method and the presets with proportional attention and the
+    near field, all names `bench blocks` knows (a GPU run cannot stop on an unknown one)."""
+    import argparse
+
+    from agentsd.bench import blocks, suite
+
+    parser = argparse.ArgumentParser()
+    suite.add_arguments(parser)
+    args = parser.parse_args(["--device", "cuda", "--out", "x"])
+    parts = [p for p in suite.parts(args, None) if getattr(p, "kind", None) == "blocks"]
+    assert [p.model for p in parts] == ["flux", "wan"]
+    for part in parts:
+        known = blocks.methods_for(part.model)
+        assert set(part.methods) <= set(known) and "vanilla" in part.methods
+        assert {f"{part.model}-early", f"{part.model}+both-early", f"{part.model}+both-late"} <= set(part.methods)

@@ -106,6 +106,24 @@ def compiled(pipe, size: int, mode: str | None, schedule, backend: str = "induct
     return result
 
 
+def log_sum_exp(device, dtype) -> dict:
+    """:func:`agentsd.dit.sdpa_lse` (the near field's fused kernel with its log-sum-exp) against the plain formula in
+    float32, with a float mask whose key count is not a multiple of 16 (the CUDA kernel's alignment): the largest
+    errors of the output and the log-sum-exp, and whether they lie within half precision's reach."""
+    from ..dit import sdpa_lse
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    q, k, v = (torch.randn(2, 3, n, 64, generator=g).to(device, dtype) for n in (40, 37, 37))
+    mask = torch.randn(2, 1, 1, 37, generator=g).to(device)
+    out, lse = sdpa_lse(q, k, v, mask, 0.125)
+    logits = (q.float() @ k.float().transpose(-1, -2)) * 0.125 + mask
+    want_lse = logits.logsumexp(dim=-1)
+    want = logits.softmax(dim=-1) @ v.float()
+    errors = {"out": float((out.float() - want).abs().max()), "lse": float((lse.float() - want_lse).abs().max())}
+    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+    return {**errors, "status": "passed" if max(errors.values()) <= tolerance else "FAILED"}
+
+
 def run(device, dtype, tiny_folder: Path, full_model: str | None = "sd15", full_size: int = 1024) -> dict:
     """Every check; ``full_model``: also the sync check on that architecture at ``full_size`` with the default."""
     device = torch.device(device)
@@ -125,7 +143,11 @@ def run(device, dtype, tiny_folder: Path, full_model: str | None = "sd15", full_
         big = big.to(device=device, dtype=dtype)
         results["no_sync"][f"{full_model} {full_size}², default"] = no_sync(big, full_size, agentsd.schedule.DEFAULT)
     print(f"no_sync: {results['no_sync']}", flush=True)
-    results["passed"] = all(v in ("passed", "not applicable: needs CUDA") for v in results["no_sync"].values()) and all(
-        v["status"] == "passed" for v in results["compile"].values()
+    results["sdpa_lse"] = log_sum_exp(device, dtype)
+    print(f"sdpa_lse: {results['sdpa_lse']}", flush=True)
+    results["passed"] = (
+        all(v in ("passed", "not applicable: needs CUDA") for v in results["no_sync"].values())
+        and all(v["status"] == "passed" for v in results["compile"].values())
+        and results["sdpa_lse"]["status"] == "passed"
     )
     return results

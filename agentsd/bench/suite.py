@@ -57,8 +57,9 @@ PARTS = [
     ("sd15", "forward", [512, 1024, 2048], None),
     ("sd35", "forward", [1024, 2048], None),  # SD 3.5 medium's transformer: vanilla, ceiling, the sd3 preset
     # Flux.1 and Wan 2.1 blocks at the real width and token count, in bf16 (as their users run them)
-    ("flux", "blocks", ["1024", "2048"], None),
-    ("wan", "blocks", ["480p"], None),
+    # (every default method, and DESIGN §12's options on the model's preset: proportional attention, the near field)
+    ("flux", "blocks", ["1024", "2048"], ("flux+prop-late", "flux+both-early", "flux+both-late")),
+    ("wan", "blocks", ["480p"], ("wan+prop-late", "wan+both-early", "wan+both-late")),
 ]
 DIT_DTYPE = "bfloat16"
 IMG2IMG_STRENGTH = 0.5
@@ -100,11 +101,14 @@ def parts(args: argparse.Namespace, tiny_folder: Path | None) -> list[argparse.N
     out = []
     for model, mode, sizes, methods in TINY_PARTS if args.tiny else PARTS:
         if mode == "blocks":
+            from .blocks import methods_for
+
+            defaults = [m for m in methods_for(model) if "+" not in m]  # what `bench blocks` times by default
             out.append(
                 argparse.Namespace(
                     model=model,
                     sizes=sizes,
-                    methods=None,
+                    methods=defaults + list(methods or ()),
                     repeats=args.repeats,
                     warmup=1,
                     dtype=DIT_DTYPE,
