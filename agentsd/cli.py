@@ -336,7 +336,6 @@ def generate(args) -> int:
         raise UsageError(f"--output must be a .png file (or a .mp4 for a video pipeline), got {args.output}")
     if args.frames is not None and args.frames < 1:
         raise UsageError(f"--frames must be >= 1, got {args.frames}")
-    args.size = _size(args.size)
     size = _size(args.size)
     schedule = _schedule(args.schedule)
     args.guidance = _guidance(args.guidance, args.model)
