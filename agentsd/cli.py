@@ -366,15 +366,7 @@ def generate(args) -> int:
             renders[method] = render
     renders = list(renders.values())
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "prompt": args.prompt,
-        "seed": args.seed,
-        "model": model_name,
-        "steps": args.steps,
-        "guidance": args.guidance,
-        "device": str(device),
-        "dtype": str(dtype).removeprefix("torch."),
-    }
+    meta = _meta(args, model_name, device, dtype)
     if video:
         paths = _save_video(renders, args.output, meta)
     elif args.compare:
@@ -422,10 +414,21 @@ def _prompt_lines(args) -> dict[int, str]:
     return lines
 
 
+def _meta(args, model_name: str, device, dtype) -> dict:
+    """What a PNG says of how it was made (the method and its settings added where they are known)."""
+    return {
+        "prompt": args.prompt,
+        "seed": args.seed,
+        "model": model_name,
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+
+
 def _processes() -> tuple[int, int]:
     """This process's rank and the number of processes, as torchrun and accelerate launch set them (else 0, 1)."""
-    import os
-
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if not 0 <= rank < world:
         raise UsageError(f"RANK={rank} does not lie in WORLD_SIZE={world}")
@@ -448,14 +451,8 @@ def _generate_lines(pipe, model_name, method, schedule, args, size, lines, devic
         line.prompt, line.seed = lines[k], args.seed + k
         render = _render(pipe, method, schedule, line, size, progress=False)
         meta = {
-            "prompt": line.prompt,
-            "seed": line.seed,
+            **_meta(line, model_name, device, dtype),
             "line": k,
-            "model": model_name,
-            "steps": args.steps,
-            "guidance": args.guidance,
-            "device": str(device),
-            "dtype": str(dtype).removeprefix("torch."),
             "method": render.method,
             "settings": render.settings,
         }
