@@ -624,7 +624,7 @@ def _patch_flow(module: torch.nn.Module, patch: _Patch, band_of_block: dict[int,
             why = unsupported(parallel, tokens)
             if why is None:
                 state.shard = shard_of(parallel, tokens)
-                _share_seed(patch, state.shard)
+                _share_seed(patch, state.shard, hidden_states.device)
             else:
                 _warn_parallel(patch, why)
                 grids = None  # every adapter falls back to the processor it wraps: diffusers' parallel attention
@@ -668,11 +668,12 @@ def _warn_parallel(patch: _Patch, why: str) -> None:
         )
 
 
-def _share_seed(patch: _Patch, shard) -> None:
-    """Every rank must draw the same dst tokens: where ``apply`` drew its seed in each process, take rank 0's."""
+def _share_seed(patch: _Patch, shard, device) -> None:
+    """Every rank must draw the same dst tokens: where ``apply`` drew its seed in each process, take rank 0's. The
+    seed travels on the call's ``device`` (NCCL moves CUDA tensors only; gloo CPU ones)."""
     if patch.options["seed"] is not None or patch.seed_shared:
         return
-    seed = torch.tensor([patch.state.seed], dtype=torch.long)
+    seed = torch.tensor([patch.state.seed], dtype=torch.long, device=device)
     torch.distributed.broadcast(seed, group=shard.group, group_src=0)
     patch.state.seed, patch.seed_shared = int(seed), True
 
