@@ -70,24 +70,27 @@ def batch_time(pipe, steps: int, guidance: float, repeats: int = 3) -> list[floa
     return times
 
 
-def real_scale(evaluator, n: int, seed: int, folder: Path | None) -> dict:
+def real_scale(evaluator, n: int, seed: int, folder: Path | None, size: int | None = None) -> dict:
     """FID/KID (evaluator features) between two disjoint sets of ``n`` real one-object test images.
 
     The first set is the real counterpart of ``agentsd bench quality --prompts demo:1 --num n --seed seed``
     (the same held-out scenes, drawn from the same stream); with ``folder`` it is written there as PNGs,
-    to pass as that command's ``--reference``. The second set comes from stream ``seed + 1``.
+    to pass as that command's ``--reference``. The second set comes from stream ``seed + 1``. ``size``: the images'
+    side (default: the demo world's 128; 256 for the 1,024-token DiT ground, whose images are 256²).
     """
     from PIL import Image
 
     from agentsd.bench.quality import distribution_metrics
 
-    first = sample(n, seed=seed, num_objects=1, split="test").images
-    second = sample(n, seed=seed + 1, num_objects=1, split="test").images
+    size = {} if size is None else {"size": size}
+    first = sample(n, seed=seed, num_objects=1, split="test", **size).images
+    second = sample(n, seed=seed + 1, num_objects=1, split="test", **size).images
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
         for i, image in enumerate(first):
             Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{i:05d}.png")
-    return {"n": n, "streams": [seed, seed + 1], **distribution_metrics(evaluator, second, first)}
+    side = first.shape[-1]
+    return {"n": n, "size": side, "streams": [seed, seed + 1], **distribution_metrics(evaluator, second, first)}
 
 
 def recipe(run: Path) -> dict:
@@ -134,6 +137,9 @@ def main() -> None:
     parser.add_argument("--real-n", type=int, default=1000, help="images per set for the real-vs-real FID/KID")
     parser.add_argument("--real-dir", type=Path, help="write the first real set here (a bench quality reference)")
     parser.add_argument(
+        "--real-size", type=int, help="the real images' side (default 128; 256: the 1,024-token ground)"
+    )
+    parser.add_argument(
         "--real-only", action="store_true", help="only write the real set (--real-dir) and its real-vs-real FID/KID"
     )
     args = parser.parse_args()
@@ -141,7 +147,7 @@ def main() -> None:
     args.out = args.out or (RESULTS.with_name("demo_flux_model.json") if args.flux else RESULTS)
     torch.set_num_threads(args.threads)
     if args.real_only:
-        scale = real_scale(Evaluator.load(args.evaluator), args.real_n, args.seed, args.real_dir)
+        scale = real_scale(Evaluator.load(args.evaluator), args.real_n, args.seed, args.real_dir, args.real_size)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(scale, indent=1) + "\n")
         print(json.dumps(scale))
@@ -160,7 +166,7 @@ def main() -> None:
         }
         for g in args.guidance
     }
-    scale = real_scale(evaluator, args.real_n, args.seed, args.real_dir)
+    scale = real_scale(evaluator, args.real_n, args.seed, args.real_dir, args.real_size)
     times = batch_time(pipe, args.steps, args.guidance[0])
     sizes = weight_sizes(args.model, args.evaluator)
     result = {
