@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import train_demo as demo  # noqa: E402  (the UNet recipe: run folder, checkpoints, tokenizer, EMA, probes)
 
 from agentsd.demo import data  # noqa: E402
+from agentsd.demo.flux import SETTINGS_FILE  # noqa: E402
 from agentsd.demo.pipeline import MODEL_DIR  # noqa: E402
 
 T5_CONFIG = dict(
@@ -244,7 +245,8 @@ def _record_spent(run: demo.Run) -> None:
     run.save_config()
 
 
-def export(model_dir: Path, vae, clip, t5, tokenizer, model, factors: dict) -> None:
+def export(model_dir: Path, vae, clip, t5, tokenizer, model, factors: dict, size: int) -> None:
+    """The pipeline folder ``load_flux_pipeline`` reads, with the side of the images trained on (its default)."""
     vae = AutoencoderKL.from_config(vae.config)
     vae.load_state_dict(load_vae().state_dict())
     vae.register_to_config(**factors)
@@ -267,6 +269,7 @@ def export(model_dir: Path, vae, clip, t5, tokenizer, model, factors: dict) -> N
         config = json.loads(config_path.read_text())
         config["tokenizer_class"] = "PreTrainedTokenizerFast"
         config_path.write_text(json.dumps(config, indent=2) + "\n")
+    (model_dir / SETTINGS_FILE).write_text(json.dumps({"size": size}) + "\n")
 
 
 def _ema_model(run: demo.Run) -> FluxTransformer2DModel:
@@ -323,7 +326,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.export:
         factors = _logged_factors(run) or build_cache(run, vae, tokenizer)[2]
         t5 = train_t5(run, tokenizer)
-        export(run.model_dir, vae, clip, t5, tokenizer, _ema_model(run), factors)
+        export(run.model_dir, vae, clip, t5, tokenizer, _ema_model(run), factors, run.config["image_size"])
         run.log("export", torch.load(run.folder / "dit.pt", weights_only=False)["step"], folder=str(run.model_dir))
         return
     run.log("start", 0, config=run.config, threads=args.threads)
@@ -336,7 +339,7 @@ def main(argv: list[str] | None = None) -> None:
         _record_spent(run)
     for p, s in zip(model.parameters(), ema.shadow):
         p.data.copy_(s)
-    export(run.model_dir, vae, clip, t5, tokenizer, model.eval(), factors)
+    export(run.model_dir, vae, clip, t5, tokenizer, model.eval(), factors, run.config["image_size"])
     run.log("done", 0, spent_s=run.config["spent_s"])
 
 

@@ -38,6 +38,13 @@ def test_recipe_writes_a_flux_pipeline_the_loader_samples_at_its_settings(traine
     assert vae.shift_factor is not None and vae.scaling_factor > 0  # what the Flux pipeline reads
     image = pipe("a small red circle on the left", num_inference_steps=2, output_type="pt").images
     assert image.shape == (1, 3, data.IMAGE_SIZE, data.IMAGE_SIZE) and torch.isfinite(image).all()
+    # height=None (what the CLI passes without --size) is the trained side too, not FluxPipeline's own 512²
+    seeded = [
+        pipe("a small red circle on the left", num_inference_steps=2, output_type="pt", generator=torch.manual_seed(0),
+             **size).images
+        for size in ({}, {"height": None, "width": None})
+    ]  # fmt: skip
+    assert torch.equal(*seeded)
     grid = (data.IMAGE_SIZE // 4 // 2,) * 2  # factor-4 VAE, 2x2 packing: 16x16 = 256 tokens
     agentsd.apply(pipe, **apply_kwargs("flux", force=True), seed=0)
     patched = pipe("a small red circle on the left", num_inference_steps=2, output_type="pt").images
@@ -124,6 +131,8 @@ def test_a_new_stage_starts_from_a_compact_checkpoint_at_another_size(recipe, tr
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["init"] == str(tmp_path / "keep") and config["image_size"] == 64 and config["dit_steps"] == 2
     assert torch.load(tmp_path / "run" / "cache.pt")["latents"].shape[-1] == 16  # 64² through the factor-4 VAE
+    pipe = load_flux_pipeline(folder=tmp_path / "out" / "model")  # the stage's export samples at its size
+    assert pipe("a small red circle on the left", num_inference_steps=1, output_type="pt").images.shape[-1] == 64
     rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["stage"] == "dit" and "loss" in r] == [0]  # a fresh stage from step 0
     with pytest.raises(SystemExit, match="exists already"):

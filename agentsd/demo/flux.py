@@ -8,26 +8,30 @@ the demo's CLIP for the pooled text and a small T5 for the token states; trained
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 
 import torch
 
-__all__ = ["FLUX_GUIDANCE", "FLUX_MODEL_DIR", "FLUX_STEPS", "MAX_TOKENS", "load_flux_pipeline"]
+__all__ = ["FLUX_GUIDANCE", "FLUX_MODEL_DIR", "FLUX_STEPS", "MAX_TOKENS", "SETTINGS_FILE", "load_flux_pipeline"]
 
 FLUX_MODEL_DIR = Path(__file__).with_name("flux_model")
 FLUX_GUIDANCE = 3.0  # classifier-free guidance (the pipeline's true_cfg_scale): the model learned no distilled guidance
 FLUX_STEPS = 25
 MAX_TOKENS = 20  # the captions' longest tokenization: the model was trained on exactly this many text tokens
-SIZE = 128
+SIZE = 128  # the images' side when the folder does not say (the 256-token ground's)
+SETTINGS_FILE = "agentsd_demo.json"  # in the model folder: {"size": the side of the images it was trained on}
 
 
 def load_flux_pipeline(
     device: str | torch.device | None = None, dtype: torch.dtype | None = None, folder: str | Path = FLUX_MODEL_DIR
 ):
-    """The proving ground's ``FluxPipeline`` (128² images), read from the package; nothing is downloaded.
+    """The proving ground's ``FluxPipeline``, read from the package; nothing is downloaded.
 
     Calling it samples at the settings it was trained and measured for (``FLUX_STEPS`` steps, classifier-free
-    guidance ``FLUX_GUIDANCE`` against the empty caption, 128², ``MAX_TOKENS`` text tokens) unless told otherwise.
+    guidance ``FLUX_GUIDANCE`` against the empty caption, ``MAX_TOKENS`` text tokens, and the side its folder's
+    ``SETTINGS_FILE`` names: 128² for the 256-token ground, 256² for the 1,024-token one) unless told otherwise;
+    ``height=None`` and ``width=None`` mean that side too.
     """
     folder = Path(folder)
     if not (folder / "model_index.json").is_file():
@@ -36,6 +40,8 @@ def load_flux_pipeline(
             "vanilla reads 80% of held-out captions (docs/results.md, The DiT proving ground)"
         )
     pipe = _flux_class().from_pretrained(folder, local_files_only=True, dtype=dtype or torch.float32)
+    settings = folder / SETTINGS_FILE
+    pipe.demo_size = int(json.loads(settings.read_text())["size"]) if settings.is_file() else SIZE
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device or "cpu")
 
@@ -47,6 +53,8 @@ def _flux_class():
     from diffusers import FluxPipeline
 
     class DemoFluxPipeline(FluxPipeline):
+        demo_size = SIZE  # load_flux_pipeline sets it from the folder
+
         def __call__(
             self,
             prompt=None,
@@ -54,8 +62,8 @@ def _flux_class():
             num_inference_steps: int = FLUX_STEPS,
             guidance_scale: float = FLUX_GUIDANCE,
             negative_prompt=None,
-            height: int = SIZE,
-            width: int = SIZE,
+            height: int | None = None,
+            width: int | None = None,
             max_sequence_length: int = MAX_TOKENS,
             **kwargs,
         ):
@@ -66,8 +74,8 @@ def _flux_class():
                 negative_prompt=negative_prompt,
                 true_cfg_scale=guidance_scale,
                 num_inference_steps=num_inference_steps,
-                height=height,
-                width=width,
+                height=height or self.demo_size,
+                width=width or self.demo_size,
                 max_sequence_length=max_sequence_length,
                 **kwargs,
             )
