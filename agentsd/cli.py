@@ -507,15 +507,27 @@ _DEMOS = {
 }
 
 
-def _demo_setting(model: str | None, k: int):
-    """Entry ``k`` of a shipped model's row of ``_DEMOS`` (``None`` is ``demo``), looked up in agentsd.demo; ``None``
-    for other models."""
+def _demo_kind(model: str | None) -> str | None:
+    """The row of ``_DEMOS`` a model is: its name (``None`` is ``demo``), or ``demo-flux`` for a folder a proving
+    ground's training recipe exported (it holds ``agentsd_demo.json``: another stage of the DiT proving ground, loaded
+    with that model's settings); ``None`` for other models."""
+    from .demo.flux import SETTINGS_FILE
+
     name = model or "demo"
-    if name not in _DEMOS:
+    if name in _DEMOS:
+        return name
+    return "demo-flux" if (Path(name).expanduser() / SETTINGS_FILE).is_file() else None
+
+
+def _demo_setting(model: str | None, k: int):
+    """Entry ``k`` of a shipped model's row of ``_DEMOS`` (see ``_demo_kind``), looked up in agentsd.demo; ``None``
+    for other models."""
+    kind = _demo_kind(model)
+    if kind is None:
         return None
     from . import demo
 
-    return getattr(demo, _DEMOS[name][k])
+    return getattr(demo, _DEMOS[kind][k])
 
 
 def _guidance(value: float | None, model: str | None) -> float:
@@ -611,11 +623,15 @@ def _dtype(text: str, device):
 
 def _load(model: str | None, device, dtype):
     """The pipeline and a name for it; clear errors for folders that are not there and hubs out of reach."""
-    if (model or "demo") in _DEMOS:
+    kind = _demo_kind(model)
+    if kind is not None:
+        folder = {} if (model or "demo") in _DEMOS else {"folder": Path(model).expanduser()}
         try:
-            pipe = _demo_setting(model, 0)(device=device, dtype=dtype)
+            pipe = _demo_setting(model, 0)(device=device, dtype=dtype, **folder)
         except FileNotFoundError as error:
             raise UsageError(str(error)) from None
+        if folder:
+            return pipe, f"agentsd-{kind} ({model})"
         return pipe, "agentsd-demo" if model in (None, "demo") else f"agentsd-{model}"
     from diffusers import DiffusionPipeline
 

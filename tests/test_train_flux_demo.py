@@ -133,6 +133,14 @@ def test_a_new_stage_starts_from_a_compact_checkpoint_at_another_size(recipe, tr
     assert torch.load(tmp_path / "run" / "cache.pt")["latents"].shape[-1] == 16  # 64² through the factor-4 VAE
     pipe = load_flux_pipeline(folder=tmp_path / "out" / "model")  # the stage's export samples at its size
     assert pipe("a small red circle on the left", num_inference_steps=1, output_type="pt").images.shape[-1] == 64
+    # --model <that folder> in the CLI and the benches: the proving ground's loader and settings, not FluxPipeline's
+    from agentsd.cli import _demo_setting, _load
+    from agentsd.demo import FLUX_GUIDANCE, FLUX_STEPS
+
+    pipe, name = _load(str(tmp_path / "out" / "model"), "cpu", torch.float32)
+    assert type(pipe).__name__ == "DemoFluxPipeline" and pipe.demo_size == 64 and name.startswith("agentsd-demo-flux")
+    model = str(tmp_path / "out" / "model")
+    assert (_demo_setting(model, 1), _demo_setting(model, 2)) == (FLUX_STEPS, FLUX_GUIDANCE)
     rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["stage"] == "dit" and "loss" in r] == [0]  # a fresh stage from step 0
     with pytest.raises(SystemExit, match="exists already"):
