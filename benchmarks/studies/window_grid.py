@@ -12,6 +12,10 @@ amplified).
 
     python benchmarks/studies/window_grid.py --size 256 --num 12 --methods none flux flux+shift flux+near flux+all \\
         --out benchmarks/results/window_grid_demo_flux
+
+``--images FOLDER ...`` measures images ``agentsd bench quality`` made instead (each method's first ``--num`` from
+``FOLDER/images/<method>/``, the first folder that has them; at the model's own size): the 1,024-token ground's
+images cost 13 s each here, so its quality runs' images are reused.
 """
 
 from __future__ import annotations
@@ -60,6 +64,16 @@ def sample(pipe, method: str, prompts: list[str], size: int, seed: int) -> torch
     return torch.cat(images)
 
 
+def read(folders: list[Path], method: str, num: int) -> torch.Tensor:
+    """The first ``num`` images ``agentsd bench quality`` made for ``method`` in the first of ``folders`` that holds
+    them all, ``(num, 3, H, W)`` in [0, 1]."""
+    for folder in folders:
+        files = [folder / "images" / method / f"{i:05d}.png" for i in range(num)]
+        if all(f.is_file() for f in files):
+            return quality.load_images(files[0].parent, num).float() / 255
+    raise SystemExit(f"no folder of {', '.join(map(str, folders))} holds {num} images of {method}")
+
+
 def table(results: dict) -> str:
     lines = [
         f"Stripe index against vanilla ({results['model']}, {results['size']}², {results['num']} captions, "
@@ -103,20 +117,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--methods", nargs="+", default=["none", "flux", "flux+shift", "flux+near", "flux+all"])
     parser.add_argument("--show", type=int, default=4, help="captions in the figure")
+    parser.add_argument("--images", type=Path, nargs="+", help="bench quality output folders to read images from")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     if args.methods[0] != "none":
         parser.error("the first method must be none (vanilla): the others are measured against it")
-    from agentsd.demo import load_flux_pipeline
+    if args.images:
+        images = {method: read(args.images, method, args.num) for method in args.methods}
+        args.size = images["none"].shape[-1]
+    else:
+        from agentsd.demo import load_flux_pipeline
 
-    pipe = load_flux_pipeline() if args.model == "demo-flux" else load_flux_pipeline(folder=args.model)
-    prompts = [scene.caption for scene in data.prompts(args.num, seed=args.seed)]
-    images = {method: sample(pipe, method, prompts, args.size, args.seed) for method in args.methods}
+        pipe = load_flux_pipeline() if args.model == "demo-flux" else load_flux_pipeline(folder=args.model)
+        prompts = [scene.caption for scene in data.prompts(args.num, seed=args.seed)]
+        images = {method: sample(pipe, method, prompts, args.size, args.seed) for method in args.methods}
     window = PRESETS["flux"][0].sx * PIXELS_PER_TOKEN
     late = PRESETS["flux"][1].sx * PIXELS_PER_TOKEN
     vanilla = images["none"]
     results = {
         "model": args.model,
+        **({"images": [str(folder) for folder in args.images]} if args.images else {}),
         "size": args.size,
         "num": args.num,
         "commit": git_commit(),
