@@ -8,6 +8,8 @@ it ships (``flux``, ``flux-no-late``, ``flux-agents-2x2``, ``flux-plain-broadcas
 - ``flux-text-exact``: the preset with every image query reading the agents and the text keys in one softmax
   (``softmax([Q_X Aᵀ s^k_scale2; Q_X K_Tᵀ s]) [V_A; V_T]``) instead of the agents alone: whether the
   image-from-text route through the agents is what costs;
+- ``flux+both-no-late``, ``flux+both-late-only``: ``flux+both``'s agent phase alone (vanilla after it) and its late
+  phase alone (for the whole run);
 - ``flux-block-<k>``: the ``flux`` preset in block ``k`` alone: which blocks a preset can patch; ``flux-last-blocks``,
   ``flux+both-last-blocks``: in the last four blocks instead of the middle four.
 
@@ -31,7 +33,7 @@ import torch.nn.functional as F
 import agentsd.families
 from agentsd.bench import quality
 from agentsd.dit import _heads_mean, agent_attention
-from agentsd.schedule import PRESETS
+from agentsd.schedule import PRESETS, Phase
 
 PROBES = {
     "flux-late-only": {"schedule": (dataclasses.replace(PRESETS["flux"][1], end=1.0),)},
@@ -43,6 +45,10 @@ PROBES = {
     # with proportional attention and the near field
     "flux-last-blocks": {"schedule": "flux", "blocks": [4, 5, 6, 7]},
     "flux+both-last-blocks": {**quality.METHODS["flux+both"], "blocks": [4, 5, 6, 7]},
+    # flux+both's two phases apart: its agent phase then vanilla, and its late phase (merged keys and values with the
+    # near field) for the whole run
+    "flux+both-no-late": {"schedule": (quality.METHODS["flux+both"]["schedule"][0], Phase(end=1.0, ratio=0.0))},
+    "flux+both-late-only": {"schedule": (dataclasses.replace(quality.METHODS["flux+both"]["schedule"][1], end=1.0),)},
 }
 
 
