@@ -302,7 +302,10 @@ def measure(args, prompts: list[str], scenes, out: Path) -> dict:
         if made_at.get(method):
             row["made_at"] = made_at[method]
         if "none" in images and method != "none":  # vanilla against itself is no measurement
-            pairs = [(imgs[i : i + 64], images["none"][i : i + 64]) for i in range(0, len(imgs), 64)]
+            # in chunks of at most 2^18 pixels an image: torchmetrics' SSIM holds ~200 bytes a pixel (a chunk of 64
+            # images at 256² asked for 20 GB)
+            chunk = max(1, 2**18 // (imgs.shape[-1] * imgs.shape[-2]))
+            pairs = [(imgs[i : i + chunk], images["none"][i : i + chunk]) for i in range(0, len(imgs), chunk)]
             row["psnr_vs_none"] = float(torch.cat([psnr(a, b) for a, b in pairs]).clamp(max=100).mean())
             row["ssim_vs_none"] = float(torch.cat([ssim(a, b) for a, b in pairs]).mean())
         if features is not None and reference is not None and (method != "none" or args.reference):
