@@ -173,6 +173,16 @@ def quality_demo_flux_blocks(root: Path) -> str:
     return quality_demo128(root, "quality_demo_flux_probes/blocks")
 
 
+def quality_demo_flux256(root: Path) -> str:
+    """The presets on the 1,024-token DiT proving ground (first 100 captions)."""
+    return quality_demo128(root, "quality_demo_flux256_first100")
+
+
+def quality_demo_flux256_probes(root: Path) -> str:
+    """flux+both's phases apart and shifted windows on the 1,024-token DiT proving ground (first 50 captions)."""
+    return quality_demo128(root, "quality_demo_flux256_probes")
+
+
 def parallel_traffic(root: Path) -> str:
     """Bytes per rank and attention call under context parallelism (``agentsd bench traffic``)."""
     from .traffic import table
@@ -214,6 +224,8 @@ TABLES = {
     "quality-demo-flux-s12": quality_demo_flux_s12,
     "quality-demo-flux-s12-500": quality_demo_flux_s12_500,
     "quality-demo-flux-blocks": quality_demo_flux_blocks,
+    "quality-demo-flux256": quality_demo_flux256,
+    "quality-demo-flux256-probes": quality_demo_flux256_probes,
     "dit-blocks": dit_blocks,
     "parallel-traffic": parallel_traffic,
     "shard-grouping": shard_grouping,
