@@ -625,14 +625,15 @@ def _load(model: str | None, device, dtype):
     """The pipeline and a name for it; clear errors for folders that are not there and hubs out of reach."""
     kind = _demo_kind(model)
     if kind is not None:
-        folder = {} if (model or "demo") in _DEMOS else {"folder": Path(model).expanduser()}
+        from . import demo
+
+        shipped = (model or "demo") == kind  # else a folder the recipe exported
+        folder = {} if shipped else {"folder": Path(model).expanduser()}
         try:
-            pipe = _demo_setting(model, 0)(device=device, dtype=dtype, **folder)
+            pipe = getattr(demo, _DEMOS[kind][0])(device=device, dtype=dtype, **folder)
         except FileNotFoundError as error:
             raise UsageError(str(error)) from None
-        if folder:
-            return pipe, f"agentsd-{kind} ({model})"
-        return pipe, "agentsd-demo" if model in (None, "demo") else f"agentsd-{model}"
+        return pipe, f"agentsd-{kind}" + ("" if shipped else f" ({model})")
     from diffusers import DiffusionPipeline
 
     path = Path(model).expanduser()

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from agentsd.demo import FLUX_MODEL_DIR, MODEL_DIR, Evaluator, load_flux_pipeline, load_pipeline, prompts, sample
+from agentsd.demo.data import IMAGE_SIZE
 from agentsd.demo.evaluator import WEIGHTS
 
 RESULTS = Path(__file__).parent / "results" / "demo_model.json"
@@ -70,27 +71,25 @@ def batch_time(pipe, steps: int, guidance: float, repeats: int = 3) -> list[floa
     return times
 
 
-def real_scale(evaluator, n: int, seed: int, folder: Path | None, size: int | None = None) -> dict:
+def real_scale(evaluator, n: int, seed: int, folder: Path | None, size: int = IMAGE_SIZE) -> dict:
     """FID/KID (evaluator features) between two disjoint sets of ``n`` real one-object test images.
 
     The first set is the real counterpart of ``agentsd bench quality --prompts demo:1 --num n --seed seed``
     (the same held-out scenes, drawn from the same stream); with ``folder`` it is written there as PNGs,
     to pass as that command's ``--reference``. The second set comes from stream ``seed + 1``. ``size``: the images'
-    side (default: the demo world's 128; 256 for the 1,024-token DiT ground, whose images are 256²).
+    side (the demo world's 128; 256 for the 1,024-token DiT ground, whose images are 256²).
     """
     from PIL import Image
 
     from agentsd.bench.quality import distribution_metrics
 
-    size = {} if size is None else {"size": size}
-    first = sample(n, seed=seed, num_objects=1, split="test", **size).images
-    second = sample(n, seed=seed + 1, num_objects=1, split="test", **size).images
+    first = sample(n, seed=seed, num_objects=1, split="test", size=size).images
+    second = sample(n, seed=seed + 1, num_objects=1, split="test", size=size).images
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
         for i, image in enumerate(first):
             Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{i:05d}.png")
-    side = first.shape[-1]
-    return {"n": n, "size": side, "streams": [seed, seed + 1], **distribution_metrics(evaluator, second, first)}
+    return {"n": n, "size": size, "streams": [seed, seed + 1], **distribution_metrics(evaluator, second, first)}
 
 
 def recipe(run: Path) -> dict:
@@ -137,7 +136,7 @@ def main() -> None:
     parser.add_argument("--real-n", type=int, default=1000, help="images per set for the real-vs-real FID/KID")
     parser.add_argument("--real-dir", type=Path, help="write the first real set here (a bench quality reference)")
     parser.add_argument(
-        "--real-size", type=int, help="the real images' side (default 128; 256: the 1,024-token ground)"
+        "--real-size", type=int, default=IMAGE_SIZE, help="the real images' side (256: the 1,024-token ground)"
     )
     parser.add_argument(
         "--real-only", action="store_true", help="only write the real set (--real-dir) and its real-vs-real FID/KID"
