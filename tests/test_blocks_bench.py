@@ -65,3 +65,18 @@ def test_blocks_bench_refuses_what_it_cannot_time(tiny, tmp_path):
         _bench(["--model", "wan", "--methods", "vanilla", "sd3-early", "--out", str(tmp_path / "r.json")])
     with pytest.raises(ValueError, match="takes sizes"):
         _bench(["--model", "wan", "--sizes", "1024", "--out", str(tmp_path / "r.json")])
+
+
+@pytest.mark.parametrize("model", ["flux", "wan"])
+def test_blocks_bench_times_shifted_windows_in_every_block(tiny, model):
+    import torch
+
+    net = blocks.build(model, torch.device("cpu"), torch.float32)
+    attns = blocks._attentions(net)
+    undo = blocks.methods_for(model)[f"{model}+all-late"](net)
+    # as applied, every other patched block shifts (the first does not); the bench shifts them all
+    assert [attn.processor.shifted for attn in attns] == [True] * len(attns)
+    undo()
+    undo = blocks.methods_for(model)[f"{model}+both-late"](net)
+    assert attns[0].processor.shifted is False
+    undo()

@@ -11,7 +11,8 @@ block's time stands for every block of its kind, and the model's time is their s
 - ``<preset>-early`` / ``<preset>-late``: a preset's agent phase and its late phase, each for a whole call; the
   preset over a run is weighted from them by the share of sampling each phase takes;
 - ``<preset>+<option>-early`` / ``-late`` (asked for by name): the same with DESIGN §12's options on every phase
-  (``prop``: proportional attention, ``near``: the near field, ``both``), and ``<preset>+<option>`` over a run.
+  (``prop``: proportional attention, ``near``: the near field, ``both``; ``all``: both and shifted windows), and
+  ``<preset>+<option>`` over a run.
 
     agentsd bench blocks --model flux --sizes 1024 2048
     agentsd bench blocks --model wan --sizes 480p
@@ -149,7 +150,13 @@ def _swap(net, wrap):
     return lambda: [a.set_processor(o) for a, o in zip(attns, originals)] and None
 
 
-OPTIONS = {"prop": dict(proportional=True), "near": dict(near=True), "both": dict(proportional=True, near=True)}
+OPTIONS = {
+    "prop": dict(proportional=True),
+    "near": dict(near=True),
+    "both": dict(proportional=True, near=True),
+    # shifted windows too, timed with every block shifted (in a model every other patched block is: an upper bound)
+    "all": dict(proportional=True, near=True, shift=True),
+}
 
 
 def _phase_of(preset: str, k: int, options: dict | None = None):
@@ -158,6 +165,9 @@ def _phase_of(preset: str, k: int, options: dict | None = None):
 
     def enable(net):
         agentsd.apply(net, (phase,), blocks=range(len(blocks_of(net))), seed=0)
+        if phase.shift:
+            for attn in _attentions(net):
+                attn.processor.shifted = True
         return lambda: agentsd.remove(net)
 
     return enable

@@ -49,6 +49,24 @@ PROBES = {
     # near field) for the whole run
     "flux+both-no-late": {"schedule": (quality.METHODS["flux+both"]["schedule"][0], Phase(end=1.0, ratio=0.0))},
     "flux+both-late-only": {"schedule": (dataclasses.replace(quality.METHODS["flux+both"]["schedule"][1], end=1.0),)},
+    # the same with shifted windows (flux+all's phases apart)
+    "flux+all-no-late": {"schedule": (quality.METHODS["flux+all"]["schedule"][0], Phase(end=1.0, ratio=0.0))},
+    "flux+all-late-only": {"schedule": (dataclasses.replace(quality.METHODS["flux+all"]["schedule"][1], end=1.0),)},
+    # finer summaries, phase by phase: flux+both's agent phase with one agent per 2x2 window (then vanilla), and its
+    # late phase over pairs of tokens (2x1 windows, half the keys merged away, instead of three in four) for the whole
+    # run
+    "flux+both-2x2-no-late": {
+        "schedule": (
+            dataclasses.replace(quality.METHODS["flux+both"]["schedule"][0], sx=2, sy=2),
+            Phase(end=1.0, ratio=0.0),
+        )
+    },
+    # flux+both's agent phase (with the near field) for the whole run: no merged keys at all
+    "flux+both-whole-run": {"schedule": (dataclasses.replace(quality.METHODS["flux+both"]["schedule"][0], end=1.0),)},
+    "flux+all-whole-run": {"schedule": (dataclasses.replace(quality.METHODS["flux+all"]["schedule"][0], end=1.0),)},
+    "flux+both-late-2x1-only": {
+        "schedule": (dataclasses.replace(quality.METHODS["flux+both"]["schedule"][1], end=1.0, sx=2, sy=1, ratio=0.5),)
+    },
 }
 
 
