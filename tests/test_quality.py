@@ -221,3 +221,19 @@ def test_lean_no_late_is_lean_agent_phase_then_vanilla(tmp_path):
     images = {m: (out / "images" / m / "00000.png").read_bytes() for m in methods}
     acts = json.loads((MODEL_DIR / "unet" / "config.json").read_text())["sample_size"] ** 2 >= 1024
     assert acts and len(set(images.values())) == 3
+
+
+def test_images_only_makes_images_and_measures_nothing(single, tmp_path):
+    out = tmp_path / "split"
+    (out / "images").mkdir(parents=True)
+    (out / "images" / "none").symlink_to(single / "images" / "none")
+    assert main(["bench", "quality", *FAST, "--methods", "none", "tome", "--images-only", "--out", str(out)]) == 0
+    assert len(list((out / "images" / "tome").glob("*.png"))) == 6 and not (out / "quality.json").exists()
+    made = json.loads(next((out / "timing").glob("*.json")).read_text())["methods"]
+    assert made["tome"][0] == 6 and made["none"] == [0, 0.0]
+    # a last run without it measures what the others made, making nothing
+    assert main(["bench", "quality", *FAST, "--methods", "none", "tome", "--out", str(out)]) == 0
+    rows = json.loads((out / "quality.json").read_text())["metrics"]["methods"]
+    assert rows["tome"] == json.loads((single / "quality.json").read_text())["metrics"]["methods"]["tome"] | {
+        "seconds_per_image": rows["tome"]["seconds_per_image"]
+    }

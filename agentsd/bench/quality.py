@@ -448,6 +448,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/quality_demo"))
+    parser.add_argument(
+        "--images-only",
+        action="store_true",
+        help="make the images (and record their time) but measure nothing: runs that share --out on other cores or "
+        "machines, measured once by a last run without it",
+    )
 
 
 def bench(args: argparse.Namespace, load) -> int:
@@ -467,7 +473,7 @@ def bench(args: argparse.Namespace, load) -> int:
     stamp = f"{time.time_ns()}-{state.process_index}"
     (args.out / "timing" / f"{stamp}.json").write_text(json.dumps({"commit": git_commit(), "methods": timing}))
     state.wait_for_everyone()
-    if not state.is_main_process:
+    if not state.is_main_process or args.images_only:
         return 0
     results = {
         "model": model_name,
