@@ -165,8 +165,11 @@ class _AgentProcessor:
         compiling = torch.compiler.is_compiling()
         if n < min_tokens_on(phase, image_tokens.device.type, image_tokens.dtype, compiling):
             return None
-        if 2 * num_windows(state.grids, window(phase)) >= n:
-            return None  # as many groups as half the tokens: plain attention is what runs
+        groups = num_windows(state.grids, window(phase))
+        if (2 * groups if phase.agent_ratio is not None or phase.agents == "pooled" else groups) >= n:
+            # agents as many as half the tokens (agents' two softmaxes cost what plain attention does), or merged
+            # keys as many as the tokens: plain attention is what runs
+            return None
         if state.shard is not None and phase.near_join and self._near_here(phase, image_tokens.device) is None:
             if not state.warned_near:
                 state.warned_near = True

@@ -187,8 +187,9 @@ class _Run:
         n = sum(f * h * w for f, h, w in self.grids)
         if not phase.merges or n < phase.min_tokens:
             return None
-        if 2 * len(windows(self.grids, phase.st, phase.sy, phase.sx)) >= n:
-            return None
+        agents = phase.agent_ratio is not None or phase.agents == "pooled"
+        if (2 if agents else 1) * len(windows(self.grids, phase.st, phase.sy, phase.sx)) >= n:
+            return None  # agents as many as half the tokens, merged keys as many as the tokens
         return phase
 
     def near_field(self, phase, shifted):

@@ -1,6 +1,7 @@
 """Flux and Wan through agentsd.dit: equal to the float64 reference of DESIGN.md §11, and remove restores vanilla."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -135,6 +136,27 @@ def test_wan_equals_the_reference(batch, frames, h, w, agents, t):
         expected = ref(**kwargs)
         out = _forward(model, kwargs)
         torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+    assert (out - _forward(tiny_wan(), kwargs)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("late_window", [(1, 1, 2), (1, 2, 1)])
+@pytest.mark.parametrize("options", [{}, dict(proportional=True, near=True)], ids=["plain", "both"])
+def test_a_late_phase_over_pairs_of_tokens_acts_and_equals_the_reference(late_window, options):
+    """Merged keys of windows of two tokens that tile the grids (half the keys merged away) still merge; batch 2."""
+    schedule = tuple(dataclasses.replace(p, **options) for p in phases("pooled", (1, 4, 4), late_window))
+    model = tiny_flux()
+    ref = reference_flux(model, schedule, [1, 3], seed=5)
+    agentsd.apply(model, schedule, blocks=[1, 3], seed=5)
+    kwargs = flux_inputs(2, [(8, 8), (4, 6)], 0.3)
+    out = _forward(model, kwargs)
+    torch.testing.assert_close(out.double(), ref(**kwargs), atol=1e-5, rtol=1e-5)
+    assert (out - _forward(tiny_flux(), kwargs)).abs().max() > 1e-3  # it acted
+    wan = tiny_wan()
+    ref = reference_wan(wan, schedule, [0, 2], seed=5)
+    agentsd.apply(wan, schedule, blocks=[0, 2], seed=5)
+    kwargs = wan_inputs(2, 2, 4, 4, 300)
+    out = _forward(wan, kwargs)
+    torch.testing.assert_close(out.double(), ref(**kwargs), atol=1e-5, rtol=1e-5)
     assert (out - _forward(tiny_wan(), kwargs)).abs().max() > 1e-3
 
 
