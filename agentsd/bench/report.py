@@ -10,6 +10,7 @@ the test suite runs ``--check``, so a figure typed by hand, or a result re-measu
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import re
@@ -153,34 +154,23 @@ def dit_blocks(root: Path) -> str:
     return "\n\n".join(table(results) for results in found) or "(no bench blocks results)"
 
 
+# quality tables of the proving grounds: report section -> the folder of ``agentsd bench quality`` results under
+# benchmarks/results/ (each made by quality_demo128)
+QUALITY_SECTIONS = {
+    "quality-demo-flux": "quality_demo_flux",  # the DiT proving ground (a miniature Flux.1, 256 tokens)
+    "quality-demo-flux-s12": "quality_demo_flux_s12",  # DESIGN §12's options there, first 100 captions
+    "quality-demo-flux-s12-500": "quality_demo_flux_s12_500",  # ... all 500
+    "quality-demo-flux-blocks": "quality_demo_flux_probes/blocks",  # the flux preset in one block at a time
+    "quality-demo-flux256": "quality_demo_flux256_first100",  # the 1,024-token ground, stage 2, first 100
+    "quality-demo-flux256-probes": "quality_demo_flux256_probes",  # flux+both's phases apart there, first 50
+    "quality-demo-flux256-final": "quality_demo_flux256_final",  # the 1,024-token ground's final weights, first 100
+    "quality-demo-flux256-blocks": "quality_demo_flux256_blocks",  # ... the flux preset in one block at a time
+}
+
+
 def quality_demo_flux(root: Path) -> str:
     """Quality on the DiT proving ground (the miniature Flux.1), as on the UNet's."""
-    return quality_demo128(root, "quality_demo_flux")
-
-
-def quality_demo_flux_s12(root: Path) -> str:
-    """DESIGN §12's options on the DiT proving ground (first 100 captions)."""
-    return quality_demo128(root, "quality_demo_flux_s12")
-
-
-def quality_demo_flux_s12_500(root: Path) -> str:
-    """DESIGN §12's options on the DiT proving ground, all 500 one-object captions."""
-    return quality_demo128(root, "quality_demo_flux_s12_500")
-
-
-def quality_demo_flux_blocks(root: Path) -> str:
-    """The flux preset in one block at a time on the DiT proving ground (first 100 captions)."""
-    return quality_demo128(root, "quality_demo_flux_probes/blocks")
-
-
-def quality_demo_flux256(root: Path) -> str:
-    """The presets on the 1,024-token DiT proving ground (first 100 captions)."""
-    return quality_demo128(root, "quality_demo_flux256_first100")
-
-
-def quality_demo_flux256_probes(root: Path) -> str:
-    """flux+both's phases apart and shifted windows on the 1,024-token DiT proving ground (first 50 captions)."""
-    return quality_demo128(root, "quality_demo_flux256_probes")
+    return quality_demo128(root, QUALITY_SECTIONS["quality-demo-flux"])
 
 
 def parallel_traffic(root: Path) -> str:
@@ -220,12 +210,7 @@ TABLES = {
     "where-it-pays": where_it_pays,
     "ops": ops,
     "quality-demo128": quality_demo128,
-    "quality-demo-flux": quality_demo_flux,
-    "quality-demo-flux-s12": quality_demo_flux_s12,
-    "quality-demo-flux-s12-500": quality_demo_flux_s12_500,
-    "quality-demo-flux-blocks": quality_demo_flux_blocks,
-    "quality-demo-flux256": quality_demo_flux256,
-    "quality-demo-flux256-probes": quality_demo_flux256_probes,
+    **{section: functools.partial(quality_demo128, folder=folder) for section, folder in QUALITY_SECTIONS.items()},
     "dit-blocks": dit_blocks,
     "parallel-traffic": parallel_traffic,
     "shard-grouping": shard_grouping,
