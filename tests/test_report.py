@@ -67,6 +67,6 @@ def test_quality_table_gives_intervals_and_a_dash_where_no_time_was_kept(tmp_pat
     }
     results = {"num": 500, "steps": 25, "guidance": 3.0, "commit": "abcd", "metrics": {"methods": methods}}
     (folder / "quality.json").write_text(json.dumps(results))
-    lines = report.quality_demo_flux(tmp_path).splitlines()
+    lines = report.TABLES["quality-demo-flux"](tmp_path).splitlines()
     assert "| none | 50.0% ± 4.4 | – | 170.8 | 111 ± 32 | – | – | – |" in lines
     assert "| flux | 50.0% ± 4.4 | – | 170.8 | 111 ± 32 | 24.6 dB | – | 2.50 |" in lines

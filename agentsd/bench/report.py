@@ -168,11 +168,6 @@ QUALITY_SECTIONS = {
 }
 
 
-def quality_demo_flux(root: Path) -> str:
-    """Quality on the DiT proving ground (the miniature Flux.1), as on the UNet's."""
-    return quality_demo128(root, QUALITY_SECTIONS["quality-demo-flux"])
-
-
 def parallel_traffic(root: Path) -> str:
     """Bytes per rank and attention call under context parallelism (``agentsd bench traffic``)."""
     from .traffic import table

@@ -61,12 +61,12 @@ PROBES = {
             Phase(end=1.0, ratio=0.0),
         )
     },
-    # flux+both's agent phase (with the near field) for the whole run: no merged keys at all
-    "flux+both-whole-run": {"schedule": (dataclasses.replace(quality.METHODS["flux+both"]["schedule"][0], end=1.0),)},
-    "flux+all-whole-run": {"schedule": (dataclasses.replace(quality.METHODS["flux+all"]["schedule"][0], end=1.0),)},
     "flux+both-late-2x1-only": {
         "schedule": (dataclasses.replace(quality.METHODS["flux+both"]["schedule"][1], end=1.0, sx=2, sy=1, ratio=0.5),)
     },
+    # flux+both's agent phase (with the near field) for the whole run: no merged keys at all
+    "flux+both-whole-run": {"schedule": (dataclasses.replace(quality.METHODS["flux+both"]["schedule"][0], end=1.0),)},
+    "flux+all-whole-run": {"schedule": (dataclasses.replace(quality.METHODS["flux+all"]["schedule"][0], end=1.0),)},
 }
 
 
