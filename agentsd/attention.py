@@ -299,7 +299,7 @@ class AgentAttnProcessor:
         too_small = h < phase.sy or w < phase.sx or N < min_tokens
         if h * w != N or not phase.merges or too_small:
             return None
-        agents = phase.agent_ratio is not None or phase.agents == "pooled"
+        agents = phase.makes_agents
         if phase.tokens == "all" and agents and 2 * _num_agents(h, w, phase) >= N:
             return None  # as many agents as half the tokens: plain attention, which is what runs
         return h, w, band, phase, r

@@ -16,6 +16,7 @@ handle: a mask, IP-Adapter states) it calls the processor it replaced.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import warnings
@@ -74,8 +75,9 @@ class DiTState:
         self.grids: tuple[tuple[int, int, int], ...] | None = None
         self.image_tokens = 0  # the grids' tokens, counted once per new layout
         self.shard: Shard | None = None  # this rank's part of a context-parallel call (set per call), or None
-        self.warned_near = False  # said once that the near field leaves a context-parallel call to diffusers
+        self.warned_near = False  # said once that a context-parallel call runs without the near field
         self.phases: tuple[Phase, ...] | None = None
+        self.far_phases: tuple[Phase, ...] | None = None  # the same without the near field (where shards cut it)
         self.progress: float | None = None
         # this call's dst positions of each merged window, and its ToMe groups (made by the first block that needs
         # them), by (window, shifted)
@@ -101,6 +103,7 @@ class DiTState:
         phases = tuple(phase_at(band, p) for band in self.bands)
         if self.phases != phases:
             self.phases = phases
+            self.far_phases = tuple(dataclasses.replace(ph, near=False) if ph.near_join else ph for ph in phases)
         self.progress = p
         self.groups = {}
         self.dst = {}
@@ -166,7 +169,7 @@ class _AgentProcessor:
         if n < min_tokens_on(phase, image_tokens.device.type, image_tokens.dtype, compiling):
             return None
         groups = num_windows(state.grids, window(phase))
-        if (2 * groups if phase.agent_ratio is not None or phase.agents == "pooled" else groups) >= n:
+        if (2 * groups if phase.makes_agents else groups) >= n:
             # agents as many as half the tokens (agents' two softmaxes cost what plain attention does), or merged
             # keys as many as the tokens: plain attention is what runs
             return None
@@ -175,11 +178,11 @@ class _AgentProcessor:
                 state.warned_near = True
                 warnings.warn(
                     f"{phase}: its near-field windows cross the ranks' shards (say, with shift=True, or shards that "
-                    "do not end on a window's border); these calls run diffusers' own context-parallel attention "
-                    "(vanilla)",
+                    "do not end on a window's border); these calls run it without the near field (sharded agent "
+                    "attention as fast, the image no longer the one-process image)",
                     stacklevel=2,
                 )
-            return None
+            return state.far_phases[self.band]
         return phase
 
     def _near_here(self, phase: Phase, device):
@@ -207,7 +210,7 @@ class _AgentProcessor:
                 dst = state.dst[(win, shift)]
                 groups = tome_groups(metric, dst) if shard is None else ShardedGroups(metric, dst, shard)
                 state.groups[(win, shift)] = groups
-        agents = phase.agent_ratio is not None or phase.agents == "pooled"
+        agents = phase.makes_agents
         settings = dict(
             agents=groups if agents else None,
             keys_of=None if agents else groups,

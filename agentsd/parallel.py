@@ -14,8 +14,8 @@ processor then sees its rank's chunk. Agent attention needs no rank's keys but i
   and the text keys of every rank (all-gathered): the one-process grouping, exact.
 
 Collectives are torch's functional ones, traceable by ``torch.compile``. The near field acts where its windows lie
-whole on each rank (they need no other rank's keys). What this module does not cover (near-field windows a shard
-boundary cuts, the mesh's unequal "anything" chunks) the caller leaves to diffusers' own parallel attention.
+whole on each rank (they need no other rank's keys): where a shard boundary cuts them the caller runs the phase
+without it. The mesh's unequal "anything" chunks the caller leaves to diffusers' own parallel attention.
 """
 
 from __future__ import annotations

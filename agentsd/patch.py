@@ -100,12 +100,14 @@ def apply(
             Wan 2.x; a ControlNet and Wan 2.2's second expert are patched too), or the denoiser itself.
         schedule: ``None`` takes the model's default: ``"lean"`` on a UNet (every token attends through ToMe-merged
             agents, a few dense ops per block, each level only where it has enough tokens to pay on its device),
-            ``"sd3"``, ``"flux"`` or ``"wan"`` on those DiTs (the lean path at the point where the model attends).
-            Presets: ``"paper"`` (AgentSD's published setting: agents early, then ToMe, at every size), ``"tome"``
-            (ToMeSD's default), ``"fast"`` (two levels, cross-attention merged too, where it pays), ``"pooled"``,
-            ``"sd3-paper"``, ``"flux-merged"``; or a sequence of :class:`~agentsd.Phase` ordered by ``end``; or, on a
-            UNet, ``{level: phases}`` with level 0 the highest-resolution level that has self-attention, 1 the next,
-            and so on; on a DiT, ``{blocks: phases}`` with ``blocks`` a block index or a ``range`` of them.
+            ``"sd3"``, ``"flux"`` or ``"wan"`` on those DiTs (the lean path at the point where the model attends;
+            ``"flux"`` with proportional attention and the near field). Presets: ``"paper"`` (AgentSD's published
+            setting: agents early, then ToMe, at every size), ``"tome"`` (ToMeSD's default), ``"fast"`` (two levels,
+            cross-attention merged too, where it pays), ``"pooled"``, ``"sd3-paper"``, ``"flux-bare"`` (flux without
+            those two: a little faster, further from vanilla), ``"flux-merged"``; or a sequence of
+            :class:`~agentsd.Phase` ordered by ``end``; or, on a UNet, ``{level: phases}`` with level 0 the
+            highest-resolution level that has self-attention, 1 the next, and so on; on a DiT, ``{blocks: phases}``
+            with ``blocks`` a block index or a ``range`` of them.
 
     Args to tinker with:
         max_downsample: (UNet) deepest level a sequence of phases patches, as a downsampling factor;

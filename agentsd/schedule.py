@@ -118,7 +118,7 @@ class Phase:
         if self.agents not in ("merged", "pooled"):
             raise ValueError(f"Phase.agents must be 'merged' or 'pooled', got {self.agents!r}")
         if self.tokens == "all":
-            agents = self.agent_ratio is not None or self.agents == "pooled"
+            agents = self.makes_agents
             if agents and self.ratio != 0.0:
                 raise ValueError(
                     f"Phase(tokens='all') with agents merges nothing else: ratio must be 0.0, got {self.ratio}"
@@ -142,9 +142,14 @@ class Phase:
         return None if self.near is False else "correct" if self.near is True else self.near
 
     @property
+    def makes_agents(self) -> bool:
+        """Whether this phase makes agents (ToMe-merged or pooled), as against merging tokens or keys only."""
+        return self.agent_ratio is not None or self.agents == "pooled"
+
+    @property
     def merges(self) -> bool:
         """Whether this phase changes a block at all (it merges tokens or makes agents)."""
-        return self.ratio > 0 or (self.tokens == "all" and (self.agent_ratio is not None or self.agents == "pooled"))
+        return self.ratio > 0 or (self.tokens == "all" and self.makes_agents)
 
 
 Phases = tuple[Phase, ...]
@@ -239,8 +244,17 @@ PRESETS: dict[str, Phases | dict[int, Phases]] = {
     # Flux.1 (double- and single-stream blocks, RoPE): the lean path on a DiT. While the layout forms, every image
     # token attends through pooled agents, the mean of each 4x4 window of the rotated queries (one op, nothing to
     # match); then every query attends over ToMe-merged image keys and values (2x2 windows, every src merged, one
-    # matching per call on the first patched block's input). Text queries attend exactly throughout.
+    # matching per call on the first patched block's input). Text queries attend exactly throughout. Both phases
+    # with proportional attention and the near field (DESIGN §12): on the DiT proving grounds they bring the images
+    # closer to vanilla's (256 tokens, 500 captions: caption accuracy 42.6% -> 48.4%, 24.6 -> 25.8 dB; 1,024 tokens:
+    # 22.4 -> 25.2 dB, SSIM 0.932 -> 0.959) for about 3% of the speed-up (Flux.1 2048² CPU blocks 1.44x -> 1.40x).
     "flux": (
+        Phase(end=0.4, sx=4, sy=4, ratio=0.0, agents="pooled", proportional=True, near=True, **_LEAN),
+        Phase(end=1.0, sx=2, sy=2, ratio=0.75, proportional=True, near=True, **_LEAN),
+    ),
+    # flux without DESIGN §12's options (the Flux preset until they became its default): a little faster, further
+    # from vanilla.
+    "flux-bare": (
         Phase(end=0.4, sx=4, sy=4, ratio=0.0, agents="pooled", **_LEAN),
         Phase(end=1.0, sx=2, sy=2, ratio=0.75, **_LEAN),
     ),
@@ -262,7 +276,8 @@ PRESETS: dict[str, Phases | dict[int, Phases]] = {
         Phase(end=1.0, st=2, sy=2, sx=2, ratio=0.875, **_LEAN),
     ),
 }
-# Qwen-Image (double-stream blocks over [T; X], RoPE, a padded prompt's mask): flux's phases, the same lean path.
+# Qwen-Image (double-stream blocks over [T; X], RoPE, a padded prompt's mask): flux's phases, the same lean path
+# (its options' worth is measured on the Flux ground: Qwen-Image has no proving ground of its own).
 PRESETS["qwen"] = PRESETS["flux"]
 
 
@@ -270,7 +285,7 @@ DEFAULT = "lean"  # what agentsd.apply(pipe) runs on a UNet
 DIT_DEFAULT = "sd3"  # and on an SD 3 transformer
 FAMILY_DEFAULTS = {"flux": "flux", "wan": "wan", "qwen": "qwen"}  # and on the other DiT families
 # the presets for DiTs (one level, bands of blocks)
-DIT_PRESETS = ("sd3", "sd3-paper", "flux", "flux-merged", "wan", "wan-fast", "qwen")
+DIT_PRESETS = ("sd3", "sd3-paper", "flux", "flux-bare", "flux-merged", "wan", "wan-fast", "qwen")
 DIT_EDGE_BLOCKS = 2  # blocks at each end of a DiT that agentsd.apply leaves alone unless told (the sensitive ones)
 
 

@@ -270,4 +270,7 @@ def test_gpu_suite_times_the_dit_presets_with_design_12s_options():
     for part in parts:
         known = blocks.methods_for(part.model)
         assert set(part.methods) <= set(known) and "vanilla" in part.methods
-        assert {f"{part.model}-early", f"{part.model}+both-early", f"{part.model}+both-late"} <= set(part.methods)
+        assert {f"{part.model}-early", f"{part.model}-late"} <= set(part.methods)
+    # flux has both options (flux-bare neither, flux+all the shift too); wan has them by name
+    assert {"flux-bare-early", "flux-bare-late", "flux+all-early", "flux+all-late"} <= set(parts[0].methods)
+    assert {"wan+both-early", "wan+both-late"} <= set(parts[1].methods)

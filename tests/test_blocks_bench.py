@@ -51,11 +51,12 @@ def test_blocks_bench_writes_every_method_and_sums_the_model(tiny, tmp_path, mod
 
 def test_blocks_bench_times_the_section_12_options_by_name(tiny, tmp_path):
     out = tmp_path / "r.json"
-    methods = ["vanilla", "flux+both-early", "flux+both-late"]
+    methods = ["vanilla", "flux-bare+both-early", "flux-bare+both-late"]
     assert _bench(["--model", "flux", "--sizes", "256", "--methods", *methods, "--out", str(out)]) == 0
     model_s = json.loads(out.read_text())["sizes"]["256"]["model_s"]
-    assert model_s["flux+both"] == pytest.approx(0.4 * model_s["flux+both-early"] + 0.6 * model_s["flux+both-late"])
-    assert "flux" not in model_s
+    both = 0.4 * model_s["flux-bare+both-early"] + 0.6 * model_s["flux-bare+both-late"]
+    assert model_s["flux-bare+both"] == pytest.approx(both)
+    assert "flux" not in model_s and "flux-bare" not in model_s
 
 
 def test_blocks_bench_refuses_what_it_cannot_time(tiny, tmp_path):

@@ -10,6 +10,7 @@ from reference_dit import reference_flux, reference_wan
 
 import agentsd
 from agentsd import Phase
+from agentsd.schedule import PRESETS
 
 
 def tiny_flux(seed=0):
@@ -158,6 +159,24 @@ def test_a_late_phase_over_pairs_of_tokens_acts_and_equals_the_reference(late_wi
     out = _forward(wan, kwargs)
     torch.testing.assert_close(out.double(), ref(**kwargs), atol=1e-5, rtol=1e-5)
     assert (out - _forward(tiny_wan(), kwargs)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("t", [0.9, 0.3], ids=["agent-phase", "late-phase"])
+def test_the_flux_preset_is_flux_bare_with_both_options_and_equals_the_reference(t):
+    """flux (Flux.1's and Qwen-Image's default) runs proportional attention and the near field in both phases (chosen
+    on the DiT proving grounds); flux-bare is it without them. Its phases, forced to act, equal the reference on a
+    grid its 4x4 windows do not tile."""
+    assert all(p.proportional and p.near is True for p in PRESETS["flux"]) and PRESETS["qwen"] == PRESETS["flux"]
+    bare = tuple(dataclasses.replace(p, proportional=False, near=False) for p in PRESETS["flux"])
+    assert bare == PRESETS["flux-bare"]
+    schedule = tuple(dataclasses.replace(p, min_tokens=0) for p in PRESETS["flux"])
+    model = tiny_flux()
+    ref = reference_flux(model, schedule, [1, 2, 3], seed=7)
+    agentsd.apply(model, schedule, blocks=[1, 2, 3], seed=7)
+    kwargs = flux_inputs(2, [(6, 10)], t)
+    out = _forward(model, kwargs)
+    torch.testing.assert_close(out.double(), ref(**kwargs), atol=1e-5, rtol=1e-5)
+    assert (out - _forward(tiny_flux(), kwargs)).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("family", ["flux", "wan"])

@@ -51,7 +51,7 @@ def test_text_exact_broadcast_equals_its_formula():
 def test_flux_both_apart_are_its_phases():
     """flux+both-no-late: its agent phase, then vanilla; flux+both-late-only: its late phase for the whole run."""
     probes = load_script("dit_probes").PROBES
-    early, late = METHODS["flux+both"]["schedule"]
+    early, late = METHODS["flux-bare+both"]["schedule"]
     (first, after), (alone,) = probes["flux+both-no-late"]["schedule"], probes["flux+both-late-only"]["schedule"]
     assert first == early and not after.merges and after.end == 1.0
     assert alone.end == 1.0 and alone.near and alone.proportional and (alone.sx, alone.ratio) == (late.sx, late.ratio)

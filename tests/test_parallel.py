@@ -3,9 +3,9 @@
 Each rank holds a contiguous chunk of the sequence; agentsd's sharded agent attention must give the one-process
 agentsd output (agents summed across ranks, the gather joined by its log-sum-exp, the late phase's global groups) in
 either order of ``apply`` and ``enable_parallelism``, both phases, pooled and merged agents, windows a shard boundary
-cuts, Ulysses, ring and a mixed mesh; ``remove`` leaves plain context parallelism. Where agentsd cannot act (the near
-field) it says so once and the call is diffusers' own. Each test spawns its ranks on a free port and is bounded in
-time; no process outlives it.
+cuts, Ulysses, ring and a mixed mesh; ``remove`` leaves plain context parallelism. Where the shards cut the near
+field's windows agentsd says so once and runs the phase without it. Each test spawns its ranks on a free port and is
+bounded in time; no process outlives it.
 """
 
 import dataclasses
@@ -173,15 +173,21 @@ def _near_and_seed(rank, world, folder):
         torch.save(result, folder / "rank0.pt")
 
 
-def test_what_is_not_sharded_says_so_and_one_seed_serves_every_rank(tmp_path):
-    """The near field where its windows cross the shards runs diffusers' context-parallel attention and says so once;
-    and without a seed every rank takes rank 0's, so the sharded late phase equals one process at that seed."""
+def test_a_cut_near_field_says_so_and_one_seed_serves_every_rank(tmp_path):
+    """Where the near field's windows cross the shards the phase runs without it (sharded agent attention, equal to one
+    process of that phase) and says so once; and without a seed every rank takes rank 0's, so the sharded late phase
+    equals one process at that seed."""
+    from test_dit import phases
+
     import agentsd
 
     run_ranks(_near_and_seed, 2, tmp_path)
     result = torch.load(tmp_path / "rank0.pt")
     model, kwargs = _model_and_inputs("wan", TIMES["wan"][0])
+    vanilla = _forward(model, kwargs)
+    agentsd.apply(model, phases("pooled", (4, 2, 2), (1, 2, 2)), blocks="all", seed=0)  # near=False
     torch.testing.assert_close(result["out"], _forward(model, kwargs), atol=1e-5, rtol=1e-5)
+    assert (result["out"] - vanilla).abs().max() > 1e-3  # agentsd acted
     said = [m for m in result["said"] if "near-field windows cross" in m]
     assert len(said) == 1, result["said"]  # once, not once per call
     assert result["seeds"][0] == result["seeds"][1]

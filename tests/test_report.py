@@ -55,6 +55,41 @@ def test_a_size_re_measured_at_another_commit_takes_its_row(tmp_path):
     ]
 
 
+def test_a_dit_row_is_only_of_the_preset_as_it_stands(tmp_path):
+    """A bench blocks file that timed a DiT preset's earlier phases (flux before it took DESIGN §12's options) gives no
+    row of today's preset, however new; a file that timed today's phases does; one from before a Phase field existed
+    counts it at its default."""
+    import dataclasses
+
+    from agentsd.schedule import PRESETS
+
+    results = tmp_path / "benchmarks" / "results"
+    results.mkdir(parents=True)
+
+    def write(name, commit, preset, speedup):
+        phases = [dataclasses.asdict(phase) for phase in preset]
+        sizes = {"2048": {"speedup": {"flux": speedup}}}
+        (results / name).write_text(
+            json.dumps({"commit": commit, "threads": 1, "presets": {"flux": phases}, "sizes": sizes})
+        )
+
+    def rows():
+        return [line for line in report.where_it_pays(tmp_path).splitlines() if line.startswith("| Flux")]
+
+    write("speed_cpu_flux.json", "aaaa", PRESETS["flux"], 1.40)
+    write("speed_cpu_flux_zz.json", "bbbb", PRESETS["flux-bare"], 1.44)  # newer, of the phases without the options
+    assert rows() == [
+        "| Flux.1 | 2048² | CPU, 1 thread | blocks at the real width | 1.40× (flux, over a run) | – | – | aaaa |"
+    ]
+    old = json.loads((results / "speed_cpu_flux.json").read_text())
+    for phase in old["presets"]["flux"]:
+        del phase["shift"]  # recorded before the field existed: at its default, False, as today's
+    (results / "speed_cpu_flux.json").write_text(json.dumps(old))
+    assert len(rows()) == 1
+    (results / "speed_cpu_flux.json").unlink()
+    assert rows() == []
+
+
 def test_quality_table_gives_intervals_and_a_dash_where_no_time_was_kept(tmp_path):
     """Caption accuracy carries its 95% interval (1.96·sqrt(p(1-p)/n)); a method whose images were made by runs that
     kept no timing shows – for s/image, not a crash."""

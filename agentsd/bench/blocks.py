@@ -12,7 +12,8 @@ block's time stands for every block of its kind, and the model's time is their s
   preset over a run is weighted from them by the share of sampling each phase takes;
 - ``<preset>+<option>-early`` / ``-late`` (asked for by name): the same with DESIGN §12's options on every phase
   (``prop``: proportional attention, ``near``: the near field, ``both``; ``all``: both and shifted windows), and
-  ``<preset>+<option>`` over a run.
+  ``<preset>+<option>`` over a run (``flux`` has ``both`` already: ``flux-bare+both`` is ``flux``, ``flux+all`` adds
+  the shift).
 
     agentsd bench blocks --model flux --sizes 1024 2048
     agentsd bench blocks --model wan --sizes 480p
@@ -70,7 +71,7 @@ MODELS = {
 }
 TEXT_TOKENS = 512
 VIDEO_SIZES = {"480p": (81, 480, 832), "720p": (81, 720, 1280)}  # frames, height, width in pixels
-PRESETS_OF = {"flux": ("flux", "flux-merged"), "wan": ("wan", "wan-fast")}
+PRESETS_OF = {"flux": ("flux", "flux-bare", "flux-merged"), "wan": ("wan", "wan-fast")}
 
 
 def grid(family: str, size: str) -> tuple[int, int, int]:

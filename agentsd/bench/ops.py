@@ -74,7 +74,7 @@ def _phase_names(phases, p: float) -> str:
     """``agent`` where some level makes agents at ``p``, else ``tome``."""
     levels = phases.values() if isinstance(phases, dict) else [phases]
     at = [next(ph for ph in level if p < ph.end) for level in levels]
-    return "agent" if any(ph.agent_ratio is not None or ph.agents == "pooled" for ph in at) else "tome"
+    return "agent" if any(ph.makes_agents for ph in at) else "tome"
 
 
 @contextlib.contextmanager

@@ -54,26 +54,31 @@ METHODS = {
     "deepcache+fast": "fast",
     "deepcache+lean": "lean",
     "flux": "flux",
+    "flux-bare": "flux-bare",
     "flux-merged": "flux-merged",
     "wan": "wan",
     "wan-fast": "wan-fast",
-    # the ablation of the Flux preset on the DiT proving ground: agents in every block (the edges too), agents for the
-    # whole run, agents for the first 40% and nothing after (no lean late phase)
-    "flux-all-blocks": {"schedule": "flux", "blocks": "all"},
-    "flux-whole-run": {"schedule": (dataclasses.replace(PRESETS["flux"][0], end=1.0),)},
-    "flux-no-late": {"schedule": (PRESETS["flux"][0], Phase(end=1.0, ratio=0.0))},
+    # the ablation of the Flux preset (as it stood before DESIGN §12's options: flux-bare) on the DiT proving ground:
+    # agents in every block (the edges too), agents for the whole run, agents for the first 40% and nothing after (no
+    # lean late phase)
+    "flux-all-blocks": {"schedule": "flux-bare", "blocks": "all"},
+    "flux-whole-run": {"schedule": (dataclasses.replace(PRESETS["flux-bare"][0], end=1.0),)},
+    "flux-no-late": {"schedule": (PRESETS["flux-bare"][0], Phase(end=1.0, ratio=0.0))},
     # flux with one agent per 2x2 window instead of 4x4: four times the agents (64 at the proving ground's 256 tokens,
     # as many as the UNet proving ground's top level gets from lean)
-    "flux-agents-2x2": {"schedule": (dataclasses.replace(PRESETS["flux"][0], sx=2, sy=2), PRESETS["flux"][1])},
+    "flux-agents-2x2": {
+        "schedule": (dataclasses.replace(PRESETS["flux-bare"][0], sx=2, sy=2), PRESETS["flux-bare"][1])
+    },
     # flux with Agent Attention's plain broadcast (the model's softmax scale, no V shortcut) instead of AgentSD's
     # (scale^0.3, 0.075 V)
-    "flux-plain-broadcast": {"schedule": "flux", "k_scale2": 1.0, "k_shortcut": 0.0},
-    # DESIGN §12 on the Flux presets: proportional attention (+prop), the near field joined as a correction of the
-    # broadcast (+near), both (+both), shifted windows (+shift), all three (+all); the near field as DESIGN §12.2's
-    # one softmax (-softmax; -softmax-s: with the agents at the model's own scale instead of AgentSD's s^0.3)
+    "flux-plain-broadcast": {"schedule": "flux-bare", "k_scale2": 1.0, "k_shortcut": 0.0},
+    # DESIGN §12 on the Flux presets without it: proportional attention (+prop), the near field joined as a correction
+    # of the broadcast (+near), both (+both: flux-bare+both is flux), shifted windows (+shift), all three (+all); the
+    # near field as DESIGN §12.2's one softmax (-softmax; -softmax-s: with the agents at the model's own scale instead
+    # of AgentSD's s^0.3). Results measured before flux took both options name flux-bare "flux" and these "flux+...".
     **{
         f"{preset}+{name}": {"schedule": _with(preset, **options), **extra}
-        for preset in ("flux", "flux-merged")
+        for preset in ("flux-bare", "flux-merged")
         for name, options, extra in (
             ("prop", dict(proportional=True), {}),
             ("near", dict(near=True), {}),

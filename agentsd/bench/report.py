@@ -73,6 +73,8 @@ def where_it_pays(root: Path) -> str:
     ):
         newest = {}  # size -> (results, summary): a later file of _blocks_results re-measures a size, as for SD 3.5
         for results in _blocks_results(root, name):
+            if not _measured_as_today(results, preset):
+                continue
             newest.update({size: (results, summary) for size, summary in results["sizes"].items()})
         for size, (results, summary) in sorted(newest.items(), key=lambda item: item[0].zfill(8)):
             value = summary.get("speedup", {}).get(preset)
@@ -137,6 +139,18 @@ def quality_demo128(root: Path, folder: str = "quality_demo128") -> str:
 def _accuracy(p: float, n: int) -> str:
     """A caption accuracy with the half-width of its 95% interval: ``88.4% ± 2.8``."""
     return f"{100 * p:.1f}% ± {196 * math.sqrt(p * (1 - p) / n):.1f}"
+
+
+def _measured_as_today(results: dict, preset: str) -> bool:
+    """Whether a ``bench blocks`` result file timed ``preset`` as it stands today (a preset's phases can change:
+    flux took DESIGN §12's options; a figure of its earlier phases is not today's)."""
+    from agentsd.schedule import PRESETS, Phase
+
+    try:  # a file from before a Phase field existed recorded it at its default
+        measured = tuple(Phase(**phase) for phase in results.get("presets", {}).get(preset, ()))
+    except (TypeError, ValueError):
+        return False
+    return measured == PRESETS[preset]
 
 
 def _blocks_results(root: Path, model: str) -> list[dict]:

@@ -57,8 +57,9 @@ PARTS = [
     ("sd15", "forward", [512, 1024, 2048], None),
     ("sd35", "forward", [1024, 2048], None),  # SD 3.5 medium's transformer: vanilla, ceiling, the sd3 preset
     # Flux.1 and Wan 2.1 blocks at the real width and token count, in bf16 (as their users run them)
-    # (every default method, and DESIGN §12's options on the model's preset: proportional attention, the near field)
-    ("flux", "blocks", ["1024", "2048"], ("flux+prop-late", "flux+both-early", "flux+both-late")),
+    # (every default method, and DESIGN §12's options on the model's preset: proportional attention, the near field;
+    # flux has both, flux-bare neither: shifted windows beside them)
+    ("flux", "blocks", ["1024", "2048"], ("flux+all-early", "flux+all-late")),
     ("wan", "blocks", ["480p"], ("wan+prop-late", "wan+both-early", "wan+both-late")),
 ]
 DIT_DTYPE = "bfloat16"

@@ -35,38 +35,39 @@ from agentsd.bench import quality
 from agentsd.dit import _heads_mean, agent_attention
 from agentsd.schedule import PRESETS, Phase
 
+# Probes of the Flux preset as it was measured, before DESIGN §12's options became its default: flux-bare (the
+# flux+both probes: the options' flux-bare+both, today's flux; flux+all: flux-bare+all).
+_BOTH, _ALL = quality.METHODS["flux-bare+both"]["schedule"], quality.METHODS["flux-bare+all"]["schedule"]
 PROBES = {
-    "flux-late-only": {"schedule": (dataclasses.replace(PRESETS["flux"][1], end=1.0),)},
-    "flux-text-exact": {"schedule": "flux"},
+    "flux-late-only": {"schedule": (dataclasses.replace(PRESETS["flux-bare"][1], end=1.0),)},
+    "flux-text-exact": {"schedule": "flux-bare"},
     # per-block sensitivity: the flux preset in one block at a time (the proving ground's 2 double- and 6 single-stream
     # blocks: 0-1 and 2-7)
-    **{f"flux-block-{k}": {"schedule": "flux", "blocks": [k]} for k in range(8)},
+    **{f"flux-block-{k}": {"schedule": "flux-bare", "blocks": [k]} for k in range(8)},
     # the flux preset in the last four blocks (the least sensitive one by one) instead of the middle four, alone and
     # with proportional attention and the near field
-    "flux-last-blocks": {"schedule": "flux", "blocks": [4, 5, 6, 7]},
-    "flux+both-last-blocks": {**quality.METHODS["flux+both"], "blocks": [4, 5, 6, 7]},
+    "flux-last-blocks": {"schedule": "flux-bare", "blocks": [4, 5, 6, 7]},
+    "flux+both-last-blocks": {"schedule": _BOTH, "blocks": [4, 5, 6, 7]},
     # flux+both's two phases apart: its agent phase then vanilla, and its late phase (merged keys and values with the
     # near field) for the whole run
-    "flux+both-no-late": {"schedule": (quality.METHODS["flux+both"]["schedule"][0], Phase(end=1.0, ratio=0.0))},
-    "flux+both-late-only": {"schedule": (dataclasses.replace(quality.METHODS["flux+both"]["schedule"][1], end=1.0),)},
+    "flux+both-no-late": {"schedule": (_BOTH[0], Phase(end=1.0, ratio=0.0))},
+    "flux+both-late-only": {"schedule": (dataclasses.replace(_BOTH[1], end=1.0),)},
     # the same with shifted windows (flux+all's phases apart)
-    "flux+all-no-late": {"schedule": (quality.METHODS["flux+all"]["schedule"][0], Phase(end=1.0, ratio=0.0))},
-    "flux+all-late-only": {"schedule": (dataclasses.replace(quality.METHODS["flux+all"]["schedule"][1], end=1.0),)},
+    "flux+all-no-late": {"schedule": (_ALL[0], Phase(end=1.0, ratio=0.0))},
+    "flux+all-late-only": {"schedule": (dataclasses.replace(_ALL[1], end=1.0),)},
     # finer summaries, phase by phase: flux+both's agent phase with one agent per 2x2 window (then vanilla), and its
     # late phase over pairs of tokens (2x1 windows, half the keys merged away, instead of three in four) for the whole
     # run
     "flux+both-2x2-no-late": {
         "schedule": (
-            dataclasses.replace(quality.METHODS["flux+both"]["schedule"][0], sx=2, sy=2),
+            dataclasses.replace(_BOTH[0], sx=2, sy=2),
             Phase(end=1.0, ratio=0.0),
         )
     },
-    "flux+both-late-2x1-only": {
-        "schedule": (dataclasses.replace(quality.METHODS["flux+both"]["schedule"][1], end=1.0, sx=2, sy=1, ratio=0.5),)
-    },
+    "flux+both-late-2x1-only": {"schedule": (dataclasses.replace(_BOTH[1], end=1.0, sx=2, sy=1, ratio=0.5),)},
     # flux+both's agent phase (with the near field) for the whole run: no merged keys at all
-    "flux+both-whole-run": {"schedule": (dataclasses.replace(quality.METHODS["flux+both"]["schedule"][0], end=1.0),)},
-    "flux+all-whole-run": {"schedule": (dataclasses.replace(quality.METHODS["flux+all"]["schedule"][0], end=1.0),)},
+    "flux+both-whole-run": {"schedule": (dataclasses.replace(_BOTH[0], end=1.0),)},
+    "flux+all-whole-run": {"schedule": (dataclasses.replace(_ALL[0], end=1.0),)},
 }
 
 
@@ -100,7 +101,7 @@ def main(argv: list[str]) -> int:
     quality.METHODS.update(PROBES)
     methods = argv[argv.index("--methods") + 1 :] if "--methods" in argv else []
     if "flux-text-exact" in methods:
-        if any(m in methods for m in ("flux", "flux-merged", "flux-no-late", "flux-agents-2x2")):
+        if any(m in methods for m in ("flux-bare", "flux-merged", "flux-no-late", "flux-agents-2x2")):
             raise SystemExit("flux-text-exact replaces agent_attention for the whole run: give it its own run")
         agentsd.families.agent_attention = text_exact_attention
     return cli(["bench", "quality", *argv])

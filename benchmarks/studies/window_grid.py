@@ -10,7 +10,8 @@ The same index of the late phase's 2×2 windows is reported beside it. Writes ``
 ``window_grid.md`` and ``window_grid.png`` (captions × methods, and each method's difference from vanilla,
 amplified).
 
-    python benchmarks/studies/window_grid.py --size 256 --num 12 --methods none flux flux+shift flux+near flux+all \\
+    python benchmarks/studies/window_grid.py --size 256 --num 12 \\
+        --methods none flux-bare flux-bare+shift flux-bare+near flux-bare+all \\
         --out benchmarks/results/window_grid_demo_flux
 
 ``--images FOLDER ...`` measures images ``agentsd bench quality`` made instead (each method's first ``--num`` from
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--num", type=int, default=12)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--methods", nargs="+", default=["none", "flux", "flux+shift", "flux+near", "flux+all"])
+    parser.add_argument("--methods", nargs="+", default=["none", "flux-bare", "flux", "flux-bare+all"])
     parser.add_argument("--show", type=int, default=4, help="captions in the figure")
     parser.add_argument("--images", type=Path, nargs="+", help="bench quality output folders to read images from")
     parser.add_argument("--out", type=Path, required=True)
