@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 from conftest import load_script
 from reference import softmax_attention
+from test_blocks_bench import tiny  # noqa: F401 (the fixture: tiny Flux and Wan configs)
 
 from agentsd.bench.quality import METHODS
 from agentsd.dit import Layout, Window, pool
@@ -55,3 +56,19 @@ def test_flux_both_apart_are_its_phases():
     (first, after), (alone,) = probes["flux+both-no-late"]["schedule"], probes["flux+both-late-only"]["schedule"]
     assert first == early and not after.merges and after.end == 1.0
     assert alone.end == 1.0 and alone.near and alone.proportional and (alone.sx, alone.ratio) == (late.sx, late.ratio)
+
+
+def test_late_probes_are_timed_by_bench_blocks(tiny, tmp_path):  # noqa: F811
+    """``dit_probes.py blocks`` times the probes' late phases beside bench blocks' own methods, then leaves bench
+    blocks as it was."""
+    from agentsd.bench import blocks
+
+    script = load_script("dit_probes")
+    methods = ["vanilla", "flux-late", *(f"{p}-late" for p in script.LATE_PROBES)]
+    out = tmp_path / "r.json"
+    argv = ["blocks", "--model", "flux", "--sizes", "256", "--methods", *methods, "--out", str(out)]
+    assert script.main(argv) == 0
+    assert set(json.loads(out.read_text())["sizes"]["256"]["model_s"]) == set(methods)
+    assert blocks.methods_for is not None and "flux-late-4x2-late" not in blocks.methods_for("flux")
+    phase = script.PROBES["flux-late-4x2"]["schedule"][1]
+    assert (phase.sx, phase.sy, phase.ratio, phase.near, phase.proportional) == (4, 2, 0.875, True, True)

@@ -162,7 +162,13 @@ OPTIONS = {
 
 def _phase_of(preset: str, k: int, options: dict | None = None):
     """Phase ``k`` of a DiT preset for a whole call, on every block of the small transformer; ``options``: §12's."""
-    phase = dataclasses.replace(PRESETS[preset][k], end=1.0, **(options or {}))
+    return phase_method(dataclasses.replace(PRESETS[preset][k], **(options or {})))
+
+
+def phase_method(phase):
+    """A method that runs ``phase`` for a whole call on every block of the small transformer (studies add their own
+    to :func:`methods_for`'s)."""
+    phase = dataclasses.replace(phase, end=1.0)
 
     def enable(net):
         agentsd.apply(net, (phase,), blocks=range(len(blocks_of(net))), seed=0)

@@ -68,6 +68,15 @@ PROBES = {
     # flux+both's agent phase (with the near field) for the whole run: no merged keys at all
     "flux+both-whole-run": {"schedule": (dataclasses.replace(_BOTH[0], end=1.0),)},
     "flux+all-whole-run": {"schedule": (dataclasses.replace(_ALL[0], end=1.0),)},
+    # today's flux (both options) with a coarser late phase: one merged key per 4x2 window (an eighth of the image keys)
+    # or per 4x4 window (a sixteenth), the near field over that window: fewer keys for speed, the exact window for
+    # quality
+    "flux-late-4x2": {
+        "schedule": (PRESETS["flux"][0], dataclasses.replace(PRESETS["flux"][1], sx=4, sy=2, ratio=0.875))
+    },
+    "flux-late-4x4": {
+        "schedule": (PRESETS["flux"][0], dataclasses.replace(PRESETS["flux"][1], sx=4, sy=4, ratio=0.9375))
+    },
 }
 
 
@@ -95,9 +104,27 @@ def text_exact_attention(query, key, value, layout, *, agents=None, keys_of=None
     return layout.join(out_image, out_text.transpose(1, 2)).to(query.dtype)
 
 
+# probes whose late phase `agentsd bench blocks` can time at the real width: ``<probe>-late``
+LATE_PROBES = ("flux-late-4x2", "flux-late-4x4")
+
+
 def main(argv: list[str]) -> int:
     from agentsd.cli import main as cli
 
+    if argv[:1] == ["blocks"]:  # dit_probes.py blocks --model flux --methods vanilla flux-late flux-late-4x2-late ...
+        from agentsd.bench import blocks
+
+        methods_for = blocks.methods_for
+
+        def with_probes(model):
+            late = {f"{p}-late": blocks.phase_method(PROBES[p]["schedule"][1]) for p in LATE_PROBES}
+            return {**methods_for(model), **(late if model == "flux" else {})}
+
+        blocks.methods_for = with_probes
+        try:
+            return cli(["bench", *argv])
+        finally:
+            blocks.methods_for = methods_for
     quality.METHODS.update(PROBES)
     methods = argv[argv.index("--methods") + 1 :] if "--methods" in argv else []
     if "flux-text-exact" in methods:
