@@ -179,6 +179,8 @@ QUALITY_SECTIONS = {
     "quality-demo-flux256-probes": "quality_demo_flux256_probes",  # flux+both's phases apart there, first 50
     "quality-demo-flux256-final": "quality_demo_flux256_final",  # the 1,024-token ground's final weights, first 100
     "quality-demo-flux256-blocks": "quality_demo_flux256_blocks",  # ... the flux preset in one block at a time
+    "quality-demo-flux-late-windows": "quality_demo_flux_late_windows",  # flux's late phase, 4x4 windows, 256 tokens
+    "quality-demo-flux256-late-windows": "quality_demo_flux256_late_windows",  # ... and at 1,024 tokens
 }
 
 

@@ -68,9 +68,9 @@ PROBES = {
     # flux+both's agent phase (with the near field) for the whole run: no merged keys at all
     "flux+both-whole-run": {"schedule": (dataclasses.replace(_BOTH[0], end=1.0),)},
     "flux+all-whole-run": {"schedule": (dataclasses.replace(_ALL[0], end=1.0),)},
-    # today's flux (both options) with a coarser late phase: one merged key per 4x2 window (an eighth of the image keys)
-    # or per 4x4 window (a sixteenth), the near field over that window: fewer keys for speed, the exact window for
-    # quality
+    # flux (both options) with a coarser late phase than its 2x2 windows of 6b40729: one merged key per 4x2 window (an
+    # eighth of the image keys) or per 4x4 window (a sixteenth; what flux took after it), the near field over that
+    # window: fewer keys for speed, the exact window for quality
     "flux-late-4x2": {
         "schedule": (PRESETS["flux"][0], dataclasses.replace(PRESETS["flux"][1], sx=4, sy=2, ratio=0.875))
     },
