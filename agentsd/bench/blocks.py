@@ -12,8 +12,8 @@ block's time stands for every block of its kind, and the model's time is their s
   preset over a run is weighted from them by the share of sampling each phase takes;
 - ``<preset>+<option>-early`` / ``-late`` (asked for by name): the same with DESIGN §12's options on every phase
   (``prop``: proportional attention, ``near``: the near field, ``both``; ``all``: both and shifted windows), and
-  ``<preset>+<option>`` over a run (``flux`` has ``both`` already: ``flux-bare+both`` is ``flux``, ``flux+all`` adds
-  the shift).
+  ``<preset>+<option>`` over a run (``flux`` has ``both`` already, over 4x4 late windows; ``flux-bare+both`` has
+  them over 2x2, ``flux+all`` adds the shift).
 
     agentsd bench blocks --model flux --sizes 1024 2048
     agentsd bench blocks --model wan --sizes 480p

@@ -73,7 +73,7 @@ METHODS = {
     # (scale^0.3, 0.075 V)
     "flux-plain-broadcast": {"schedule": "flux-bare", "k_scale2": 1.0, "k_shortcut": 0.0},
     # DESIGN §12 on the Flux presets without it: proportional attention (+prop), the near field joined as a correction
-    # of the broadcast (+near), both (+both: flux-bare+both is flux), shifted windows (+shift), all three (+all); the
+    # of the broadcast (+near), both (+both: flux as of 6b40729), shifted windows (+shift), all three (+all); the
     # near field as DESIGN §12.2's one softmax (-softmax; -softmax-s: with the agents at the model's own scale instead
     # of AgentSD's s^0.3). Results measured before flux took both options name flux-bare "flux" and these "flux+...".
     **{

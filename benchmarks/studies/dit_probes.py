@@ -36,7 +36,7 @@ from agentsd.dit import _heads_mean, agent_attention
 from agentsd.schedule import PRESETS, Phase
 
 # Probes of the Flux preset as it was measured, before DESIGN §12's options became its default: flux-bare (the
-# flux+both probes: the options' flux-bare+both, today's flux; flux+all: flux-bare+all).
+# flux+both probes: the options' flux-bare+both, flux as of 6b40729; flux+all: flux-bare+all).
 _BOTH, _ALL = quality.METHODS["flux-bare+both"]["schedule"], quality.METHODS["flux-bare+all"]["schedule"]
 PROBES = {
     "flux-late-only": {"schedule": (dataclasses.replace(PRESETS["flux-bare"][1], end=1.0),)},
