@@ -103,8 +103,8 @@ def apply(
             ``"sd3"``, ``"flux"`` or ``"wan"`` on those DiTs (the lean path at the point where the model attends;
             ``"flux"`` with proportional attention and the near field). Presets: ``"paper"`` (AgentSD's published
             setting: agents early, then ToMe, at every size), ``"tome"`` (ToMeSD's default), ``"fast"`` (two levels,
-            cross-attention merged too, where it pays), ``"pooled"``, ``"sd3-paper"``, ``"flux-bare"`` (flux without
-            those two: a little faster, further from vanilla), ``"flux-merged"``; or a sequence of
+            cross-attention merged too, where it pays), ``"pooled"``, ``"sd3-paper"``, ``"flux-bare"`` (the Flux
+            preset before them: 2x2 late windows, further from vanilla), ``"flux-merged"``; or a sequence of
             :class:`~agentsd.Phase` ordered by ``end``; or, on a UNet, ``{level: phases}`` with level 0 the
             highest-resolution level that has self-attention, 1 the next, and so on; on a DiT, ``{blocks: phases}``
             with ``blocks`` a block index or a ``range`` of them.

@@ -69,6 +69,6 @@ def test_late_probes_are_timed_by_bench_blocks(tiny, tmp_path):  # noqa: F811
     argv = ["blocks", "--model", "flux", "--sizes", "256", "--methods", *methods, "--out", str(out)]
     assert script.main(argv) == 0
     assert set(json.loads(out.read_text())["sizes"]["256"]["model_s"]) == set(methods)
-    assert blocks.methods_for is not None and "flux-late-4x2-late" not in blocks.methods_for("flux")
+    assert "flux-late-4x2-late" not in blocks.methods_for("flux")
     phase = script.PROBES["flux-late-4x2"]["schedule"][1]
     assert (phase.sx, phase.sy, phase.ratio, phase.near, phase.proportional) == (4, 2, 0.875, True, True)
