@@ -250,16 +250,39 @@ class _Partition(NamedTuple):
     ragged: torch.Tensor  # (R,) positions of the tokens in no whole window
     inverse: torch.Tensor  # (N,) where each token lies in the parts' flattened positions followed by the ragged ones
     window: torch.Tensor  # (N,) the window of each token (counted over every grid, as pool counts them); -1: none
+    # per grid: (windows, keys) positions of the keys each window's queries read exactly (its own tokens, or with a
+    # reach those of its neighbourhood's windows), and (windows, m) those windows (counted over every grid); equal to
+    # parts and to each window itself where the reach is 0
+    keys: tuple[torch.Tensor, ...] = ()
+    near_windows: tuple[torch.Tensor, ...] = ()
+    reach: int = 0
 
 
 _PARTITIONS: dict[tuple, _Partition] = {}
 
 
-def _partition(grids, window: Window, device, shift: bool = False) -> _Partition:
-    cached = _PARTITIONS.get((grids, window, str(device), shift))
+def _neighbourhoods(windows: tuple[int, int, int], reach: int) -> torch.Tensor:
+    """The windows each window's near field reads, for a grid of ``windows`` (frames, rows, columns) windows: the
+    ``(2·reach + 1)²`` windows around it in its frame (fewer where the grid has fewer), moved inward at the grid's
+    edges. ``(nf·nb·nc, m)`` long, counted from the grid's first window."""
+    nf, nb, nc = windows
+    spans = []
+    for count in (nb, nc):
+        span = min(2 * reach + 1, count)
+        first = (torch.arange(count) - reach).clamp(0, count - span)
+        spans.append(first[:, None] + torch.arange(span))  # (count, span)
+    rows, cols = spans
+    ids = torch.arange(nf)[:, None, None, None, None] * (nb * nc) + rows[None, :, None, :, None] * nc
+    ids = ids + cols[None, None, :, None, :]
+    return ids.reshape(nf * nb * nc, -1)
+
+
+def _partition(grids, window: Window, device, shift: bool = False, reach: int = 0) -> _Partition:
+    cached = _PARTITIONS.get((grids, window, str(device), shift, reach))
     if cached is not None:
         return cached
     parts, ragged, start, count = [], [], 0, 0
+    keys, near_windows = [], []
     owner = torch.full((sum(f * h * w for f, h, w in grids),), -1, dtype=torch.long)
     for grid in grids:
         f, h, w = grid
@@ -272,6 +295,13 @@ def _partition(grids, window: Window, device, shift: bool = False) -> _Partition
         whole = whole.reshape(-1, st * sy * sx)
         owner[whole] = torch.arange(count, count + whole.shape[0])[:, None]
         parts.append(whole)
+        if reach:
+            around = _neighbourhoods((f // st, h // sy, w // sx), reach)
+            keys.append(whole[around.flatten()].view(whole.shape[0], -1))
+            near_windows.append(around + count)
+        else:
+            keys.append(whole)
+            near_windows.append(torch.arange(count, count + whole.shape[0])[:, None])
         ragged.append(cube[~inside])
         start, count = start + f * h * w, count + whole.shape[0]
     ragged = torch.cat(ragged)
@@ -279,9 +309,15 @@ def _partition(grids, window: Window, device, shift: bool = False) -> _Partition
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel())
     result = _Partition(
-        tuple(part.to(device) for part in parts), ragged.to(device), inverse.to(device), owner.to(device)
+        tuple(part.to(device) for part in parts),
+        ragged.to(device),
+        inverse.to(device),
+        owner.to(device),
+        tuple(k.to(device) for k in keys),
+        tuple(m.to(device) for m in near_windows),
+        reach,
     )
-    _PARTITIONS[(grids, window, str(device), shift)] = result
+    _PARTITIONS[(grids, window, str(device), shift, reach)] = result
     return result
 
 
@@ -322,40 +358,49 @@ def _cut_windows(t: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return t.index_select(2, positions.flatten()).view(B, H, windows, size, D).transpose(1, 2).reshape(-1, H, size, D)
 
 
-def _windowed(q, k, v, part: _Partition, scale: float, bias: torch.Tensor | None = None):
-    """Every image query over the keys of its own window (a token in no whole window: over its own key):
-    ``(out, lse)`` as :func:`sdpa_lse`'s, in the tokens' order. ``q``, ``k``, ``v``: ``(B, H, N, D)``; ``bias``:
-    ``(B, N)`` float added to each key's logit, or ``None``."""
+def _windowed(q, k, v, part: _Partition, scale: float, bias: torch.Tensor | None = None, keys=None):
+    """Every image query over the keys its window reads exactly (``part.keys``: its own window's, or its
+    neighbourhood's; a token in no whole window: over its own key): ``(out, lse)`` as :func:`sdpa_lse`'s, in the
+    tokens' order. ``q``, ``k``, ``v``: ``(B, H, N, D)``; ``bias``: ``(B, N)`` float added to each key's logit, or
+    ``None``. ``keys``: per grid, the positions in ``k`` each window's queries read instead (a token in no whole
+    window then reads none: its ``lse`` is ``-inf``)."""
     B, H, _, D = q.shape
     outs, lses = [], []
-    for positions in part.parts:
+    for positions, window_keys in zip(part.parts, part.keys if keys is None else keys):
         windows, size = positions.shape
         if windows == 0:
             continue
-        mask = None if bias is None else bias.index_select(1, positions.flatten()).view(B * windows, 1, 1, size)
-        out, lse = sdpa_lse(*(_cut_windows(t, positions) for t in (q, k, v)), mask, scale)
+        read = window_keys.shape[1]
+        mask = None if bias is None else bias.index_select(1, window_keys.flatten()).view(B * windows, 1, 1, read)
+        cut_k, cut_v = _cut_windows(k, window_keys), _cut_windows(v, window_keys)
+        out, lse = sdpa_lse(_cut_windows(q, positions), cut_k, cut_v, mask, scale)
         outs.append(out.view(B, windows, H, size, D).transpose(1, 2).reshape(B, H, windows * size, D))
         lses.append(lse.view(B, windows, H, size).transpose(1, 2).reshape(B, H, windows * size))
     if part.ragged.numel():
-        qr, kr = q.index_select(2, part.ragged), k.index_select(2, part.ragged)
         work = torch.promote_types(q.dtype, torch.float32)
-        lse = (qr.to(work) * kr.to(work)).sum(-1) * scale
-        lses.append(lse if bias is None else lse + bias.index_select(1, part.ragged)[:, None])
-        outs.append(v.index_select(2, part.ragged))
+        if keys is not None:
+            lses.append(q.new_full((B, H, part.ragged.numel()), -math.inf, dtype=work))
+            outs.append(v.new_zeros(B, H, part.ragged.numel(), D))
+        else:
+            qr, kr = q.index_select(2, part.ragged), k.index_select(2, part.ragged)
+            lse = (qr.to(work) * kr.to(work)).sum(-1) * scale
+            lses.append(lse if bias is None else lse + bias.index_select(1, part.ragged)[:, None])
+            outs.append(v.index_select(2, part.ragged))
     out, lse = torch.cat(outs, dim=2), torch.cat(lses, dim=2)
     return out.index_select(2, part.inverse), lse.index_select(2, part.inverse)
 
 
 def _agents_over_windows(agent, k, v, part: _Partition, scale: float):
-    """Agent ``j`` (``(B, H, n, D)``, one per whole window) over the exact keys of window ``j``: ``(out, lse)``."""
+    """Agent ``j`` (``(B, H, n, D)``, one per whole window) over the exact keys window ``j``'s queries read
+    (``part.keys``): ``(out, lse)``."""
     B, H, _, D = agent.shape
     outs, lses, start = [], [], 0
-    for positions in part.parts:
-        windows = positions.shape[0]
+    for window_keys in part.keys:
+        windows = window_keys.shape[0]
         if windows == 0:
             continue
         a = agent[:, :, start : start + windows].transpose(1, 2).reshape(-1, H, 1, D)
-        out, lse = sdpa_lse(a, _cut_windows(k, positions), _cut_windows(v, positions), None, scale)
+        out, lse = sdpa_lse(a, _cut_windows(k, window_keys), _cut_windows(v, window_keys), None, scale)
         outs.append(out.view(B, windows, H, D).transpose(1, 2))
         lses.append(lse.view(B, windows, H).transpose(1, 2))
         start += windows
@@ -403,6 +448,7 @@ def agent_attention(
     near: Window | None = None,
     near_join: str = "correct",
     shift: bool = False,
+    near_reach: int = 0,
 ) -> torch.Tensor:
     """Attention of ``(B, S, heads, head_dim)`` queries, keys and values laid out as ``layout``, through agents.
 
@@ -426,6 +472,8 @@ def agent_attention(
             window holds; ``"softmax"``, DESIGN §12.2's one softmax over the window's exact keys and the other
             windows' agents (at ``s^k_scale2``, the own agent left out).
         shift: the near field's windows are shifted (:func:`pool`), as the agents' are.
+        near_reach: the near field reads the exact keys of the ``(2·near_reach + 1)²`` windows around the query's
+            own in its frame (moved inward at the grid's edges), the summary standing for the tokens outside them.
 
     Returns:
         ``(B, S, heads, head_dim)`` in the input's dtype and layout.
@@ -434,6 +482,8 @@ def agent_attention(
         raise ValueError("agent_attention takes agents or keys_of, not both")
     if near is not None and agents is None and keys_of is None:
         raise ValueError("agent_attention: a near field needs agents or keys_of for the far field")
+    if near_reach and near is None:
+        raise ValueError("agent_attention: near_reach widens a near field: it needs near")
     if near_join not in ("correct", "softmax"):
         raise ValueError(f"near_join must be 'correct' or 'softmax', got {near_join!r}")
     dtype = query.dtype
@@ -462,7 +512,7 @@ def agent_attention(
             return out.transpose(1, 2).to(dtype)
         out, lse = sdpa_lse(queries, keys, values, mask, scale)
         (out_image, out_text), (lse_image, _) = layout.split(out, 2), layout.split(lse, 2)
-        part = _partition(layout.grids, near, query.device, shift)
+        part = _partition(layout.grids, near, query.device, shift, near_reach)
         q_x, k_x, v_x = (t.transpose(1, 2) for t in (q_image, k_image, v_image))
         merged = (k_merged.transpose(1, 2), v_merged.transpose(1, 2), sizes, bias, keys_of.slots)
         out_image = _near_late((out_image, lse_image), q_x, k_x, v_x, merged, part, scale)
@@ -491,7 +541,7 @@ def agent_attention(
         out_image = F.scaled_dot_product_attention(q_x, agent, agent_value, attn_mask=mask, scale=scale**k_scale2)
         out_image = torch.add(out_image, v_x, alpha=k_shortcut)
     else:
-        part = _partition(layout.grids, near, query.device, shift)
+        part = _partition(layout.grids, near, query.device, shift, near_reach)
         agents_of = (agent, agent_value, lse_gathered[:, :, :n] if correct else None, bias)
         out_image = _near_agents(q_x, k_x, v_x, agents_of, part, None, scale, k_scale2, k_shortcut, near_join)
         out_image = out_image.to(out_text.dtype)
@@ -532,6 +582,8 @@ def _near_agents(q_x, k_x, v_x, agents_of, part: _Partition, ids, scale, k_scale
         inside = (part.window >= 0)[:, None]
         fix = torch.where(inside, fix, k_shortcut * v_x.to(work))  # a token in no window: AgentSD's shortcut
         return broadcast.to(work) + fix
+    if part.reach:
+        return _near_agents_softmax_wide(q_x, k_x, v_x, agents_of, part, scale, k_scale2)
     far = sdpa_lse(q_x, agent, agent_value, mask, scale**k_scale2)
     own = own if ids is None else ids.index_select(0, own)  # the own window's agent
     work = far[1].dtype
@@ -540,4 +592,15 @@ def _near_agents(q_x, k_x, v_x, agents_of, part: _Partition, ids, scale, k_scale
         lse_own = lse_own + bias.to(work).index_select(1, own)[:, None]
     lse_own = lse_own.masked_fill(part.window < 0, -math.inf)
     dup = (agent_value.index_select(2, own), lse_own)
+    return _combine(far, _windowed(q_x, k_x, v_x, part, scale), dup)
+
+
+def _near_agents_softmax_wide(q_x, k_x, v_x, agents_of, part: _Partition, scale, k_scale2) -> torch.Tensor:
+    """The ``"softmax"`` join over a neighbourhood (``part.reach > 0``, one process): one softmax over the exact keys
+    of the query's neighbourhood and the agents of every window outside it."""
+    agent, agent_value, _, bias = agents_of
+    mask = None if bias is None else bias[:, None, None, :]
+    far = sdpa_lse(q_x, agent, agent_value, mask, scale**k_scale2)
+    wide = None if bias is None else bias.expand(q_x.shape[0], -1)
+    dup = _windowed(q_x, agent, agent_value, part, scale**k_scale2, wide, keys=part.near_windows)
     return _combine(far, _windowed(q_x, k_x, v_x, part, scale), dup)

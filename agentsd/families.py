@@ -103,7 +103,9 @@ class DiTState:
         phases = tuple(phase_at(band, p) for band in self.bands)
         if self.phases != phases:
             self.phases = phases
-            self.far_phases = tuple(dataclasses.replace(ph, near=False) if ph.near_join else ph for ph in phases)
+            self.far_phases = tuple(
+                dataclasses.replace(ph, near=False, near_reach=0) if ph.near_join else ph for ph in phases
+            )
         self.progress = p
         self.groups = {}
         self.dst = {}
@@ -177,9 +179,9 @@ class _AgentProcessor:
             if not state.warned_near:
                 state.warned_near = True
                 warnings.warn(
-                    f"{phase}: its near-field windows cross the ranks' shards (say, with shift=True, or shards that "
-                    "do not end on a window's border); these calls run it without the near field (sharded agent "
-                    "attention as fast, the image no longer the one-process image)",
+                    f"{phase}: its near-field windows cross the ranks' shards (say, with shift=True or near_reach "
+                    "> 0, or shards that do not end on a window's border); these calls run it without the near field "
+                    "(sharded agent attention as fast, the image no longer the one-process image)",
                     stacklevel=2,
                 )
             return state.far_phases[self.band]
@@ -188,7 +190,7 @@ class _AgentProcessor:
     def _near_here(self, phase: Phase, device):
         """The near field's windows on this rank (:func:`agentsd.parallel.local_partition`), or ``None``."""
         shift = phase.shift and self.shifted
-        return local_partition(self.state.grids, window(phase), self.state.shard, device, shift)
+        return local_partition(self.state.grids, window(phase), self.state.shard, device, shift, phase.near_reach)
 
     def _on_grid(self, hidden_states: torch.Tensor, metric: torch.Tensor | None) -> bool:
         """The call's tokens and the block's input (the matching metric) are the grids' image tokens, no more."""
@@ -223,7 +225,9 @@ class _AgentProcessor:
         )
         if shard is None:
             near = win if phase.near_join else None
-            return agent_attention(query, key, value, layout, **settings, near=near, shift=shift)
+            return agent_attention(
+                query, key, value, layout, **settings, near=near, shift=shift, near_reach=phase.near_reach
+            )
         near = self._near_here(phase, query.device) if phase.near_join else None  # this rank's windows
         return sharded_agent_attention(query, key, value, layout, shard, **settings, near=near)
 

@@ -111,13 +111,18 @@ def join_softmaxes(out: torch.Tensor, lse: torch.Tensor, shard: Shard) -> tuple[
 _LOCAL: dict[tuple, tuple[_Partition, torch.Tensor] | None] = {}
 
 
-def local_partition(grids, window: Window, shard: Shard, device, shift: bool = False):
+def local_partition(grids, window: Window, shard: Shard, device, shift: bool = False, reach: int = 0):
     """The near field's windows among a rank's image tokens: ``(partition, ids)``, the partition's positions counted
     from the rank's first token and its windows counted from 0, ``ids`` the agents (windows of the whole grids) they
-    are; ``None`` where a window lies partly on the rank (its keys would have to cross). Made once per layout."""
-    key = (grids, window, shard.start, shard.count, str(device), shift)
+    are; ``None`` where a window lies partly on the rank (its keys would have to cross), or where the near field
+    reaches beyond the own window (``reach``: its neighbours' keys would have to cross at every shard's edge). Made
+    once per layout."""
+    key = (grids, window, shard.start, shard.count, str(device), shift, reach)
     if key in _LOCAL:
         return _LOCAL[key]
+    if reach:
+        _LOCAL[key] = None
+        return None
     whole_part = _partition(grids, window, "cpu", shift)
     start, end = shard.start, shard.start + shard.count
     parts, ids, first = [], [], 0
@@ -140,7 +145,10 @@ def local_partition(grids, window: Window, shard: Shard, device, shift: bool = F
         local_of[ids] = torch.arange(ids.numel())
         owner = whole_part.window[start:end]
         window = torch.where(owner >= 0, local_of[owner.clamp(min=0)], -1)
-        part = _Partition(tuple(p.to(device) for p in parts), ragged.to(device), inverse.to(device), window.to(device))
+        parts = tuple(p.to(device) for p in parts)
+        own = tuple(torch.arange(p.shape[0], device=device)[:, None] for p in parts)  # reach 0: each its own
+        own = tuple(o + sum(p.shape[0] for p in parts[:i]) for i, o in enumerate(own))
+        part = _Partition(parts, ragged.to(device), inverse.to(device), window.to(device), parts, own)
         result = (part, ids.to(device))
     _LOCAL[key] = result
     return result

@@ -68,6 +68,10 @@ class Phase:
             over its window swapped in for its agent's (weighed by the share of the agent's softmax that window
             holds); ``"softmax"``: DESIGN §12.2's one softmax over the window's keys and the other windows' agents.
             ``tokens="all"`` on DiTs only.
+        near_reach: how many windows on each side of a query's own the near field reads exactly, along the rows and
+            the columns (not across frames): 0, its own window; 1, the 3×3 windows around it (at a grid's edge the
+            3×3 windows nearest it, so that every window reads as many). The summary stands for the tokens outside
+            them only, and a token's neighbours across its window's border are never summaries. Needs ``near``.
         shift: shifted windows (Swin's): every other patched block shifts its windows (the agents', the merged keys'
             dst and the near field's) by half a window along each axis, wrapping around the grid's edges, so that
             window borders do not lie at the same place in every block. ``tokens="all"`` on DiTs only.
@@ -88,9 +92,10 @@ class Phase:
     proportional: bool = False
     near: bool | str = False
     shift: bool = False
+    near_reach: int = 0
 
     def __post_init__(self):
-        for name in ("sx", "sy", "st", "min_tokens"):
+        for name in ("sx", "sy", "st", "min_tokens", "near_reach"):
             value = getattr(self, name)
             if name == "min_tokens" and value is None:
                 continue
@@ -101,6 +106,10 @@ class Phase:
         for name in ("merge_crossattn", "merge_mlp", "share_matching", "proportional", "shift"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"Phase.{name} must be a bool, got {type(getattr(self, name)).__name__}")
+        if self.near_reach < 0:
+            raise ValueError(f"Phase.near_reach must be >= 0, got {self.near_reach}")
+        if self.near_reach and self.near is False:
+            raise ValueError("Phase(near_reach > 0) widens the near field: it needs near=True")
         if self.min_tokens is not None and self.min_tokens < 0:
             raise ValueError(f"Phase.min_tokens must be >= 0, got {self.min_tokens}")
         for name in ("sx", "sy", "st"):

@@ -31,6 +31,27 @@ def windows(grids, st, sy, sx, shift=False):
     return out
 
 
+def neighbourhoods(grids, st, sy, sx, reach):
+    """For every whole window (``windows``' order), the windows its near field reads: those whose row and column
+    indices lie within ``reach`` of its own in its frame, the range slid back inside the grid where it would leave
+    it, so that it holds min(2·reach + 1, windows along the axis) indices on each axis."""
+    out, first = [], 0
+    for f, h, w in grids:
+        t, y, x = min(st, f), min(sy, h), min(sx, w)
+        nf, nb, nc = f // t, h // y, w // x
+
+        def around(i, count):
+            span = min(2 * reach + 1, count)
+            lo = i - reach
+            lo = max(0, min(lo, count - span))
+            return range(lo, lo + span)
+
+        for a, b, c in itertools.product(range(nf), range(nb), range(nc)):
+            out.append([first + a * nb * nc + bb * nc + cc for bb in around(b, nb) for cc in around(c, nc)])
+        first += nf * nb * nc
+    return out
+
+
 def tome_groups(metric, grids, st, sy, sx, seed=None, draw=None, shift=False):
     """Each window's dst (its first token, or the one at the drawn offset), and every other image token in the group
     of the dst of highest cosine similarity of ``metric`` (N×C)."""
@@ -94,14 +115,17 @@ def agent_heads(
     proportional=False,
     near=None,
     near_join="correct",
+    reach=None,
 ):
     """One head of §11 and §12: ``q_x`` (N×d) image queries, ``k``/``v`` every token's keys and values in sequence
     order, ``q_t`` text queries (M×d), ``v_x`` the image values; ``text_keys``: how many of ``k`` are text keys where a
     mask left out some (``M`` if ``None``). ``proportional``: an agent's or merged key's logit gains log|g|. ``near``:
     the windows (lists of image positions) whose exact keys their own queries attend to, the summary standing for
     the rest only (an agent for the tokens of its window, window j being agent j's; a merged key for its tokens
-    outside the query's window). ``near_join`` (with agents): ``"correct"``, the broadcast plus, for a query in window
-    j, ρ_j (O_j(q) − O_j(a_j)), O_j the exact attention over window j's keys and ρ_j the share of agent j's softmax
+    outside the query's window). ``reach``: for each window, the windows whose keys its queries read exactly (only
+    its own if ``None``); "window j's keys" below then means the union of theirs, "every other agent" those of the
+    other windows. ``near_join`` (with agents): ``"correct"``, the broadcast plus, for a query in window j,
+    ρ_j (O_j(q) − O_j(a_j)), O_j the exact attention over window j's keys and ρ_j the share of agent j's softmax
     over every key that window holds; ``"softmax"``, one softmax over window j's exact keys and every other agent.
     Returns (image out N×d, text out M×d)."""
     M = q_t.shape[0] if text_keys is None else text_keys
@@ -113,6 +137,8 @@ def agent_heads(
     for j, win in enumerate(near or []):
         for p in win:
             window_of[p] = j
+    reads = [reach[j] if reach is not None else [j] for j in range(len(near or []))]
+    keys_read = [[p for jj in reads[j] for p in near[jj]] for j in range(len(near or []))]
     if agents:
         a = torch.stack([q_x[g].mean(0) for g in groups])
         v_a = softmax_attention(a, k, v, scale)
@@ -130,14 +156,14 @@ def agent_heads(
                     continue
                 j = window_of[i]
                 mass = torch.exp(a[j] @ k.T * scale)
-                rho = mass[[(M + m) if text_first else m for m in near[j]]].sum() / mass.sum()
-                local_q = softmax_attention(q_x[i : i + 1], k_x[near[j]], v_x_all[near[j]], scale)[0]
-                local_a = softmax_attention(a[j : j + 1], k_x[near[j]], v_x_all[near[j]], scale)[0]
+                rho = mass[[(M + m) if text_first else m for m in keys_read[j]]].sum() / mass.sum()
+                local_q = softmax_attention(q_x[i : i + 1], k_x[keys_read[j]], v_x_all[keys_read[j]], scale)[0]
+                local_a = softmax_attention(a[j : j + 1], k_x[keys_read[j]], v_x_all[keys_read[j]], scale)[0]
                 out_x[i] = broadcast[i] + rho * (local_q - local_a)
             return out_x, out_t
         for i in range(N):
-            own = near[window_of[i]] if i in window_of else [i]
-            others = [j for j in range(len(groups)) if window_of.get(i) != j]
+            own = keys_read[window_of[i]] if i in window_of else [i]
+            others = [j for j in range(len(groups)) if i not in window_of or j not in reads[window_of[i]]]
             logits = [float(q_x[i] @ k_x[m]) * scale for m in own]
             logits += [float(q_x[i] @ a[j]) * scale**k_scale2 + bias[j] for j in others]
             values = [v_x_all[m] for m in own] + [v_a[j] for j in others]
@@ -154,7 +180,7 @@ def agent_heads(
         return torch.softmax(q_x @ k2.T * scale + logits, -1) @ v2, out_t
     out_x = torch.empty_like(q_x)
     for i in range(N):
-        own = near[window_of[i]] if i in window_of else [i]
+        own = keys_read[window_of[i]] if i in window_of else [i]
         logit, values = [], []
         for m in range(M):
             logit.append(float(q_x[i] @ k_t[m]) * scale)
@@ -196,7 +222,9 @@ class _Run:
         """agent_heads' §12 options of ``phase`` in a block whose windows shift if the phase shifts them."""
         near = windows(self.grids, phase.st, phase.sy, phase.sx, phase.shift and shifted) if phase.near else None
         join = "correct" if phase.near is True else phase.near or "correct"
-        return dict(proportional=phase.proportional, near=near, near_join=join)
+        reach = getattr(phase, "near_reach", 0)
+        reach = neighbourhoods(self.grids, phase.st, phase.sy, phase.sx, reach) if near and reach else None
+        return dict(proportional=phase.proportional, near=near, near_join=join, reach=reach)
 
     def groups_of(self, phase, metric, b, shifted):
         win, shift = (phase.st, phase.sy, phase.sx), phase.shift and shifted

@@ -20,6 +20,10 @@ OPTIONS = {
     "both-softmax": dict(proportional=True, near="softmax"),
     "shift": dict(shift=True),
     "all": dict(proportional=True, near=True, shift=True),
+    # the near field over the 3x3 windows around the query's own (fewer on a grid of fewer)
+    "reach": dict(proportional=True, near=True, near_reach=1),
+    "reach-softmax": dict(near="softmax", near_reach=1),
+    "reach-all": dict(proportional=True, near=True, shift=True, near_reach=1),
 }
 
 
@@ -123,16 +127,51 @@ def test_phase_options_are_checked():
     with pytest.raises(ValueError, match="Phase.near must be False, True, 'correct' or 'softmax'"):
         agentsd.Phase(ratio=0.5, tokens="all", near=1)
     assert agentsd.Phase(ratio=0.5, tokens="all", near=True).near_join == "correct"
+    with pytest.raises(ValueError, match="it needs near=True"):
+        agentsd.Phase(ratio=0.5, tokens="all", near_reach=1)
+    with pytest.raises(ValueError, match="near_reach must be >= 0"):
+        agentsd.Phase(ratio=0.5, tokens="all", near=True, near_reach=-1)
+    with pytest.raises(TypeError, match="near_reach must be an int"):
+        agentsd.Phase(ratio=0.5, tokens="all", near=True, near_reach=True)
 
 
-@pytest.mark.parametrize("family", ["flux", "wan"])
-def test_options_compile_without_graph_breaks(family):
+@pytest.mark.parametrize("text", [0, 5])
+def test_a_reach_over_the_whole_grid_is_plain_attention(text):
+    """Where the neighbourhood holds every window, no summary stands for anything: the late phase, and without text
+    the agents' one-softmax join (with text, image queries read the text through the agents only), are softmax
+    attention over every key, written here as the formula; one window less, they are not."""
+    g = torch.Generator().manual_seed(4)
+    grid = (1, 8, 12)  # 2 x 3 windows of 4x4: reach 1 reads all of them, reach 0 one
+    q, k, v = (torch.randn(2, text + 96, 3, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    layout = Layout(text, True, (grid,))
+    logits = torch.einsum("bshd,bthd->bhst", q, k) * 8**-0.5
+    exact = torch.einsum("bhst,bthd->bshd", logits.softmax(-1), v)
+    win = Window(1, 4, 4)
+    metric = torch.randn(2, 96, 8, generator=g, dtype=torch.float64)
+    from agentsd.dit import dst_positions, tome_groups
+
+    merged = tome_groups(metric, dst_positions(layout.grids, win))
+    cases = [dict(keys_of=merged, near=win)]
+    if not text:
+        cases.append(dict(agents=Pooled(layout.grids, win), near=win, near_join="softmax"))
+    for kwargs in cases:
+        out = agent_attention(q, k, v, layout, proportional=True, near_reach=1, **kwargs)
+        image = slice(text, None)  # the text queries read every key exactly in either phase
+        torch.testing.assert_close(out[:, image], exact[:, image], atol=1e-6, rtol=1e-6)  # sizes: float32
+        assert (agent_attention(q, k, v, layout, proportional=True, **kwargs) - exact).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="near_reach widens a near field"):
+        agent_attention(q, k, v, layout, keys_of=merged, near_reach=1)
+
+
+@pytest.mark.parametrize("family,reach", [("flux", 0), ("wan", 0), ("flux", 1)])
+def test_options_compile_without_graph_breaks(family, reach):
     from conftest import compile_graphs
     from torch._dynamo.utils import counters
 
     model = tiny_flux() if family == "flux" else tiny_wan()
     window = (1, 4, 4) if family == "flux" else (2, 2, 2)
-    schedule = _with(phases("merged", window, (1, 2, 2)), dict(proportional=True, near=True, shift=True))
+    options = dict(proportional=True, near=True, shift=not reach, near_reach=reach)
+    schedule = _with(phases("merged", window, (1, 2, 2)), options)
     agentsd.apply(model, schedule, blocks=[0, 2], seed=0)
     calls = [flux_inputs(2, [(6, 10)], t) for t in (0.9, 0.3)] if family == "flux" else None
     calls = calls or [wan_inputs(2, 5, 4, 6, t) for t in (900, 300)]

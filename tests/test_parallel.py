@@ -262,3 +262,22 @@ def test_configurations_agentsd_does_not_follow_are_named():
     assert "unequal chunks" in unsupported(config(ulysses_anything=True), 96)
     assert "unequal chunks" in unsupported(config(ring_anything=True), 96)
     assert "do not split evenly over 4 ranks" in unsupported(config(), 98)
+
+
+def test_a_near_field_that_reaches_past_its_window_is_never_sharded():
+    """``near_reach > 0`` reads the neighbouring windows' keys, which lie on another rank at every shard's edge: no
+    rank's partition (the phase runs without its near field, as where shards cut the windows), and the phase run
+    instead drops the reach with the near field."""
+    from agentsd.dit import Window
+    from agentsd.families import DiTState
+    from agentsd.parallel import Shard, local_partition
+    from agentsd.schedule import Phase
+
+    grids = ((1, 8, 8),)
+    shard = Shard(None, 0, 2, 0, 32)  # rows 0-3: the first row of 4x4 windows, whole
+    assert local_partition(grids, Window(1, 4, 4), shard, "cpu") is not None
+    assert local_partition(grids, Window(1, 4, 4), shard, "cpu", reach=1) is None
+    phase = Phase(end=1.0, sx=4, sy=4, ratio=0.9375, tokens="all", near=True, near_reach=1)
+    state = DiTState(((phase,),), seed=0)
+    state.begin_call(grids, 0.5, 1)
+    assert state.far_phases[0] == dataclasses.replace(phase, near=False, near_reach=0)

@@ -157,6 +157,8 @@ OPTIONS = {
     "both": dict(proportional=True, near=True),
     # shifted windows too, timed with every block shifted (in a model every other patched block is: an upper bound)
     "all": dict(proportional=True, near=True, shift=True),
+    # the near field over the 3x3 windows around each query's own
+    "reach": dict(proportional=True, near=True, near_reach=1),
 }
 
 
