@@ -77,6 +77,8 @@ PROBES = {
     "flux-late-4x4": {
         "schedule": (PRESETS["flux"][0], dataclasses.replace(PRESETS["flux"][1], sx=4, sy=4, ratio=0.9375))
     },
+    # the near field over the 5x5 windows around each query's own (flux+reach: 3x3)
+    "flux+reach2": {"schedule": tuple(dataclasses.replace(p, near_reach=2) for p in PRESETS["flux"])},
 }
 
 
