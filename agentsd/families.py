@@ -78,6 +78,8 @@ class DiTState:
         self.warned_near = False  # said once that a context-parallel call runs without the near field
         self.phases: tuple[Phase, ...] | None = None
         self.far_phases: tuple[Phase, ...] | None = None  # the same without the near field (where shards cut it)
+        self.own_phases: tuple[Phase, ...] | None = None  # the same with the near field over the own window only
+        self.warned_reach = False  # said once that a context-parallel call narrows a near field to the own window
         self.progress: float | None = None
         # this call's dst positions of each merged window, and its ToMe groups (made by the first block that needs
         # them), by (window, shifted)
@@ -106,6 +108,7 @@ class DiTState:
             self.far_phases = tuple(
                 dataclasses.replace(ph, near=False, near_reach=0) if ph.near_join else ph for ph in phases
             )
+            self.own_phases = tuple(dataclasses.replace(ph, near_reach=0) for ph in phases)
         self.progress = p
         self.groups = {}
         self.dst = {}
@@ -175,13 +178,24 @@ class _AgentProcessor:
             # agents as many as half the tokens (agents' two softmaxes cost what plain attention does), or merged
             # keys as many as the tokens: plain attention is what runs
             return None
+        if state.shard is not None and phase.near_reach:
+            # the neighbouring windows' keys lie on another rank at every shard's edge: the own window's near field
+            if not state.warned_reach:
+                state.warned_reach = True
+                warnings.warn(
+                    f"{phase}: a near field that reaches past the query's own window does not shard (its "
+                    "neighbours' keys would cross the ranks); these calls read the own window exactly "
+                    "(near_reach=0), the image no longer the one-process image",
+                    stacklevel=2,
+                )
+            phase = state.own_phases[self.band]
         if state.shard is not None and phase.near_join and self._near_here(phase, image_tokens.device) is None:
             if not state.warned_near:
                 state.warned_near = True
                 warnings.warn(
-                    f"{phase}: its near-field windows cross the ranks' shards (say, with shift=True or near_reach "
-                    "> 0, or shards that do not end on a window's border); these calls run it without the near field "
-                    "(sharded agent attention as fast, the image no longer the one-process image)",
+                    f"{phase}: its near-field windows cross the ranks' shards (say, with shift=True, or shards that "
+                    "do not end on a window's border); these calls run it without the near field (sharded agent "
+                    "attention as fast, the image no longer the one-process image)",
                     stacklevel=2,
                 )
             return state.far_phases[self.band]

@@ -264,12 +264,12 @@ def test_configurations_agentsd_does_not_follow_are_named():
     assert "do not split evenly over 4 ranks" in unsupported(config(), 98)
 
 
-def test_a_near_field_that_reaches_past_its_window_is_never_sharded():
+def test_a_near_field_that_reaches_past_its_window_narrows_to_it_under_context_parallelism():
     """``near_reach > 0`` reads the neighbouring windows' keys, which lie on another rank at every shard's edge: no
-    rank's partition (the phase runs without its near field, as where shards cut the windows), and the phase run
-    instead drops the reach with the near field."""
+    rank's partition for it; a context-parallel call runs the phase with the own window's near field instead (which
+    shards where the windows lie whole on each rank, as the tests above check), and says so once."""
     from agentsd.dit import Window
-    from agentsd.families import DiTState
+    from agentsd.families import DiTState, _AgentProcessor
     from agentsd.parallel import Shard, local_partition
     from agentsd.schedule import Phase
 
@@ -280,4 +280,15 @@ def test_a_near_field_that_reaches_past_its_window_is_never_sharded():
     phase = Phase(end=1.0, sx=4, sy=4, ratio=0.9375, tokens="all", near=True, near_reach=1)
     state = DiTState(((phase,),), seed=0)
     state.begin_call(grids, 0.5, 1)
-    assert state.far_phases[0] == dataclasses.replace(phase, near=False, near_reach=0)
+    processor = _AgentProcessor(None, state, 0)
+    assert processor._phase(torch.zeros(1)) == phase  # one process: as asked
+    state.shard = shard
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert processor._phase(torch.zeros(1)) == dataclasses.replace(phase, near_reach=0)
+        assert processor._phase(torch.zeros(1)) == dataclasses.replace(phase, near_reach=0)
+    assert [str(w.message).count("does not shard") for w in caught] == [1]
+    state.shard = Shard(None, 0, 2, 0, 24)  # rows 0-2: the windows cut, no near field at all
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        assert processor._phase(torch.zeros(1)) == dataclasses.replace(phase, near=False, near_reach=0)
