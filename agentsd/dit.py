@@ -358,14 +358,16 @@ def _cut_windows(t: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return t.index_select(2, positions.flatten()).view(B, H, windows, size, D).transpose(1, 2).reshape(-1, H, size, D)
 
 
-def _windowed(q, k, v, part: _Partition, scale: float, bias: torch.Tensor | None = None, keys=None):
+def _windowed(q, k, v, part: _Partition, scale: float, bias: torch.Tensor | None = None, keys=None, agents=None):
     """Every image query over the keys its window reads exactly (``part.keys``: its own window's, or its
     neighbourhood's; a token in no whole window: over its own key): ``(out, lse)`` as :func:`sdpa_lse`'s, in the
     tokens' order. ``q``, ``k``, ``v``: ``(B, H, N, D)``; ``bias``: ``(B, N)`` float added to each key's logit, or
     ``None``. ``keys``: per grid, the positions in ``k`` each window's queries read instead (a token in no whole
-    window then reads none: its ``lse`` is ``-inf``)."""
+    window then reads none: its ``lse`` is ``-inf``). ``agents``: ``(B, H, n, D)``, one per whole window (in
+    ``part``'s order): each also reads its window's keys, in the same call (the keys cut once), and the result is
+    ``((out, lse), (agents' out, agents' lse))``."""
     B, H, _, D = q.shape
-    outs, lses = [], []
+    outs, lses, agent_outs, agent_lses, start = [], [], [], [], 0
     for positions, window_keys in zip(part.parts, part.keys if keys is None else keys):
         windows, size = positions.shape
         if windows == 0:
@@ -373,9 +375,18 @@ def _windowed(q, k, v, part: _Partition, scale: float, bias: torch.Tensor | None
         read = window_keys.shape[1]
         mask = None if bias is None else bias.index_select(1, window_keys.flatten()).view(B * windows, 1, 1, read)
         cut_k, cut_v = _cut_windows(k, window_keys), _cut_windows(v, window_keys)
-        out, lse = sdpa_lse(_cut_windows(q, positions), cut_k, cut_v, mask, scale)
-        outs.append(out.view(B, windows, H, size, D).transpose(1, 2).reshape(B, H, windows * size, D))
-        lses.append(lse.view(B, windows, H, size).transpose(1, 2).reshape(B, H, windows * size))
+        cut_q = _cut_windows(q, positions)
+        if agents is not None:  # the window's agent as one more query
+            mine = agents[:, :, start : start + windows].transpose(1, 2).reshape(-1, H, 1, D)
+            cut_q = torch.cat([cut_q, mine.to(cut_q.dtype)], dim=2)
+        out, lse = sdpa_lse(cut_q, cut_k, cut_v, mask, scale)
+        if agents is not None:
+            agent_outs.append(out[:, :, size].view(B, windows, H, D).transpose(1, 2))
+            agent_lses.append(lse[:, :, size].view(B, windows, H).transpose(1, 2))
+            out, lse = out[:, :, :size], lse[:, :, :size]
+        outs.append(out.reshape(B, windows, H, size, D).transpose(1, 2).reshape(B, H, windows * size, D))
+        lses.append(lse.reshape(B, windows, H, size).transpose(1, 2).reshape(B, H, windows * size))
+        start += windows
     if part.ragged.numel():
         work = torch.promote_types(q.dtype, torch.float32)
         if keys is not None:
@@ -387,24 +398,10 @@ def _windowed(q, k, v, part: _Partition, scale: float, bias: torch.Tensor | None
             lses.append(lse if bias is None else lse + bias.index_select(1, part.ragged)[:, None])
             outs.append(v.index_select(2, part.ragged))
     out, lse = torch.cat(outs, dim=2), torch.cat(lses, dim=2)
-    return out.index_select(2, part.inverse), lse.index_select(2, part.inverse)
-
-
-def _agents_over_windows(agent, k, v, part: _Partition, scale: float):
-    """Agent ``j`` (``(B, H, n, D)``, one per whole window) over the exact keys window ``j``'s queries read
-    (``part.keys``): ``(out, lse)``."""
-    B, H, _, D = agent.shape
-    outs, lses, start = [], [], 0
-    for window_keys in part.keys:
-        windows = window_keys.shape[0]
-        if windows == 0:
-            continue
-        a = agent[:, :, start : start + windows].transpose(1, 2).reshape(-1, H, 1, D)
-        out, lse = sdpa_lse(a, _cut_windows(k, window_keys), _cut_windows(v, window_keys), None, scale)
-        outs.append(out.view(B, windows, H, D).transpose(1, 2))
-        lses.append(lse.view(B, windows, H).transpose(1, 2))
-        start += windows
-    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+    result = (out.index_select(2, part.inverse), lse.index_select(2, part.inverse))
+    if agents is None:
+        return result
+    return result, (torch.cat(agent_outs, dim=2), torch.cat(agent_lses, dim=2))
 
 
 def _combine(far, near, dup=None) -> torch.Tensor:
@@ -574,9 +571,8 @@ def _near_agents(q_x, k_x, v_x, agents_of, part: _Partition, ids, scale, k_scale
         # over the window's keys (a share rho of the agent's softmax); swap in the query's own.
         broadcast = F.scaled_dot_product_attention(q_x, agent, agent_value, attn_mask=mask, scale=scale**k_scale2)
         mine = agent if ids is None else agent.index_select(2, ids)
-        local_agent, lse_local = _agents_over_windows(mine, k_x, v_x, part, scale)
+        (local_query, _), (local_agent, lse_local) = _windowed(q_x, k_x, v_x, part, scale, agents=mine)
         rho = (lse_local - (lse_agents if ids is None else lse_agents.index_select(2, ids))).exp()
-        local_query, _ = _windowed(q_x, k_x, v_x, part, scale)
         work = lse_local.dtype
         fix = rho.index_select(2, own)[..., None] * (local_query.to(work) - local_agent.index_select(2, own).to(work))
         inside = (part.window >= 0)[:, None]

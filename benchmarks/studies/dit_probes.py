@@ -79,6 +79,9 @@ PROBES = {
     },
     # the near field over the 5x5 windows around each query's own (flux+reach: 3x3)
     "flux+reach2": {"schedule": tuple(dataclasses.replace(p, near_reach=2) for p in PRESETS["flux"])},
+    # the 3x3 near field in one phase only: which phase's window borders draw the stripes, for half the cost
+    "flux+early-reach": {"schedule": (dataclasses.replace(PRESETS["flux"][0], near_reach=1), PRESETS["flux"][1])},
+    "flux+late-reach": {"schedule": (PRESETS["flux"][0], dataclasses.replace(PRESETS["flux"][1], near_reach=1))},
 }
 
 
