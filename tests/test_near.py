@@ -106,17 +106,19 @@ def test_near_field_in_half_precision_stays_close_to_float32(agents):
     model = tiny_flux()
     schedule = phases(agents, (1, 4, 4), (1, 2, 2))
     errors = {}
-    for near in (False, True):
+    for near in (False, True, "reach"):
         outs = {}
+        options = dict(near=bool(near), proportional=bool(near), near_reach=int(near == "reach"))
         for dtype in (torch.float32, torch.bfloat16):
             m = tiny_flux().to(dtype)
-            agentsd.apply(m, _with(schedule, dict(near=near, proportional=near)), blocks=[1, 2, 3], seed=1)
+            agentsd.apply(m, _with(schedule, options), blocks=[1, 2, 3], seed=1)
             kwargs = flux_inputs(2, [(8, 12)], 0.9)
             kwargs = {k: v.to(dtype) if v.is_floating_point() and k != "timestep" else v for k, v in kwargs.items()}
             outs[dtype] = _forward(m, kwargs).float()
         errors[near] = (outs[torch.bfloat16] - outs[torch.float32]).abs().max().item()
     del model
-    assert math.isfinite(errors[True]) and errors[True] < 3 * errors[False] + 1e-2, errors
+    for near in (True, "reach"):
+        assert math.isfinite(errors[near]) and errors[near] < 3 * errors[False] + 1e-2, errors
 
 
 def test_phase_options_are_checked():
