@@ -259,10 +259,13 @@ PRESETS: dict[str, Phases | dict[int, Phases]] = {
     # Chosen on the DiT proving grounds against flux-bare: closer to vanilla (256 tokens, 500 captions, with 2x2 late
     # windows: caption accuracy 42.6% -> 48.4%, 24.6 -> 25.8 dB; 1,024 tokens: 22.4 -> 25.2 dB, SSIM 0.932 -> 0.959),
     # and the late phase's 4x4 windows as close as 2x2 ones with the near field (100 captions: 25.1 against 25.2 dB at
-    # 1,024 tokens, 26.1 against 26.1 at 256) for a fifth less time in a late block (Flux.1 2048² CPU blocks).
+    # 1,024 tokens, 26.1 against 26.1 at 256) for a fifth less time in a late block (Flux.1 2048² CPU blocks). The near
+    # field reads the 3x3 windows around the query's own (near_reach=1): the stripes along the window grid gone
+    # (stripe index 2.77 -> 1.11 at 1,024 tokens), 25.4 -> 28.2 dB there and 26.1 -> 31.0 dB at 256 tokens, for ~5% of
+    # the time at Flux.1 2048² (CPU blocks).
     "flux": (
-        Phase(end=0.4, sx=4, sy=4, ratio=0.0, agents="pooled", proportional=True, near=True, **_LEAN),
-        Phase(end=1.0, sx=4, sy=4, ratio=0.9375, proportional=True, near=True, **_LEAN),
+        Phase(end=0.4, sx=4, sy=4, ratio=0.0, agents="pooled", proportional=True, near=True, near_reach=1, **_LEAN),
+        Phase(end=1.0, sx=4, sy=4, ratio=0.9375, proportional=True, near=True, near_reach=1, **_LEAN),
     ),
     # The Flux preset before DESIGN §12's options: flux's agent phase without them, then merged keys and values of 2x2
     # windows. Further from vanilla.

@@ -163,18 +163,20 @@ def test_a_late_phase_over_pairs_of_tokens_acts_and_equals_the_reference(late_wi
 
 @pytest.mark.parametrize("t", [0.9, 0.3], ids=["agent-phase", "late-phase"])
 def test_the_flux_preset_takes_both_options_and_equals_the_reference(t):
-    """flux (Flux.1's and Qwen-Image's default) runs proportional attention and the near field in both phases, its late
-    phase over 4x4 windows (chosen on the DiT proving grounds); flux-bare's agent phase is flux's without the options.
-    Its phases, forced to act, equal the reference on a grid its 4x4 windows do not tile."""
+    """flux (Flux.1's and Qwen-Image's default) runs proportional attention and the near field over the 3x3 windows
+    around each query's own in both phases, its late phase over 4x4 windows (chosen on the DiT proving grounds);
+    flux-bare's agent phase is flux's without the options. Its phases, forced to act, equal the reference on a grid its
+    4x4 windows do not tile, with more windows in a row than a neighbourhood holds."""
     early, late = PRESETS["flux"]
-    assert all(p.proportional and p.near is True for p in (early, late)) and PRESETS["qwen"] == PRESETS["flux"]
-    assert dataclasses.replace(early, proportional=False, near=False) == PRESETS["flux-bare"][0]
+    assert all(p.proportional and p.near is True and p.near_reach == 1 for p in (early, late))
+    assert PRESETS["qwen"] == PRESETS["flux"]
+    assert dataclasses.replace(early, proportional=False, near=False, near_reach=0) == PRESETS["flux-bare"][0]
     assert (late.sx, late.sy, late.ratio, late.tokens) == (4, 4, 1 - 1 / 16, "all") and not late.makes_agents
     schedule = tuple(dataclasses.replace(p, min_tokens=0) for p in PRESETS["flux"])
     model = tiny_flux()
     ref = reference_flux(model, schedule, [1, 2, 3], seed=7)
     agentsd.apply(model, schedule, blocks=[1, 2, 3], seed=7)
-    kwargs = flux_inputs(2, [(6, 10)], t)
+    kwargs = flux_inputs(2, [(6, 18)], t)  # 1 x 4 windows of 4x4 and a ragged border
     out = _forward(model, kwargs)
     torch.testing.assert_close(out.double(), ref(**kwargs), atol=1e-5, rtol=1e-5)
     assert (out - _forward(tiny_flux(), kwargs)).abs().max() > 1e-3

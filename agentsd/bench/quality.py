@@ -90,8 +90,8 @@ METHODS = {
             ("both-softmax-s", dict(proportional=True, near="softmax"), {"k_scale2": 1.0}),
         )
     },
-    # flux with its near field over the 3x3 windows around each query's own (Phase.near_reach=1), in both phases
-    "flux+reach": {"schedule": _with("flux", near_reach=1)},
+    # flux as it was at 9a45504: its near field over the query's own window only (now over the 3x3 around it)
+    "flux-own-window": {"schedule": _with("flux", near_reach=0)},
     # the UNet default's agent phase alone (lean's first 40%, then vanilla): what flux-no-late is to flux
     "lean-no-late": {
         "schedule": {level: (phases[0], Phase(end=1.0, ratio=0.0)) for level, phases in PRESETS["lean"].items()}

@@ -38,6 +38,8 @@ from agentsd.schedule import PRESETS, Phase
 # Probes of the Flux preset as it was measured, before DESIGN §12's options became its default: flux-bare (the
 # flux+both probes: the options' flux-bare+both, flux as of 6b40729; flux+all: flux-bare+all).
 _BOTH, _ALL = quality.METHODS["flux-bare+both"]["schedule"], quality.METHODS["flux-bare+all"]["schedule"]
+# flux as of 9a45504, before its near field reached the 3x3 windows around the query's own (flux-own-window)
+_OWN = quality.METHODS["flux-own-window"]["schedule"]
 PROBES = {
     "flux-late-only": {"schedule": (dataclasses.replace(PRESETS["flux-bare"][1], end=1.0),)},
     "flux-text-exact": {"schedule": "flux-bare"},
@@ -71,17 +73,13 @@ PROBES = {
     # flux (both options) with a coarser late phase than its 2x2 windows of 6b40729: one merged key per 4x2 window (an
     # eighth of the image keys) or per 4x4 window (a sixteenth; what flux took after it), the near field over that
     # window: fewer keys for speed, the exact window for quality
-    "flux-late-4x2": {
-        "schedule": (PRESETS["flux"][0], dataclasses.replace(PRESETS["flux"][1], sx=4, sy=2, ratio=0.875))
-    },
-    "flux-late-4x4": {
-        "schedule": (PRESETS["flux"][0], dataclasses.replace(PRESETS["flux"][1], sx=4, sy=4, ratio=0.9375))
-    },
-    # the near field over the 5x5 windows around each query's own (flux+reach: 3x3)
-    "flux+reach2": {"schedule": tuple(dataclasses.replace(p, near_reach=2) for p in PRESETS["flux"])},
-    # the 3x3 near field in one phase only: which phase's window borders draw the stripes, for half the cost
-    "flux+early-reach": {"schedule": (dataclasses.replace(PRESETS["flux"][0], near_reach=1), PRESETS["flux"][1])},
-    "flux+late-reach": {"schedule": (PRESETS["flux"][0], dataclasses.replace(PRESETS["flux"][1], near_reach=1))},
+    "flux-late-4x2": {"schedule": (_OWN[0], dataclasses.replace(_OWN[1], sx=4, sy=2, ratio=0.875))},
+    "flux-late-4x4": {"schedule": (_OWN[0], dataclasses.replace(_OWN[1], sx=4, sy=4, ratio=0.9375))},
+    # the near field over the 5x5 windows around each query's own (flux's: 3x3)
+    "flux+reach2": {"schedule": tuple(dataclasses.replace(p, near_reach=2) for p in _OWN)},
+    # flux-own-window with the 3x3 near field in one phase only: which phase's window borders draw the stripes
+    "flux+early-reach": {"schedule": (dataclasses.replace(_OWN[0], near_reach=1), _OWN[1])},
+    "flux+late-reach": {"schedule": (_OWN[0], dataclasses.replace(_OWN[1], near_reach=1))},
 }
 
 
