@@ -261,8 +261,8 @@ PRESETS: dict[str, Phases | dict[int, Phases]] = {
     # and the late phase's 4x4 windows as close as 2x2 ones with the near field (100 captions: 25.1 against 25.2 dB at
     # 1,024 tokens, 26.1 against 26.1 at 256) for a fifth less time in a late block (Flux.1 2048² CPU blocks). The near
     # field reads the 3x3 windows around the query's own (near_reach=1): the stripes along the window grid gone
-    # (stripe index 2.77 -> 1.11 at 1,024 tokens), 25.4 -> 28.2 dB there and 26.1 -> 31.0 dB at 256 tokens, for ~5% of
-    # the time at Flux.1 2048² (CPU blocks).
+    # (stripe index 2.77 -> 1.11 at 1,024 tokens), 25.4 -> 28.2 dB there and 26.1 -> 31.0 dB at 256 tokens, for 9% of
+    # the time at Flux.1 2048² (CPU blocks: 1.47x over a run against 1.61x).
     "flux": (
         Phase(end=0.4, sx=4, sy=4, ratio=0.0, agents="pooled", proportional=True, near=True, near_reach=1, **_LEAN),
         Phase(end=1.0, sx=4, sy=4, ratio=0.9375, proportional=True, near=True, near_reach=1, **_LEAN),

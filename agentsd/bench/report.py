@@ -181,6 +181,9 @@ QUALITY_SECTIONS = {
     "quality-demo-flux256-blocks": "quality_demo_flux256_blocks",  # ... the flux preset in one block at a time
     "quality-demo-flux-late-windows": "quality_demo_flux_late_windows",  # flux's late phase, 4x4 windows, 256 tokens
     "quality-demo-flux256-late-windows": "quality_demo_flux256_late_windows",  # ... and at 1,024 tokens
+    "quality-demo-flux-reach": "quality_demo_flux_reach",  # the near field over 3x3 windows, 256 tokens
+    "quality-demo-flux256-reach": "quality_demo_flux256_reach",  # ... and at 1,024 tokens
+    "quality-demo-flux-default-500": "quality_demo_flux_default_500",  # flux of 9a45504, all 500 captions
 }
 
 
