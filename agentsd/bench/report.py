@@ -184,6 +184,8 @@ QUALITY_SECTIONS = {
     "quality-demo-flux-reach": "quality_demo_flux_reach",  # the near field over 3x3 windows, 256 tokens
     "quality-demo-flux256-reach": "quality_demo_flux256_reach",  # ... and at 1,024 tokens
     "quality-demo-flux-default-500": "quality_demo_flux_default_500",  # flux of 9a45504, all 500 captions
+    "quality-demo-flux-reach-500": "quality_demo_flux_reach_500",  # today's flux, all 500 captions, 256 tokens
+    "quality-demo-flux256-reach-100": "quality_demo_flux256_reach_100",  # ... first 100 captions, 1,024 tokens
 }
 
 
