@@ -250,9 +250,9 @@ class _Partition(NamedTuple):
     ragged: torch.Tensor  # (R,) positions of the tokens in no whole window
     inverse: torch.Tensor  # (N,) where each token lies in the parts' flattened positions followed by the ragged ones
     window: torch.Tensor  # (N,) the window of each token (counted over every grid, as pool counts them); -1: none
-    # per grid: (windows, keys) positions of the keys each window's queries read exactly (its own tokens, or with a
-    # reach those of its neighbourhood's windows), and (windows, m) those windows (counted over every grid); equal to
-    # parts and to each window itself where the reach is 0
+    # per grid: (windows, keys) positions of the keys each window's queries read exactly (its own tokens: parts, or
+    # with a reach those of its neighbourhood's windows), and with a reach (windows, m) those windows (counted over
+    # every grid; the "softmax" join takes their agents out)
     keys: tuple[torch.Tensor, ...] = ()
     near_windows: tuple[torch.Tensor, ...] = ()
     reach: int = 0
@@ -301,7 +301,6 @@ def _partition(grids, window: Window, device, shift: bool = False, reach: int = 
             near_windows.append(around + count)
         else:
             keys.append(whole)
-            near_windows.append(torch.arange(count, count + whole.shape[0])[:, None])
         ragged.append(cube[~inside])
         start, count = start + f * h * w, count + whole.shape[0]
     ragged = torch.cat(ragged)
@@ -578,9 +577,11 @@ def _near_agents(q_x, k_x, v_x, agents_of, part: _Partition, ids, scale, k_scale
         inside = (part.window >= 0)[:, None]
         fix = torch.where(inside, fix, k_shortcut * v_x.to(work))  # a token in no window: AgentSD's shortcut
         return broadcast.to(work) + fix
-    if part.reach:
-        return _near_agents_softmax_wide(q_x, k_x, v_x, agents_of, part, scale, k_scale2)
     far = sdpa_lse(q_x, agent, agent_value, mask, scale**k_scale2)
+    if part.reach:  # the agents of the query's whole neighbourhood taken out (one process: ids is None)
+        wide = None if bias is None else bias.expand(q_x.shape[0], -1)
+        dup = _windowed(q_x, agent, agent_value, part, scale**k_scale2, wide, keys=part.near_windows)
+        return _combine(far, _windowed(q_x, k_x, v_x, part, scale), dup)
     own = own if ids is None else ids.index_select(0, own)  # the own window's agent
     work = far[1].dtype
     lse_own = (q_x.to(work) * agent.index_select(2, own).to(work)).sum(-1) * scale**k_scale2
@@ -588,15 +589,4 @@ def _near_agents(q_x, k_x, v_x, agents_of, part: _Partition, ids, scale, k_scale
         lse_own = lse_own + bias.to(work).index_select(1, own)[:, None]
     lse_own = lse_own.masked_fill(part.window < 0, -math.inf)
     dup = (agent_value.index_select(2, own), lse_own)
-    return _combine(far, _windowed(q_x, k_x, v_x, part, scale), dup)
-
-
-def _near_agents_softmax_wide(q_x, k_x, v_x, agents_of, part: _Partition, scale, k_scale2) -> torch.Tensor:
-    """The ``"softmax"`` join over a neighbourhood (``part.reach > 0``, one process): one softmax over the exact keys
-    of the query's neighbourhood and the agents of every window outside it."""
-    agent, agent_value, _, bias = agents_of
-    mask = None if bias is None else bias[:, None, None, :]
-    far = sdpa_lse(q_x, agent, agent_value, mask, scale**k_scale2)
-    wide = None if bias is None else bias.expand(q_x.shape[0], -1)
-    dup = _windowed(q_x, agent, agent_value, part, scale**k_scale2, wide, keys=part.near_windows)
     return _combine(far, _windowed(q_x, k_x, v_x, part, scale), dup)

@@ -146,9 +146,7 @@ def local_partition(grids, window: Window, shard: Shard, device, shift: bool = F
         owner = whole_part.window[start:end]
         window = torch.where(owner >= 0, local_of[owner.clamp(min=0)], -1)
         parts = tuple(p.to(device) for p in parts)
-        own = tuple(torch.arange(p.shape[0], device=device)[:, None] for p in parts)  # reach 0: each its own
-        own = tuple(o + sum(p.shape[0] for p in parts[:i]) for i, o in enumerate(own))
-        part = _Partition(parts, ragged.to(device), inverse.to(device), window.to(device), parts, own)
+        part = _Partition(parts, ragged.to(device), inverse.to(device), window.to(device), keys=parts)
         result = (part, ids.to(device))
     _LOCAL[key] = result
     return result
